@@ -1,0 +1,123 @@
+"""The worker's small internal HTTP API: /embed, /info, /health, /ready, /metrics.
+
+The model loads in the background so /health answers at once (a Kubernetes startup probe
+watches /ready). A client that disconnects cancels its sequences in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from model_server.engine import EngineStopped, QueueFull
+from model_server.metrics import WorkerMetrics
+from model_server.protocol import CONTENT_TYPE, REQUEST_ID_HEADER, EmbedRequest
+from model_server.serving import EmbeddingWorker
+from model_server.settings import WorkerSettings
+from model_server.specs import load_spec
+
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """`on_fatal` is called when the model cannot be loaded (the CLI exits; tests inspect)."""
+    spec = load_spec(settings.model, **settings.spec_overrides())
+    metrics = WorkerMetrics()
+    state: dict[str, object] = {"worker": None, "ready": False, "error": None}
+
+    async def load() -> None:
+        try:
+            worker = await asyncio.to_thread(EmbeddingWorker.load, spec, settings.limits(), metrics)
+            state["worker"] = worker
+            await worker.warmup()
+            state["ready"] = True
+            log.info("worker ready: %s revision %s", spec.id, worker.loaded.revision)
+        except Exception as exc:
+            log.exception("model %s failed to load", spec.id)
+            state["error"] = f"model {spec.id!r} failed to load: {exc}"
+            if on_fatal:
+                on_fatal(exc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        worker = state["worker"]
+        if isinstance(worker, EmbeddingWorker):
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title=f"genembed worker ({spec.id})", lifespan=lifespan)
+    app.state.worker_state = state
+
+    def ready_worker() -> EmbeddingWorker | None:
+        worker = state["worker"]
+        return worker if state["ready"] and isinstance(worker, EmbeddingWorker) and worker.engine.alive else None
+
+    @app.get("/health")
+    async def health() -> Response:
+        worker = state["worker"]
+        if state["error"] or (state["ready"] and not (isinstance(worker, EmbeddingWorker) and worker.engine.alive)):
+            return _error(503, str(state["error"] or "the engine thread has stopped"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if ready_worker() is None:
+            return _error(503, str(state["error"] or "loading"))
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/info")
+    async def info() -> Response:
+        worker = ready_worker()
+        if worker is None:
+            return _error(503, str(state["error"] or "loading"))
+        return JSONResponse(asdict(worker.info()))
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/embed")
+    async def embed(request: Request) -> Response:
+        worker = ready_worker()
+        if worker is None:
+            return _error(503, str(state["error"] or "the model is still loading"), {"Retry-After": "5"})
+        try:
+            embed_request = EmbedRequest.decode(await request.body())
+        except ValueError as exc:
+            return _error(400, str(exc))
+        embed_request.request_id = embed_request.request_id or request.headers.get(REQUEST_ID_HEADER)
+        work = asyncio.create_task(worker.embed(embed_request))
+        watcher = asyncio.create_task(_until_disconnected(request))
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        if not work.done():  # the client went away: stop spending compute on it
+            work.cancel()
+            log.info("request %s cancelled by the client", embed_request.request_id)
+            return Response(status_code=499)
+        try:
+            response = work.result()
+        except QueueFull as exc:
+            return _error(429, f"worker queue is full: {exc}", {"Retry-After": "1"})
+        except EngineStopped as exc:
+            return _error(503, str(exc))
+        return Response(response.encode(), media_type=CONTENT_TYPE)
+
+    return app

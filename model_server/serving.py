@@ -1,0 +1,105 @@
+"""The worker's core, without HTTP: a loaded model, its method and engine, and `embed`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+
+from model_server import protocol
+from model_server.engine import Engine, EngineLimits, EngineStopped
+from model_server.loading import LoadedModel, load_model
+from model_server.methods import build_method
+from model_server.metrics import WorkerMetrics
+from model_server.prompts import ItemRejected, PreparedInput
+from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse, ItemError, ItemResult, ModelInfo
+from model_server.specs import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingWorker:
+    def __init__(self, loaded: LoadedModel, limits: EngineLimits, metrics: WorkerMetrics | None = None) -> None:
+        self.loaded = loaded
+        self.metrics = metrics or WorkerMetrics()
+        self.method = build_method(loaded, limits.max_running_seqs)
+        self.engine = Engine(self.method, limits, self.metrics)
+        spec = loaded.spec
+        self.metrics.info.labels(spec.id, spec.method, loaded.revision, str(loaded.dtype)).set(1)
+
+    @classmethod
+    def load(cls, spec: ModelSpec, limits: EngineLimits, metrics: WorkerMetrics | None = None) -> EmbeddingWorker:
+        worker = cls(load_model(spec), limits, metrics)
+        worker.engine.start()
+        return worker
+
+    def info(self) -> ModelInfo:
+        loaded, spec = self.loaded, self.loaded.spec
+        return ModelInfo(
+            id=spec.id,
+            method=spec.method,
+            dimension=loaded.dimension,
+            min_refinement_steps=spec.min_refinement_steps,
+            max_refinement_steps=spec.max_refinement_steps,
+            default_refinement_steps=spec.default_refinement_steps,
+            max_input_tokens=spec.max_input_tokens,
+            vocab_size=loaded.vocab_size,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+            revision=loaded.revision,
+        )
+
+    def _prepare(self, items: list[EmbedItem]) -> tuple[list[ItemResult], list[PreparedInput | None]]:
+        results, prepared = [], []
+        for item in items:
+            try:
+                p = self.method.prompts.prepare(item)
+            except ItemRejected as rejected:
+                results.append(ItemResult(error=rejected.error))
+                prepared.append(None)
+                continue
+            results.append(ItemResult(prompt_tokens=len(p.token_ids), steps=p.steps, truncated=p.truncated))
+            prepared.append(p)
+        return results, prepared
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        """Embed a batch; per-item failures are results. Raises QueueFull / EngineStopped."""
+        results, prepared = await asyncio.to_thread(self._prepare, request.items)
+        valid = [p for p in prepared if p is not None]
+        futures = self.engine.submit(valid) if valid else []
+        try:
+            outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+        except asyncio.CancelledError:
+            for future in futures:  # the client went away: free the slots at the next iteration
+                future.cancel()
+            raise
+        vectors = []
+        slots = iter(outcomes)
+        for result, p in zip(results, prepared, strict=True):
+            if p is None:
+                continue
+            outcome = next(slots)
+            if isinstance(outcome, EngineStopped):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                log.error("item failed: %r", outcome)
+                result.error = ItemError(protocol.INTERNAL_ERROR, f"embedding failed: {outcome}")
+            else:
+                vectors.append(outcome)
+        for result in results:
+            self.metrics.items.labels("error" if result.error else "ok").inc()
+        dim = self.loaded.dimension
+        array = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
+        return EmbedResponse(dimension=dim, results=results, vectors=array)
+
+    async def warmup(self) -> None:
+        """One pass of each kind, so the first real request does not pay for lazy initialisation."""
+        spec = self.loaded.spec
+        items = [EmbedItem(text="warm up", input_type="query", steps=spec.default_refinement_steps)]
+        response = await self.embed(EmbedRequest(items=items))
+        if response.results[0].error:
+            raise RuntimeError(f"warm-up failed: {response.results[0].error.message}")
+
+    def stop(self) -> None:
+        self.engine.stop()

