@@ -1,0 +1,80 @@
+"""Start real servers (workers, gateways, redis) as child processes on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll `url` until it answers 200; fail early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+@contextlib.contextmanager
+def running(
+    cmd: list[str],
+    ready_url: str,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Run `cmd` until the block ends; its output goes to `log_path` (kept for failure reports)."""
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=REPO, start_new_session=True
+    )
+    try:
+        wait_http(ready_url, timeout, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if log_path:
+            log.close()
+
+
+def genembed(*args: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", *args]
+
+
+@contextlib.contextmanager
+def worker_process(
+    model: str, tmp_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A `genembed worker` on a free port; yields (base URL, process)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = genembed("worker", "--model", model, "--port", str(port), *extra)
+    with running(cmd, f"{url}/ready", env=env, log_path=tmp_dir / f"worker-{model.replace('/', '_')}-{port}.log") as p:
+        yield url, p
