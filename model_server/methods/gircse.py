@@ -1,7 +1,7 @@
 """GIRCSE (arXiv 2509.24291): embedding by K soft-token refinement steps.
 
 After the prompt's prefill, every step feeds the *soft token* e = softmax(logits_last / T) @ E
-(E the input embedding matrix, softmax in fp32, no top-k) and keeps the step's final-layer
+(E the input embedding matrix, softmax in fp32 or wider, no top-k) and keeps the step's final-layer
 (post-norm) hidden state. The embedding is the L2-normalised mean of the K step states; the
 prefill state is not pooled. K = 0 is defined here as mean pooling of the prompt's final states.
 """
@@ -27,7 +27,7 @@ class GircseMethod(EngineMethod):
     def soft_tokens(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """The soft-token step: final hidden states [N, H] -> next input embeddings [N, H]."""
         logits = self.runner.logits(last_hidden)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        probs = torch.softmax(logits.to(self.sum_dtype) / self.temperature, dim=-1)
         return probs.to(self.embeddings.weight.dtype) @ self.embeddings.weight
 
     @torch.inference_mode()

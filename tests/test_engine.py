@@ -1,0 +1,123 @@
+"""The batching engine on a tiny random Llama (fast): exactness under joins/leaves, bounds, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_server.engine import QueueFull
+from model_server.prompts import PreparedInput
+from model_server.protocol import EmbedItem, EmbedRequest
+from tests.models import cosine, gircse_spec, make_tiny_llama, reference_gircse, start_worker
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-engine"), num_hidden_layers=3)
+
+
+@pytest.fixture
+def worker64(tiny_dir):
+    worker = start_worker(gircse_spec(tiny_dir, dtype="float64"), max_running_seqs=8)
+    yield worker
+    worker.stop()
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(100, 49000, size=n).tolist()
+
+
+def _steps(worker) -> float:
+    return worker.metrics.registry.get_sample_value("genembed_worker_refinement_steps_total") or 0.0
+
+
+def _submit(worker, ids: list[int], steps: int):
+    return worker.engine.submit([PreparedInput(token_ids=ids, steps=steps, truncated=False)])[0]
+
+
+def test_mixed_lengths_and_budgets_equal_their_references(worker64):
+    cases = [(_ids(n, seed), k) for seed, (n, k) in enumerate([(3, 7), (17, 0), (9, 1), (30, 4), (5, 12), (12, 2)])]
+    futures = [_submit(worker64, ids, k) for ids, k in cases]
+    model = worker64.loaded.model
+    for future, (ids, k) in zip(futures, cases, strict=True):
+        assert 1 - cosine(future.result(timeout=60), reference_gircse(model, ids, k)) <= 1e-10
+
+
+def test_join_while_running_and_leave_at_own_k(worker64):
+    long_ids, short_ids = _ids(8, 1), _ids(4, 2)
+    long = _submit(worker64, long_ids, 20)
+    while _steps(worker64) < 3:  # the long one is decoding
+        time.sleep(0.001)
+    short = _submit(worker64, short_ids, 2)
+    short_vector = short.result(timeout=60)
+    assert not long.done(), "the short request joined the running batch and left at its own K"
+    model = worker64.loaded.model
+    assert 1 - cosine(short_vector, reference_gircse(model, short_ids, 2)) <= 1e-10
+    assert 1 - cosine(long.result(timeout=60), reference_gircse(model, long_ids, 20)) <= 1e-10
+
+
+def test_more_sequences_than_slots_all_complete_exactly(worker64):
+    cases = [(_ids(3 + seed % 7, seed), seed % 5) for seed in range(20)]  # 20 > max_running_seqs=8
+    futures = [_submit(worker64, ids, k) for ids, k in cases]
+    model = worker64.loaded.model
+    for future, (ids, k) in zip(futures, cases, strict=True):
+        assert 1 - cosine(future.result(timeout=120), reference_gircse(model, ids, k)) <= 1e-10
+
+
+def test_cancelled_request_stops_costing_steps(tiny_dir):
+    worker = start_worker(gircse_spec(tiny_dir, max_refinement_steps=100000, max_input_tokens=64), max_running_seqs=4)
+    try:
+        future = _submit(worker, _ids(5, 3), 100000)
+        while _steps(worker) < 5:
+            time.sleep(0.001)
+        assert future.cancel()
+        time.sleep(0.2)
+        settled = _steps(worker)
+        time.sleep(0.3)
+        assert _steps(worker) == settled, "steps kept running for a cancelled request"
+        assert worker.engine.pending_work() == 0
+        # and the engine still serves
+        assert _submit(worker, _ids(4, 4), 2).result(timeout=30) is not None
+    finally:
+        worker.stop()
+
+
+def test_queue_full_refuses_instead_of_growing(tiny_dir):
+    worker = start_worker(gircse_spec(tiny_dir, max_refinement_steps=100000), max_running_seqs=1, max_waiting_seqs=2)
+    try:
+        busy = _submit(worker, _ids(4, 5), 100000)
+        while worker.engine.pending_work() and worker.engine.waiting:
+            time.sleep(0.001)
+        waiting = [_submit(worker, _ids(4, 6), 1), _submit(worker, _ids(4, 7), 1)]
+        with pytest.raises(QueueFull):
+            _submit(worker, _ids(4, 8), 1)
+        assert worker.metrics.registry.get_sample_value("genembed_worker_rejected_requests_total") == 1
+        busy.cancel()
+        for future in waiting:
+            assert future.result(timeout=30).shape == (32,)
+    finally:
+        worker.stop()
+
+
+def test_client_cancellation_through_embed(tiny_dir):
+    """Cancelling the embed() coroutine (what a disconnect does) cancels its sequences."""
+    worker = start_worker(gircse_spec(tiny_dir, max_refinement_steps=100000, max_input_tokens=64))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(worker.embed(EmbedRequest(items=[EmbedItem(text="abc", steps=100000)])))
+        while _steps(worker) < 3:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+
+    try:
+        asyncio.run(scenario())
+        assert worker.engine.pending_work() == 0
+    finally:
+        worker.stop()

@@ -1,0 +1,128 @@
+"""The worker process over HTTP: the contract, per-item errors, truncation, metrics."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+
+from model_server import protocol
+from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
+
+
+def _embed(url: str, *items: EmbedItem) -> EmbedResponse:
+    r = httpx.post(f"{url}/embed", content=EmbedRequest(items=list(items)).encode(), timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == protocol.CONTENT_TYPE
+    return EmbedResponse.decode(r.content)
+
+
+def test_info_health_ready(gircse_worker):
+    info = ModelInfo(**httpx.get(f"{gircse_worker}/info").json())
+    assert (info.id, info.method, info.dimension) == ("smollm2-gircse", "gircse", 576)
+    assert (info.min_refinement_steps, info.max_refinement_steps, info.default_refinement_steps) == (0, 20, 5)
+    assert info.dtype == "float32" and len(info.revision) == 12
+    assert httpx.get(f"{gircse_worker}/health").status_code == 200
+    assert httpx.get(f"{gircse_worker}/ready").status_code == 200
+
+
+def test_each_bad_item_fails_alone(gircse_worker):
+    long_text = "word " * 700
+    response = _embed(
+        gircse_worker,
+        EmbedItem(text="fine", steps=1),
+        EmbedItem(text="x", steps=21),
+        EmbedItem(text=""),
+        EmbedItem(text=long_text, truncate=False),
+        EmbedItem(token_ids=[5, 49152]),
+        EmbedItem(token_ids=[]),
+        EmbedItem(text="also fine", steps=0),
+    )
+    codes = [r.error.code if r.error else None for r in response.results]
+    assert codes == [
+        None,
+        protocol.STEPS_OUT_OF_RANGE,
+        protocol.EMPTY_INPUT,
+        protocol.INPUT_TOO_LONG,
+        protocol.TOKEN_OUT_OF_VOCAB,
+        protocol.EMPTY_INPUT,
+        None,
+    ]
+    assert "0..20" in response.results[1].error.message
+    assert "512" in response.results[3].error.message
+    assert response.vectors.shape == (2, 576)
+    np.testing.assert_allclose(np.linalg.norm(response.vectors, axis=1), 1, rtol=1e-5)
+    # the worker keeps serving
+    assert _embed(gircse_worker, EmbedItem(text="still here", steps=1)).results[0].error is None
+
+
+def test_truncation_cuts_the_body_not_the_template(gircse_worker):
+    long_text = "word " * 700
+    query, document = _embed(
+        gircse_worker, EmbedItem(text=long_text, steps=1), EmbedItem(text=long_text, input_type="document", steps=1)
+    ).results
+    assert query.truncated and query.prompt_tokens == 512
+    assert document.truncated and document.prompt_tokens == 512
+    # the template's instruction survives: a different instruction gives a different vector
+    a, b = _embed(
+        gircse_worker,
+        EmbedItem(text=long_text, steps=1, instruction="Find news"),
+        EmbedItem(text=long_text, steps=1, instruction="Find recipes"),
+    ).vectors
+    assert float(a @ b) < 0.99999
+
+
+def test_token_ids_input_matches_text(gircse_worker):
+    from transformers import AutoTokenizer
+
+    from tests.models import default_backbone_dir
+
+    ids = AutoTokenizer.from_pretrained(default_backbone_dir())("a cat", add_special_tokens=False)["input_ids"]
+    by_text, by_ids = _embed(
+        gircse_worker,
+        EmbedItem(text="a cat", input_type="document", steps=2),
+        EmbedItem(token_ids=ids, input_type="document", steps=2),
+    ).vectors
+    np.testing.assert_allclose(by_text, by_ids, atol=1e-6)
+
+
+def test_pooled_rejects_steps(minilm_worker):
+    result = _embed(minilm_worker, EmbedItem(text="x", steps=1)).results[0]
+    assert result.error.code == protocol.STEPS_OUT_OF_RANGE and "0..0" in result.error.message
+    assert _embed(minilm_worker, EmbedItem(text="x")).results[0].error is None
+
+
+def test_malformed_body_is_400(gircse_worker):
+    r = httpx.post(f"{gircse_worker}/embed", content=b"\x00not msgpack")
+    assert r.status_code == 400 and "malformed" in r.json()["detail"]
+
+
+def test_metrics_exposed(gircse_worker):
+    _embed(gircse_worker, EmbedItem(text="count me", steps=3))
+    text = httpx.get(f"{gircse_worker}/metrics").text
+    for name in (
+        "genembed_worker_forward_seconds_bucket",
+        "genembed_worker_batch_sequences_bucket",
+        "genembed_worker_batch_tokens_bucket",
+        "genembed_worker_refinement_steps_total",
+        "genembed_worker_forward_errors_total",
+    ):
+        assert name in text
+    steps = [line for line in text.splitlines() if line.startswith("genembed_worker_refinement_steps_total")]
+    assert float(steps[0].split()[-1]) >= 3
+
+
+def test_unloadable_model_exits_with_the_reason(tmp_path):
+    import subprocess
+
+    from tests.procs import free_port, genembed
+
+    spec = tmp_path / "broken.toml"
+    spec.write_text(
+        'id = "broken"\nbackbone = "pkg://genembed_no_such_pkg/w.gguf"\n'
+        'backbone_install_hint = "pip install --no-deps genembed-no-such-pkg"\n'
+    )
+    done = subprocess.run(
+        genembed("worker", "--model", str(spec), "--port", str(free_port())), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "pip install --no-deps genembed-no-such-pkg" in done.stderr
