@@ -1,9 +1,10 @@
 """The step-level batching engine: scheduling only, the methods compute.
 
-A single thread runs the loop. Every iteration is one forward pass: either a *prefill* of newly
-admitted sequences (their prompts packed together) or a *decode* step of every running sequence.
-A sequence leaves as soon as its own K is reached and waiting ones join at the next iteration, so
-requests with different step budgets share every pass. Admission is bounded by a sequence cap
+A single thread runs the loop. Every iteration is one forward pass over the next step of every
+running sequence *and* the prefill of newly admitted ones (their prompts packed beside the decode
+rows), so arrivals never stall the running batch. A sequence leaves as soon as its own K is
+reached and waiting ones join at the next iteration, so requests with different step budgets
+share every pass. Admission is bounded by a sequence cap
 and token budgets; the waiting queue is bounded and refuses with `QueueFull` rather than growing.
 A cancelled request's sequences are dropped at the next iteration.
 """
@@ -35,7 +36,7 @@ class EngineStopped(RuntimeError):
 @dataclass(frozen=True)
 class EngineLimits:
     max_running_seqs: int = 64
-    max_prefill_tokens: int = 4096  # tokens in one prefill pass (padded tokens for stateless methods)
+    max_batch_tokens: int = 4096  # tokens in one forward pass (padded tokens for stateless methods)
     max_kv_tokens: int = 65536  # prompt + steps, summed over running sequences
     max_waiting_seqs: int = 1024
 
@@ -96,11 +97,8 @@ class Engine:
                 admitted = self._admit()
             try:
                 self._drop_cancelled()
-                if admitted:
-                    self._run("prefill", admitted)
-                    self.running.extend(admitted)
-                elif self.running:
-                    self._run("decode", self.running)
+                self._run(self.running, admitted)
+                self.running.extend(admitted)
                 self._retire()
             except Exception as exc:  # a failed pass fails its sequences, never the engine
                 log.exception("engine iteration failed")
@@ -124,8 +122,8 @@ class Engine:
                 continue
             n = seq.prompt_tokens
             # A padded (stateless) batch pays for its widest row in every row; a packed one does not.
-            cost = prefill_tokens + n if stateful else max(widest, n) * (len(admitted) + 1)
-            fits = cost <= limits.max_prefill_tokens and (
+            cost = len(self.running) + prefill_tokens + n if stateful else max(widest, n) * (len(admitted) + 1)
+            fits = cost <= limits.max_batch_tokens and (
                 not stateful or kv_tokens + seq.kv_tokens <= limits.max_kv_tokens
             )
             if not fits and (admitted or self.running):
@@ -136,18 +134,16 @@ class Engine:
         self.metrics.waiting.set(len(self.waiting))
         return admitted
 
-    def _run(self, phase: str, seqs: list[Sequence]) -> None:
+    def _run(self, running: list[Sequence], admitted: list[Sequence]) -> None:
+        if not running and not admitted:
+            return
         started = time.perf_counter()
-        if phase == "prefill":
-            self.method.prefill(seqs)
-            tokens = sum(s.prompt_tokens for s in seqs)
-        else:
-            self.method.decode(seqs)
-            tokens = len(seqs)
-            self.metrics.steps.inc(len(seqs))
+        self.method.step(running, admitted)
+        phase = "mixed" if running and admitted else ("decode" if running else "prefill")
+        self.metrics.steps.inc(len(running))
         self.metrics.forward_seconds.labels(phase).observe(time.perf_counter() - started)
-        self.metrics.batch_seqs.labels(phase).observe(len(seqs))
-        self.metrics.batch_tokens.labels(phase).observe(tokens)
+        self.metrics.batch_seqs.labels(phase).observe(len(running) + len(admitted))
+        self.metrics.batch_tokens.labels(phase).observe(len(running) + sum(s.prompt_tokens for s in admitted))
 
     def _retire(self) -> None:
         """Remove finished sequences (descending slots: each swap moves a still-running one)."""

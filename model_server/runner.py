@@ -28,7 +28,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class DecoderRunner:
-    """Owns the KV pool; `prefill` adds sequences, `decode` steps all of them, `remove` frees one."""
+    """Owns the KV pool; `forward` steps running slots and adds new ones, `remove` frees one."""
 
     def __init__(self, causal_lm: torch.nn.Module, max_seqs: int, eager_attention: bool = False) -> None:
         self.lm = causal_lm
@@ -86,80 +86,88 @@ class DecoderRunner:
 
     # -- forward passes -------------------------------------------------------------------------
 
-    def _project(self, attn, x: torch.Tensor, positions: torch.Tensor):
-        """q, k, v for tokens x [T, H] at `positions` [T], rotary applied: [T, heads, head_dim]."""
+    def _project(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k, v for tokens x [T, H] with rotary (cos/sin [T, head_dim]) applied: [T, heads, head_dim]."""
         t = x.shape[0]
         q = attn.q_proj(x).view(t, self.n_heads, self.head_dim)
         k = attn.k_proj(x).view(t, self.n_kv, self.head_dim)
         v = attn.v_proj(x).view(t, self.n_kv, self.head_dim)
         if hasattr(attn, "q_norm"):  # qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = self.decoder.rotary_emb(x[None], positions[None])
-        return _rotate(q, cos[0], sin[0]), _rotate(k, cos[0], sin[0]), v
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
-    def _layers(self, hidden: torch.Tensor, attend) -> torch.Tensor:
-        for index, layer in enumerate(self.decoder.layers):
-            residual = hidden
-            attn_out = attend(index, layer.self_attn, layer.input_layernorm(hidden))
-            hidden = residual + layer.self_attn.o_proj(attn_out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.decoder.norm(hidden)
-
-    @torch.inference_mode()
-    def prefill(self, prompts: list[torch.Tensor], capacities: list[int]) -> list[torch.Tensor]:
-        """Run new sequences' prompts (input embeddings [n_i, H]) and give each a slot.
-
-        `capacities[i]` is how many positions sequence i will ever hold. Returns each prompt's
-        final-layer (post-norm) hidden states [n_i, H]. Slots are assigned in order after the
-        existing ones.
-        """
-        first = self.size
-        lengths = [p.shape[0] for p in prompts]
-        self._reserve(first + len(prompts), max(capacities))
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
-
-        def attend(index: int, attn, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._project(attn, x, positions)
-            out = torch.empty_like(q)
-            for i, (a, b) in enumerate(itertools.pairwise(bounds)):
-                self.keys[index][first + i, :, : b - a] = k[a:b].transpose(0, 1)
-                self.values[index][first + i, :, : b - a] = v[a:b].transpose(0, 1)
-                qi = q[a:b].transpose(0, 1)[None]
-                ki = k[a:b].transpose(0, 1).repeat_interleave(self.n_heads // self.n_kv, dim=0)[None]
-                vi = v[a:b].transpose(0, 1).repeat_interleave(self.n_heads // self.n_kv, dim=0)[None]
-                with self._kernel:
-                    out[a:b] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)[0].transpose(0, 1)
-            return out.reshape(x.shape[0], -1)
-
-        hidden = self._layers(torch.cat(prompts), attend)
-        self.lengths = torch.cat([self.lengths, torch.tensor(lengths, device=self.device)])
-        return list(hidden.split(lengths))
-
-    @torch.inference_mode()
-    def decode(self, inputs: torch.Tensor) -> torch.Tensor:
-        """One step for every slot: inputs [n_slots, H] (slot order) -> final hidden [n_slots, H]."""
-        n = self.size
-        positions = self.lengths.clone()
+    def _attend_decode(self, layer: int, q, k, v, positions: torch.Tensor) -> torch.Tensor:
+        """Rows 0..n-1 (one new token each) attend over their slot's cached positions."""
+        n = len(positions)
         span = int(positions.max()) + 1
+        keys, values = self.keys[layer], self.values[layer]
         rows = torch.arange(n, device=self.device)
-        # Grouped-query attention without repeating K/V: a kv head's query heads form the query axis.
+        keys[rows, :, positions] = k
+        values[rows, :, positions] = v
         visible = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        group = self.n_heads // self.n_kv
+        # Grouped-query attention without repeating K/V: a kv head's query heads form the query axis.
+        grouped = q.view(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+        with self._kernel:
+            out = F.scaled_dot_product_attention(grouped, keys[:n, :, :span], values[:n, :, :span], attn_mask=visible)
+        return out.reshape(n, -1)
 
-        def attend(index: int, attn, x: torch.Tensor) -> torch.Tensor:
-            q, k, v = self._project(attn, x, positions)
-            keys, values = self.keys[index], self.values[index]
-            keys[rows, :, positions] = k
-            values[rows, :, positions] = v
-            q = q.view(n, self.n_kv, group, self.head_dim)
+    def _attend_prefill(self, layer: int, q, k, v, first_slot: int, bounds: list[int]) -> torch.Tensor:
+        """Each new prompt (packed end to end) attends causally to itself and fills its slot."""
+        out = torch.empty_like(q)
+        repeat = self.n_heads // self.n_kv
+        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+            ki, vi = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+            self.keys[layer][first_slot + i, :, : b - a] = ki
+            self.values[layer][first_slot + i, :, : b - a] = vi
             with self._kernel:
-                out = F.scaled_dot_product_attention(q, keys[:n, :, :span], values[:n, :, :span], attn_mask=visible)
-            return out.reshape(n, -1)
+                attended = F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1)[None],
+                    ki.repeat_interleave(repeat, dim=0)[None],
+                    vi.repeat_interleave(repeat, dim=0)[None],
+                    is_causal=True,
+                )
+            out[a:b] = attended[0].transpose(0, 1)
+        return out.reshape(len(q), -1)
 
-        hidden = self._layers(inputs, attend)
-        self.lengths = positions + 1
-        return hidden
+    @torch.inference_mode()
+    def forward(
+        self, decode_inputs: torch.Tensor | None, prompts: list[torch.Tensor], capacities: list[int]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """One pass: a decode step for every running slot plus the prefill of new prompts.
+
+        `decode_inputs` [n_slots, H] are the running sequences' next inputs in slot order (None
+        when nothing runs); `prompts` are new sequences' input embeddings [n_i, H], which take the
+        next slots in order; `capacities[i]` is how many positions prompt i's sequence will ever
+        hold. Returns the final-layer (post-norm) states: [n_slots, H] for the decode rows and
+        [n_i, H] per prompt. All tokens share the projections and MLPs of one packed batch.
+        """
+        n_dec = 0 if decode_inputs is None else len(decode_inputs)
+        if n_dec != self.size:
+            raise ValueError(f"decode inputs for {n_dec} sequences, {self.size} are running")
+        lengths = [p.shape[0] for p in prompts]
+        if prompts:
+            self._reserve(self.size + len(prompts), max(capacities))
+        dec_positions = self.lengths.clone()
+        positions = torch.cat([dec_positions, *(torch.arange(n, device=self.device) for n in lengths)])
+        bounds = list(itertools.accumulate(lengths, initial=0))  # prompt i is rows n_dec + [a, b)
+        hidden = torch.cat(([] if decode_inputs is None else [decode_inputs]) + prompts)
+        cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden[None], positions[None]))
+        first_slot = self.size
+
+        for index, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            q, k, v = self._project(attn, layer.input_layernorm(hidden), cos, sin)
+            parts = []
+            if n_dec:
+                parts.append(self._attend_decode(index, q[:n_dec], k[:n_dec], v[:n_dec], dec_positions))
+            if prompts:
+                parts.append(self._attend_prefill(index, q[n_dec:], k[n_dec:], v[n_dec:], first_slot, bounds))
+            hidden = hidden + attn.o_proj(torch.cat(parts) if len(parts) > 1 else parts[0])
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = self.decoder.norm(hidden)
+
+        self.lengths = torch.cat([dec_positions + 1, torch.tensor(lengths, dtype=torch.long, device=self.device)])
+        return (hidden[:n_dec] if n_dec else None), list(hidden[n_dec:].split(lengths))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of selected rows only: callers gather the last positions first."""

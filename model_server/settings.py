@@ -22,7 +22,7 @@ class WorkerSettings(BaseSettings):
     )
     device: str | None = Field(default=None, description="overrides the spec's device (cpu, cuda, cuda:1)")
     max_running_seqs: int = Field(default=64, gt=0)
-    max_prefill_tokens: int = Field(default=4096, gt=0)
+    max_batch_tokens: int = Field(default=4096, gt=0)
     max_kv_tokens: int = Field(default=65536, gt=0)
     max_waiting_seqs: int = Field(default=1024, gt=0)
     log_level: str = "info"
@@ -30,7 +30,7 @@ class WorkerSettings(BaseSettings):
     def limits(self) -> EngineLimits:
         return EngineLimits(
             max_running_seqs=self.max_running_seqs,
-            max_prefill_tokens=self.max_prefill_tokens,
+            max_batch_tokens=self.max_batch_tokens,
             max_kv_tokens=self.max_kv_tokens,
             max_waiting_seqs=self.max_waiting_seqs,
         )

@@ -47,9 +47,9 @@ class Sequence:
 
 
 class EngineMethod(ABC):
-    """One embedding method. `prefill` and `decode` each run exactly one forward pass."""
+    """One embedding method: what a forward pass computes for the sequences the engine picked."""
 
-    #: whether sequences live on between iterations (False: everything happens in prefill)
+    #: whether sequences live on between iterations (False: all happens in their first pass)
     stateful: bool = True
 
     def __init__(self, loaded: LoadedModel) -> None:
@@ -57,12 +57,10 @@ class EngineMethod(ABC):
         self.prompts = PromptBuilder(loaded.spec, loaded.tokenizer, loaded.vocab_size)
 
     @abstractmethod
-    def prefill(self, seqs: list[Sequence]) -> None:
-        """First pass for newly admitted sequences; they take the next slots in order."""
-
-    def decode(self, seqs: list[Sequence]) -> None:
-        """One step for every running sequence, given in slot order."""
-        raise NotImplementedError(f"{type(self).__name__} has no decode step")
+    def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
+        """One forward pass: the next step of every running sequence (in slot order) and the
+        first pass of newly admitted ones, which take the next slots in order. Sets `result` on
+        sequences that are finished."""
 
     def remove(self, slot: int) -> None:  # noqa: B027 (stateless methods hold no slots)
         """Free a running sequence's slot (the last slot moves into it)."""

@@ -31,35 +31,33 @@ class GircseMethod(EngineMethod):
         return probs.to(self.embeddings.weight.dtype) @ self.embeddings.weight
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> None:
+    def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
         device = self.loaded.device
-        prompts = [self.embeddings(torch.tensor(s.prepared.token_ids, device=device)) for s in seqs]
-        states = self.runner.prefill(prompts, [s.kv_tokens for s in seqs])
-        refining = [i for i, s in enumerate(seqs) if s.steps > 0]
-        for seq, state in zip(seqs, states, strict=True):
+        prompts = [self.embeddings(torch.tensor(s.prepared.token_ids, device=device)) for s in admitted]
+        decoded, prefilled = self.runner.forward(
+            torch.stack([s.pending for s in running]) if running else None,
+            prompts,
+            [s.kv_tokens for s in admitted],
+        )
+        # Rows that need a next soft token: one lm_head + softmax + @E for all of them together.
+        need_next: list[tuple[Sequence, torch.Tensor]] = []
+        for seq, states in zip(admitted, prefilled, strict=True):
             if seq.steps == 0:
-                self.finish(seq, state.to(self.sum_dtype).mean(dim=0))
-        if refining:
-            nexts = self.soft_tokens(torch.stack([states[i][-1] for i in refining]))
-            for row, i in enumerate(refining):
-                seqs[i].pending = nexts[row]
-                seqs[i].state_sum = torch.zeros(nexts.shape[-1], dtype=self.sum_dtype, device=device)
-
-    @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> None:
-        hidden = self.runner.decode(torch.stack([s.pending for s in seqs]))
-        going_on = []
-        for row, seq in enumerate(seqs):
-            seq.state_sum += hidden[row].to(self.sum_dtype)
+                self.finish(seq, states.to(self.sum_dtype).mean(dim=0))
+            else:
+                seq.state_sum = torch.zeros(states.shape[-1], dtype=self.sum_dtype, device=device)
+                need_next.append((seq, states[-1]))
+        for seq, state in zip(running, decoded if decoded is not None else [], strict=True):
+            seq.state_sum += state.to(self.sum_dtype)
             seq.steps_done += 1
             if seq.steps_done == seq.steps:
                 self.finish(seq, seq.state_sum / seq.steps)  # no lm_head on the final step
             else:
-                going_on.append(row)
-        if going_on:
-            nexts = self.soft_tokens(hidden[going_on])
-            for row, nxt in zip(going_on, nexts, strict=True):
-                seqs[row].pending = nxt
+                need_next.append((seq, state))
+        if need_next:
+            nexts = self.soft_tokens(torch.stack([state for _, state in need_next]))
+            for (seq, _), nxt in zip(need_next, nexts, strict=True):
+                seq.pending = nxt
 
     def remove(self, slot: int) -> None:
         self.runner.remove(slot)

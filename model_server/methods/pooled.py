@@ -22,8 +22,8 @@ class PooledMethod(EngineMethod):
     stateful = False
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> None:
-        loaded = self.loaded
+    def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
+        loaded, seqs = self.loaded, admitted
         width = max(s.prompt_tokens for s in seqs)
         pad = loaded.tokenizer.pad_token_id or 0
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
