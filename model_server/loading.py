@@ -116,6 +116,7 @@ def compute_revision(spec: ModelSpec, backbone_digest: str, adapter_digest: str 
                 "normalize",
                 "soft_token_temperature",
                 "max_input_tokens",
+                "num_labels",
             }
         ),
     }
@@ -229,13 +230,23 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     backbone = resolve_backbone(spec)
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
-    model_class = AutoModelForCausalLM if spec.is_generative else AutoModel
-    model = model_class.from_pretrained(str(backbone.directory), dtype=dtype, attn_implementation="sdpa")
+    common = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if spec.method == "cross_encoder":
+        # A checkpoint without a classification head gets a fresh one: seeded, so every worker
+        # of the same spec scores alike (and the revision, which covers the weights, still holds).
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(backbone.directory), num_labels=spec.num_labels, **common
+        )
+    elif spec.is_generative:
+        model = AutoModelForCausalLM.from_pretrained(str(backbone.directory), **common)
+    else:
+        model = AutoModel.from_pretrained(str(backbone.directory), **common)
     tokenizer = AutoTokenizer.from_pretrained(str(backbone.directory))
 
     adapter_digest = None
@@ -258,7 +269,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         raise ModelLoadError(f"max_input_tokens + max_refinement_steps exceeds the sliding window ({window})")
 
     model.to(device).eval().requires_grad_(False)
-    dimension = model.config.hidden_size
+    dimension = spec.num_labels if spec.method == "cross_encoder" else model.config.hidden_size
     if spec.dimensions is not None and spec.dimensions != dimension:
         raise ModelLoadError(f"spec says {spec.dimensions} dimensions, the model has {dimension}")
     return LoadedModel(

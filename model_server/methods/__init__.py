@@ -1,4 +1,4 @@
-"""Embedding methods: each turns prepared inputs into vectors, one forward pass per call.
+"""Embedding methods: each turns prepared inputs into vectors, one engine iteration per call.
 
 The engine decides *which* sequences run in an iteration; a method decides *what* that pass
 computes for them. `build_method` picks the class a spec names.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from model_server.loading import LoadedModel
 from model_server.methods.base import EngineMethod, Sequence
 from model_server.methods.gircse import GircseMethod
-from model_server.methods.pooled import PooledMethod
+from model_server.methods.pooled import CrossEncoderMethod, PooledMethod
 
 __all__ = ["EngineMethod", "Sequence", "build_method"]
 
@@ -17,4 +17,6 @@ __all__ = ["EngineMethod", "Sequence", "build_method"]
 def build_method(loaded: LoadedModel, max_seqs: int) -> EngineMethod:
     if loaded.spec.method == "gircse":
         return GircseMethod(loaded, max_seqs)
+    if loaded.spec.method == "cross_encoder":
+        return CrossEncoderMethod(loaded)
     return PooledMethod(loaded)

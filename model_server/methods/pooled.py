@@ -1,10 +1,17 @@
-"""Ordinary embedding models: one forward pass, then mean / CLS / last-token pooling. K is 0."""
+"""One-pass encoders: ordinary embedding models (mean / CLS / last-token pooling) and cross-encoders.
+
+Their sequences finish in their first pass. A padded batch makes every row pay for the widest
+one, so admitted inputs are sorted by length and split into groups whose padding stays small.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from model_server.methods.base import EngineMethod, Sequence
+
+#: a group is split before its padded tokens exceed its real tokens by this factor
+MAX_PADDING_RATIO = 1.25
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -18,21 +25,55 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (wide * weights).sum(dim=1) / weights.sum(dim=1)
 
 
+def length_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Sort by length; start a new group when padding to the new widest row costs too much."""
+    groups: list[list[Sequence]] = []
+    real = 0
+    for seq in sorted(seqs, key=lambda s: s.prompt_tokens):
+        n = seq.prompt_tokens
+        if groups and (len(groups[-1]) + 1) * n <= MAX_PADDING_RATIO * (real + n):
+            groups[-1].append(seq)
+            real += n
+        else:
+            groups.append([seq])
+            real = n
+    return groups
+
+
 class PooledMethod(EngineMethod):
     stateful = False
 
     @torch.inference_mode()
     def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
-        loaded, seqs = self.loaded, admitted
+        for group in length_groups(admitted):
+            batch = self._padded(group)
+            self._finish_group(group, self.loaded.model(**batch), batch["attention_mask"])
+
+    def _padded(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
         width = max(s.prompt_tokens for s in seqs)
-        pad = loaded.tokenizer.pad_token_id or 0
+        pad = self.loaded.tokenizer.pad_token_id or 0
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        types = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, seq in enumerate(seqs):
             n = seq.prompt_tokens
             ids[row, :n] = torch.tensor(seq.prepared.token_ids)
             mask[row, :n] = 1
-        ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-        hidden = loaded.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for seq, vector in zip(seqs, pool(hidden, mask, loaded.spec.pooling), strict=True):
+            if seq.prepared.token_type_ids is not None:
+                types[row, :n] = torch.tensor(seq.prepared.token_type_ids)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if any(s.prepared.token_type_ids is not None for s in seqs):
+            batch["token_type_ids"] = types
+        return {k: v.to(self.loaded.device) for k, v in batch.items()}
+
+    def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
+        for seq, vector in zip(seqs, pool(output.last_hidden_state, mask, self.loaded.spec.pooling), strict=True):
             self.finish(seq, vector)
+
+
+class CrossEncoderMethod(PooledMethod):
+    """A sequence-classification model scoring (query, document) pairs: raw logits per pair."""
+
+    def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
+        for seq, logits in zip(seqs, output.logits, strict=True):
+            self.finish(seq, logits)

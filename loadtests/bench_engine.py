@@ -1,0 +1,351 @@
+"""Engine throughput vs a lock-step baseline vs the machine's FLOP limit (by hand, not in CI).
+
+    python loadtests/bench_engine.py                      # default model, fp32 and bf16, this machine
+    python loadtests/bench_engine.py --dtypes bfloat16 --device cuda   # on a GPU
+
+For each dtype and load (K=0, K=5, K=20, mixed K from {0,1,3,5,10,20}), the same ~60-token prompts go
+through (a) the engine, closed-loop with `--concurrency` requests in flight, and (b) a lock-step
+baseline written the way GIRCSE's own encode serves: batches of 8 padded to the longest, every
+request running its batch's largest K with `model(..., output_hidden_states=True, use_cache=True)`.
+The FLOP-limited rate uses a large GEMM's measured rate and FLOPs per embedding =
+2·(non-embedding params)·(prompt tokens + K) + 4·vocab·hidden·K. Drift: cosine between each input's
+vector under load and the same input embedded alone. Writes a table, JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model_server.engine import EngineLimits
+from model_server.loading import LoadedModel, load_model
+from model_server.prompts import PreparedInput
+from model_server.serving import EmbeddingWorker
+from model_server.specs import load_spec
+
+RESULTS = Path(__file__).parent / "results"
+MIXED_K = (0, 1, 3, 5, 10, 20)
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "or",
+    "has",
+    "had",
+    "not",
+    "but",
+    "it",
+    "its",
+    "their",
+    "also",
+    "first",
+    "one",
+    "new",
+    "after",
+    "who",
+    "they",
+    "have",
+    "been",
+    "two",
+    "more",
+    "when",
+    "there",
+    "into",
+    "other",
+    "city",
+    "river",
+    "music",
+    "government",
+    "system",
+    "between",
+    "during",
+    "year",
+    "team",
+    "school",
+    "company",
+    "world",
+    "state",
+    "war",
+    "time",
+    "history",
+    "population",
+    "people",
+    "area",
+    "university",
+    "album",
+    "series",
+    "family",
+    "film",
+    "part",
+    "known",
+    "called",
+    "made",
+]
+
+
+@dataclass
+class Row:
+    dtype: str
+    load: str
+    system: str
+    embeddings_per_s: float
+    seconds: float
+    flop_limited_per_s: float
+    fraction_of_flop_limit: float
+    speedup_vs_lockstep: float | None = None
+    drift_min_cos: float | None = None
+    drift_mean_1mcos: float | None = None
+
+
+def make_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(n):
+        ids = tokenizer(" ".join(rng.choice(WORDS, 80)), add_special_tokens=False)["input_ids"]
+        prompts.append(ids[: int(rng.integers(50, 71))])
+    return prompts
+
+
+def gemm_flops(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_embedding(loaded: LoadedModel, prompt_tokens: int, k: int) -> float:
+    model = loaded.model
+    params = sum(p.numel() for p in model.parameters())
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    non_embedding = params - vocab * hidden  # tied head: counted once as the embedding
+    return 2 * non_embedding * (prompt_tokens + k) + 4 * vocab * hidden * k
+
+
+def run_engine(worker: EmbeddingWorker, cases: list[tuple[list[int], int]], concurrency: int):
+    """Closed loop: `concurrency` requests in flight; a finished one is replaced at once."""
+    slots = threading.Semaphore(concurrency)
+    results: list[np.ndarray | None] = [None] * len(cases)
+    done = threading.Event()
+    remaining = [len(cases)]
+    lock = threading.Lock()
+
+    def finished(index: int, future) -> None:
+        results[index] = future.result()
+        slots.release()
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done.set()
+
+    start = time.perf_counter()
+    for index, (ids, k) in enumerate(cases):
+        slots.acquire()
+        future = worker.engine.submit([PreparedInput(token_ids=ids, steps=k, truncated=False)])[0]
+        future.add_done_callback(lambda f, i=index: finished(i, f))
+    done.wait()
+    return time.perf_counter() - start, np.stack(results)
+
+
+@torch.inference_mode()
+def run_lockstep(loaded: LoadedModel, cases: list[tuple[list[int], int]], batch: int = 8) -> float:
+    model, device = loaded.model, loaded.device
+    embed = model.get_input_embeddings().weight
+    start = time.perf_counter()
+    for first in range(0, len(cases), batch):
+        chunk = cases[first : first + batch]
+        width = max(len(ids) for ids, _ in chunk)
+        steps = max(k for _, k in chunk)
+        ids = torch.full((len(chunk), width), 0, dtype=torch.long, device=device)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+        for row, (tokens, _) in enumerate(chunk):  # left padding, as GIRCSE's tokenizer setup does
+            ids[row, width - len(tokens) :] = torch.tensor(tokens, device=device)
+            mask[row, width - len(tokens) :] = 1
+        out = model(inputs_embeds=embed[ids], attention_mask=mask, output_hidden_states=True, use_cache=True)
+        states = []
+        for _ in range(steps):
+            probs = torch.softmax(out.logits[:, -1].float(), dim=-1).to(embed.dtype)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(
+                inputs_embeds=(probs @ embed)[:, None],
+                attention_mask=mask,
+                past_key_values=out.past_key_values,
+                output_hidden_states=True,
+                use_cache=True,
+            )
+            states.append(out.hidden_states[-1][:, -1])
+        if steps == 0:
+            hidden = out.hidden_states[-1]
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        else:
+            pooled = torch.stack(states).mean(0)
+        torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def drift(worker: EmbeddingWorker, cases, loaded_vectors: np.ndarray, sample: int = 12) -> tuple[float, float]:
+    """Cosine of each sampled input's vector under load vs embedded alone."""
+    cosines = []
+    for index in range(0, len(cases), max(1, len(cases) // sample)):
+        ids, k = cases[index]
+        alone = worker.engine.submit([PreparedInput(token_ids=ids, steps=k, truncated=False)])[0].result()
+        cosines.append(float(np.dot(alone, loaded_vectors[index])))
+    cos = np.array(cosines)
+    return float(cos.min()), float(np.mean(1 - cos))
+
+
+def bench_dtype(dtype: str, args) -> list[Row]:
+    overrides = {"dtype": dtype, "device": args.device}
+    spec = load_spec(args.model, **overrides)
+    loaded = load_model(spec)
+    worker = EmbeddingWorker(
+        loaded, EngineLimits(max_running_seqs=args.concurrency, max_batch_tokens=args.batch_tokens)
+    )
+    worker.engine.start()
+    rng = np.random.default_rng(1)
+    prompts = make_prompts(loaded.tokenizer, args.requests)
+    mean_prompt = float(np.mean([len(p) for p in prompts]))
+    ceiling = gemm_flops(loaded.dtype, loaded.device)
+    loads = {"K=0": [0] * args.requests, "K=5": [5] * args.requests, "K=20": [20] * args.requests}
+    loads["mixed"] = rng.choice(MIXED_K, args.requests).tolist()
+    rows = []
+    try:
+        run_engine(worker, [(p, 1) for p in prompts[:16]], 16)  # warm-up
+        for name, ks in loads.items():
+            cases = list(zip(prompts, ks, strict=True))
+            flops = sum(flops_per_embedding(loaded, len(p), k) for p, k in cases) / len(cases)
+            limit = ceiling / flops
+            engine_s, vectors = run_engine(worker, cases, args.concurrency)
+            lock_s = run_lockstep(loaded, cases)
+            min_cos, mean_gap = drift(worker, cases, vectors)
+            for system, seconds in (("engine", engine_s), ("lockstep-8", lock_s)):
+                rate = len(cases) / seconds
+                rows.append(
+                    Row(
+                        dtype=dtype,
+                        load=name,
+                        system=system,
+                        embeddings_per_s=rate,
+                        seconds=seconds,
+                        flop_limited_per_s=limit,
+                        fraction_of_flop_limit=rate / limit,
+                        speedup_vs_lockstep=lock_s / engine_s if system == "engine" else None,
+                        drift_min_cos=min_cos if system == "engine" else None,
+                        drift_mean_1mcos=mean_gap if system == "engine" else None,
+                    )
+                )
+            print(f"  {dtype} {name}: engine {len(cases) / engine_s:.2f}/s, lock-step {len(cases) / lock_s:.2f}/s")
+    finally:
+        worker.stop()
+    print(f"  {dtype}: GEMM ceiling {ceiling / 1e9:.1f} GFLOP/s, mean prompt {mean_prompt:.1f} tokens")
+    return rows
+
+
+def plot(rows: list[Row], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r.dtype for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        mine = [r for r in rows if r.dtype == dtype]
+        loads = list(dict.fromkeys(r.load for r in mine))
+        x = np.arange(len(loads))
+        for offset, system in ((-0.2, "engine"), (0.2, "lockstep-8")):
+            values = [next(r.embeddings_per_s for r in mine if r.load == ld and r.system == system) for ld in loads]
+            ax.bar(x + offset, values, 0.4, label=system)
+        limits = [next(r.flop_limited_per_s for r in mine if r.load == ld) for ld in loads]
+        ax.plot(x, limits, "k_", markersize=30, label="FLOP limit")
+        ax.set_xticks(x, loads)
+        ax.set_yscale("log")
+        ax.set_ylabel("embeddings / s")
+        ax.set_title(f"{dtype}")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-gircse")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--tag", default=None, help="name of the result files (default: the device)")
+    args = parser.parse_args()
+    machine = _machine(args.device)
+    print(f"machine: {machine}")
+    rows = [row for dtype in args.dtypes for row in bench_dtype(dtype, args)]
+    header = f"{'dtype':9} {'load':6} {'system':11} {'emb/s':>8} {'FLOP-lim':>9} {'%limit':>7} {'speedup':>8} {'drift min cos':>14}"
+    print(header)
+    for r in rows:
+        speed = f"{r.speedup_vs_lockstep:.2f}x" if r.speedup_vs_lockstep else ""
+        cos = f"{r.drift_min_cos:.6f}" if r.drift_min_cos is not None else ""
+        print(
+            f"{r.dtype:9} {r.load:6} {r.system:11} {r.embeddings_per_s:8.2f} {r.flop_limited_per_s:9.2f} "
+            f"{100 * r.fraction_of_flop_limit:6.1f}% {speed:>8} {cos:>14}"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    tag = args.tag or args.device
+    payload = {
+        "machine": machine,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "rows": [asdict(r) for r in rows],
+    }
+    (RESULTS / f"engine-{tag}.json").write_text(json.dumps(payload, indent=2))
+    plot(rows, RESULTS / f"engine-{tag}.png", f"genembed engine vs lock-step, {machine}")
+    print(f"wrote {RESULTS / f'engine-{tag}.json'} and .png")
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+if __name__ == "__main__":
+    main()
