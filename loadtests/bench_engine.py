@@ -34,81 +34,12 @@ from model_server.specs import load_spec
 
 RESULTS = Path(__file__).parent / "results"
 MIXED_K = (0, 1, 3, 5, 10, 20)
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "his",
-    "an",
-    "were",
-    "are",
-    "which",
-    "this",
-    "be",
-    "or",
-    "has",
-    "had",
-    "not",
-    "but",
-    "it",
-    "its",
-    "their",
-    "also",
-    "first",
-    "one",
-    "new",
-    "after",
-    "who",
-    "they",
-    "have",
-    "been",
-    "two",
-    "more",
-    "when",
-    "there",
-    "into",
-    "other",
-    "city",
-    "river",
-    "music",
-    "government",
-    "system",
-    "between",
-    "during",
-    "year",
-    "team",
-    "school",
-    "company",
-    "world",
-    "state",
-    "war",
-    "time",
-    "history",
-    "population",
-    "people",
-    "area",
-    "university",
-    "album",
-    "series",
-    "family",
-    "film",
-    "part",
-    "known",
-    "called",
-    "made",
-]
+WORDS = (
+    "the of and to in is was for on that with as by at from his an were are which this be or has had "
+    "not but it its their also first one new after who they have been two more when there into other "
+    "city river music government system between during year team school company world state war time "
+    "history population people area university album series family film part known called made"
+).split()
 
 
 @dataclass
@@ -320,8 +251,10 @@ def main() -> None:
     machine = _machine(args.device)
     print(f"machine: {machine}")
     rows = [row for dtype in args.dtypes for row in bench_dtype(dtype, args)]
-    header = f"{'dtype':9} {'load':6} {'system':11} {'emb/s':>8} {'FLOP-lim':>9} {'%limit':>7} {'speedup':>8} {'drift min cos':>14}"
-    print(header)
+    print(
+        f"{'dtype':9} {'load':6} {'system':11} {'emb/s':>8} {'FLOP-lim':>9} {'%limit':>7} {'speedup':>8} "
+        f"{'drift min cos':>14}"
+    )
     for r in rows:
         speed = f"{r.speedup_vs_lockstep:.2f}x" if r.speedup_vs_lockstep else ""
         cos = f"{r.drift_min_cos:.6f}" if r.drift_min_cos is not None else ""

@@ -67,7 +67,7 @@ def test_float32_alone_equals_inside_a_mixed_batch(worker32, steps):
     target = EmbedItem(text=TEXTS[0], steps=steps)
     alone = embed_all(worker32, [target])[0]
     crowd = [EmbedItem(text=" ".join([TEXTS[1]] * (1 + i % 3)), steps=k) for i, k in enumerate([0, 8, 2, 4, 1])]
-    together = embed_all(worker32, crowd[:3] + [target] + crowd[3:])[3]
+    together = embed_all(worker32, [*crowd[:3], target, *crowd[3:]])[3]
     assert cosine(alone, together) >= 0.99999
     # joining a batch that is already running
     running = [worker32.engine.submit([worker32.method.prompts.prepare(item)])[0] for item in crowd]
