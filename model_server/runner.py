@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,35 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+#: prompts are grouped for attention while padding stays within this factor of their real tokens
+MAX_PADDING_RATIO = 1.25
+
+
+def group_by_length(lengths: list[int]) -> list[list[int]]:
+    """Indices grouped so that padding each group to its longest member costs little."""
+    groups: list[list[int]] = []
+    real = 0
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[index]
+        if groups and (len(groups[-1]) + 1) * n <= MAX_PADDING_RATIO * (real + n):
+            groups[-1].append(index)
+            real += n
+        else:
+            groups.append([index])
+            real = n
+    return groups
+
+
+@dataclass
+class PrefillGroup:
+    """Index tensors that gather a group of packed prompts into a padded batch (built once per pass)."""
+
+    members: torch.Tensor  # [n] prompt indices
+    rows: torch.Tensor  # [n, width] packed row of each position (0 where padded)
+    valid: torch.Tensor  # [n, width] real positions
+    mask: torch.Tensor  # [n, 1, group*width, width] causal mask over real keys, repeated per query head
 
 
 class DecoderRunner:
@@ -96,6 +126,28 @@ class DecoderRunner:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
+    def _prefill_groups(self, lengths: list[int]) -> list[PrefillGroup]:
+        starts = list(itertools.accumulate(lengths, initial=0))
+        group_size = self.n_heads // self.n_kv
+        groups = []
+        for members in group_by_length(lengths):
+            width = max(lengths[i] for i in members)
+            offsets = torch.arange(width, device=self.device)
+            sizes = torch.tensor([lengths[i] for i in members], device=self.device)
+            valid = offsets[None, :] < sizes[:, None]
+            rows = torch.tensor([starts[i] for i in members], device=self.device)[:, None] + offsets[None, :]
+            causal = offsets[None, :] <= offsets[:, None]  # [query, key]
+            mask = causal[None] & valid[:, None, :]  # [n, query, key]
+            groups.append(
+                PrefillGroup(
+                    members=torch.tensor(members, device=self.device),
+                    rows=torch.where(valid, rows, 0),
+                    valid=valid,
+                    mask=mask.repeat(1, group_size, 1)[:, None],
+                )
+            )
+        return groups
+
     def _attend_decode(self, layer: int, q, k, v, positions: torch.Tensor) -> torch.Tensor:
         """Rows 0..n-1 (one new token each) attend over their slot's cached positions."""
         n = len(positions)
@@ -111,23 +163,27 @@ class DecoderRunner:
             out = F.scaled_dot_product_attention(grouped, keys[:n, :, :span], values[:n, :, :span], attn_mask=visible)
         return out.reshape(n, -1)
 
-    def _attend_prefill(self, layer: int, q, k, v, first_slot: int, bounds: list[int]) -> torch.Tensor:
-        """Each new prompt (packed end to end) attends causally to itself and fills its slot."""
-        out = torch.empty_like(q)
-        repeat = self.n_heads // self.n_kv
-        for i, (a, b) in enumerate(itertools.pairwise(bounds)):
-            ki, vi = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
-            self.keys[layer][first_slot + i, :, : b - a] = ki
-            self.values[layer][first_slot + i, :, : b - a] = vi
+    def _attend_prefill(self, layer: int, q, k, v, first_slot: int, groups: list[PrefillGroup]) -> torch.Tensor:
+        """New prompts (packed end to end) attend causally to themselves and fill their slots.
+
+        Prompts of similar length form a group that runs as one padded attention call; padding
+        exists only inside attention, whose cost is small beside the projections.
+        """
+        out = torch.empty(q.shape[0], self.n_heads * self.head_dim, dtype=q.dtype, device=q.device)
+        group_size = self.n_heads // self.n_kv
+        for g in groups:
+            n, width = g.rows.shape
+            kg, vg = k[g.rows].transpose(1, 2), v[g.rows].transpose(1, 2)  # [n, kv, width, d]
+            self.keys[layer][first_slot + g.members, :, :width] = kg
+            self.values[layer][first_slot + g.members, :, :width] = vg
+            # A kv head's query heads stacked on the query axis: GQA without repeating K/V.
+            qg = q[g.rows].view(n, width, self.n_kv, group_size, self.head_dim)
+            qg = qg.permute(0, 2, 3, 1, 4).reshape(n, self.n_kv, group_size * width, self.head_dim)
             with self._kernel:
-                attended = F.scaled_dot_product_attention(
-                    q[a:b].transpose(0, 1)[None],
-                    ki.repeat_interleave(repeat, dim=0)[None],
-                    vi.repeat_interleave(repeat, dim=0)[None],
-                    is_causal=True,
-                )
-            out[a:b] = attended[0].transpose(0, 1)
-        return out.reshape(len(q), -1)
+                attended = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
+            attended = attended.view(n, self.n_kv, group_size, width, self.head_dim).permute(0, 3, 1, 2, 4)
+            out[g.rows[g.valid]] = attended.reshape(n, width, -1)[g.valid]
+        return out
 
     @torch.inference_mode()
     def forward(
@@ -149,7 +205,7 @@ class DecoderRunner:
             self._reserve(self.size + len(prompts), max(capacities))
         dec_positions = self.lengths.clone()
         positions = torch.cat([dec_positions, *(torch.arange(n, device=self.device) for n in lengths)])
-        bounds = list(itertools.accumulate(lengths, initial=0))  # prompt i is rows n_dec + [a, b)
+        groups = self._prefill_groups(lengths)
         hidden = torch.cat(([] if decode_inputs is None else [decode_inputs]) + prompts)
         cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden[None], positions[None]))
         first_slot = self.size
@@ -161,7 +217,7 @@ class DecoderRunner:
             if n_dec:
                 parts.append(self._attend_decode(index, q[:n_dec], k[:n_dec], v[:n_dec], dec_positions))
             if prompts:
-                parts.append(self._attend_prefill(index, q[n_dec:], k[n_dec:], v[n_dec:], first_slot, bounds))
+                parts.append(self._attend_prefill(index, q[n_dec:], k[n_dec:], v[n_dec:], first_slot, groups))
             hidden = hidden + attn.o_proj(torch.cat(parts) if len(parts) > 1 else parts[0])
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = self.decoder.norm(hidden)
