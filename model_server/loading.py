@@ -115,6 +115,9 @@ def compute_revision(spec: ModelSpec, backbone_digest: str, adapter_digest: str 
                 "pooling",
                 "normalize",
                 "soft_token_temperature",
+                "thought_temperature",
+                "thought_top_p",
+                "thought_samples",
                 "max_input_tokens",
                 "num_labels",
             }
@@ -229,13 +232,40 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 
 
+def add_special_tokens(model: torch.nn.Module, tokenizer, tokens: tuple[str, ...]) -> list[str]:
+    """Add the method's tokens a tokenizer lacks; returns those added.
+
+    A new token's input embedding (and LM-head row, when untied) is the mean of the existing
+    rows: a neutral start that an untrained model reads as an average token, where a random row
+    would be an outlier. A checkpoint trained with the tokens (O1's, DEBATER's) has them and is
+    left untouched. Rows past the tokenizer (padded vocabularies) are reused before growing.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if not missing:
+        return []
+    known = len(tokenizer)
+    tokenizer.add_tokens(missing, special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(missing)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    heads = (model.get_input_embeddings(), model.get_output_embeddings())
+    weights = {id(m.weight): m.weight for m in heads if m is not None}  # tied: one matrix
+    with torch.no_grad():
+        for weight in weights.values():
+            weight[ids] = weight[:known].mean(dim=0)
+    return missing
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     backbone = resolve_backbone(spec)
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
-    common = {"dtype": dtype, "attn_implementation": "sdpa"}
+    # The decoder runner calls SDPA itself (flash kernels on CUDA); this choice is for one-pass encoders.
+    attention = "eager" if spec.attn_implementation == "eager" else "sdpa"
+    common = {"dtype": dtype, "attn_implementation": attention}
     if spec.method == "cross_encoder":
         # A checkpoint without a classification head gets a fresh one: seeded, so every worker
         # of the same spec scores alike (and the revision, which covers the weights, still holds).
@@ -248,6 +278,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     else:
         model = AutoModel.from_pretrained(str(backbone.directory), **common)
     tokenizer = AutoTokenizer.from_pretrained(str(backbone.directory))
+    added = add_special_tokens(model, tokenizer, spec.special_tokens)
+    if added:
+        log.info("added tokens %s to %s (embeddings: the mean of the existing rows)", added, spec.id)
 
     adapter_digest = None
     if spec.adapter:

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 from model_server import protocol
 from model_server.protocol import EmbedItem, ItemError
-from model_server.specs import TEXT_SLOT, ModelSpec
+from model_server.specs import DEBATER_TOKENS, O1_EMB_TOKEN, TEXT_SLOT, ModelSpec
+
+#: the o1 thought sampler's seed when a request names none: the same request, the same vector
+DEFAULT_SEED = 0
 
 
 @dataclass
@@ -19,6 +22,10 @@ class PreparedInput:
     steps: int
     truncated: bool
     token_type_ids: list[int] | None = None  # segment ids of a (query, document) pair
+    reserve: int = 0  # KV positions beyond prompt + steps (o1: the EOS and <emb> after a thought)
+    seed: int = DEFAULT_SEED  # o1: the thought sampler's seed
+    samples: int = 1  # o1: thoughts run for this input, each its own sequence, averaged
+    sample: int = 0  # o1: which of them this sequence is
 
 
 class ItemRejected(ValueError):
@@ -43,6 +50,8 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._specials = tokenizer.num_special_tokens_to_add() if spec.add_special_tokens else 0
+        if spec.method in ("o1", "debater") and tokenizer.eos_token_id is None:
+            raise ValueError(f"method {spec.method!r} needs a tokenizer with an EOS token")
 
     def check_steps(self, steps: int | None) -> int:
         spec = self.spec
@@ -66,14 +75,58 @@ class PromptBuilder:
             return self._pair(item)
         if item.text_pair is not None:
             raise ItemRejected(protocol.INVALID_INPUT, "text_pair is only for cross_encoder models", "input")
+        seed, samples = self._sampling(item, steps)
+        tail, steps, reserve = self._tail(item.input_type, steps)
         prefix, suffix = format_prompt(self.spec, item.input_type, item.instruction)
         if item.text is not None:
             if not item.text:
                 raise ItemRejected(protocol.EMPTY_INPUT, "input must not be an empty string", "input")
-            ids, truncated = self._text_ids(prefix, item.text, suffix, item.truncate)
+            ids, truncated = self._text_ids(prefix, item.text, suffix, item.truncate, tail)
         else:
-            ids, truncated = self._token_ids(prefix, item.token_ids or [], suffix, item.truncate)
-        return PreparedInput(token_ids=ids, steps=steps, truncated=truncated)
+            ids, truncated = self._token_ids(prefix, item.token_ids or [], suffix, item.truncate, tail)
+        return PreparedInput(
+            token_ids=ids, steps=steps, truncated=truncated, reserve=reserve, seed=seed, samples=samples
+        )
+
+    def _sampling(self, item: EmbedItem, steps: int) -> tuple[int, int]:
+        """(seed, samples) of an o1 query; one sample wherever nothing is random."""
+        spec = self.spec
+        if spec.method != "o1":
+            if item.samples is not None:
+                raise ItemRejected(protocol.INVALID_INPUT, "samples is only for o1 models", "samples")
+            return DEFAULT_SEED, 1
+        seed = DEFAULT_SEED if item.seed is None else item.seed
+        if seed < 0:
+            raise ItemRejected(protocol.INVALID_INPUT, "seed must be a non-negative integer", "seed")
+        samples = spec.thought_samples if item.samples is None else item.samples
+        if not 1 <= samples <= spec.max_thought_samples:
+            raise ItemRejected(
+                protocol.INVALID_INPUT,
+                f"samples={samples} is outside the range model {spec.id!r} accepts: 1..{spec.max_thought_samples}",
+                "samples",
+            )
+        stochastic = item.input_type == "query" and steps > 0 and spec.thought_temperature > 0
+        return seed, samples if stochastic else 1
+
+    def _tail(self, input_type: str, steps: int) -> tuple[list[int], int, int]:
+        """The method's token ids after the template (never truncated), the decode steps left and
+        the KV positions reserved beyond them.
+
+        o1: documents end with `<emb>`; a query's thought (K decode steps) is followed by EOS and
+        `<emb>` (2 more), or with K = 0 both join the prompt. debater: documents end with the first
+        K deliberation tokens (one pass: the steps only reserve their positions), queries with EOS.
+        """
+        method, eos = self.spec.method, self.tokenizer.eos_token_id
+        if method == "o1":
+            emb = self.tokenizer.convert_tokens_to_ids(O1_EMB_TOKEN)
+            if input_type == "document":
+                return [emb], 0, 0
+            return ([], steps, 2) if steps else ([eos, emb], 0, 0)
+        if method == "debater":
+            if input_type == "document":
+                return self.tokenizer.convert_tokens_to_ids(list(DEBATER_TOKENS[:steps])), steps, 0
+            return [eos], 0, 0
+        return [], steps, 0
 
     def _pair(self, item: EmbedItem) -> PreparedInput:
         """A (query, document) pair for a cross-encoder; only the document is ever truncated."""
@@ -101,14 +154,14 @@ class PromptBuilder:
             "input",
         )
 
-    def _text_ids(self, prefix: str, body: str, suffix: str, truncate: bool) -> tuple[list[int], bool]:
-        limit = self.spec.max_input_tokens
+    def _text_ids(self, prefix: str, body: str, suffix: str, truncate: bool, tail: list[int]) -> tuple[list[int], bool]:
+        limit = self.spec.max_input_tokens - len(tail)
         # The whole prompt is tokenized in one go, as the research code does.
         ids = self._encode(prefix + body + suffix)
         if len(ids) <= limit:
-            return ids, False
+            return ids + tail, False
         if not truncate:
-            raise self._too_long(len(ids))
+            raise self._too_long(len(ids) + len(tail))
         enc = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
         keep = len(offsets) - (len(ids) - limit)
@@ -116,11 +169,13 @@ class PromptBuilder:
             cut = body[: offsets[keep - 1][1]]
             ids = self._encode(prefix + cut + suffix)
             if len(ids) <= limit:
-                return ids, True
+                return ids + tail, True
             keep -= len(ids) - limit
         raise ItemRejected(protocol.INPUT_TOO_LONG, "the prompt template alone exceeds max_input_tokens", "input")
 
-    def _token_ids(self, prefix: str, body: list[int], suffix: str, truncate: bool) -> tuple[list[int], bool]:
+    def _token_ids(
+        self, prefix: str, body: list[int], suffix: str, truncate: bool, tail: list[int]
+    ) -> tuple[list[int], bool]:
         if not body:
             raise ItemRejected(protocol.EMPTY_INPUT, "input must not be an empty token list", "input")
         bad = next((t for t in body if not 0 <= t < self.vocab_size), None)
@@ -132,12 +187,13 @@ class PromptBuilder:
             )
         tok = self.tokenizer
         head = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-        tail = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-        room = self.spec.max_input_tokens - len(head) - len(tail) - self._specials
+        after = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+        frame = len(head) + len(after) + self._specials + len(tail)
+        room = self.spec.max_input_tokens - frame
         truncated = len(body) > room
         if truncated and not truncate:
-            raise self._too_long(len(body) + len(head) + len(tail) + self._specials)
-        ids = head + body[: max(room, 0)] + tail
+            raise self._too_long(len(body) + frame)
+        ids = head + body[: max(room, 0)] + after
         if self.spec.add_special_tokens:
             ids = tok.build_inputs_with_special_tokens(ids)
-        return ids, truncated
+        return ids + tail, truncated

@@ -43,6 +43,8 @@ class EmbedItem:
     """One input: exactly one of `text` / `token_ids`. `steps=None` takes the model's default K.
 
     For `cross_encoder` models `text` is the query and `text_pair` the document to score.
+    `o1` queries sample `samples` thoughts (None: the model's default) from `seed` (None: a fixed
+    default, so a repeated request gives the same vector); other methods ignore `seed`.
     """
 
     text: str | None = None
@@ -52,6 +54,8 @@ class EmbedItem:
     instruction: str | None = None
     steps: int | None = None
     truncate: bool = True
+    seed: int | None = None
+    samples: int | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ the batching around them lives here. Supports llama, mistral, qwen2 and qwen3 la
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -70,7 +71,8 @@ class DecoderRunner:
         self.max_seqs = max_seqs
         weight = causal_lm.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
-        self._kernel = sdpa_kernel(SDPBackend.MATH) if eager_attention else contextlib.nullcontext()
+        # A factory: a kernel-selection context manager can be entered only once.
+        self._kernel = functools.partial(sdpa_kernel, SDPBackend.MATH) if eager_attention else contextlib.nullcontext
         n_layers = len(self.decoder.layers)
         self.keys: list[torch.Tensor] = [self._empty(0, 0)] * n_layers
         self.values: list[torch.Tensor] = [self._empty(0, 0)] * n_layers
@@ -159,7 +161,7 @@ class DecoderRunner:
         visible = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         # Grouped-query attention without repeating K/V: a kv head's query heads form the query axis.
         grouped = q.view(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-        with self._kernel:
+        with self._kernel():
             out = F.scaled_dot_product_attention(grouped, keys[:n, :, :span], values[:n, :, :span], attn_mask=visible)
         return out.reshape(n, -1)
 
@@ -179,7 +181,7 @@ class DecoderRunner:
             # A kv head's query heads stacked on the query axis: GQA without repeating K/V.
             qg = q[g.rows].view(n, width, self.n_kv, group_size, self.head_dim)
             qg = qg.permute(0, 2, 3, 1, 4).reshape(n, self.n_kv, group_size * width, self.head_dim)
-            with self._kernel:
+            with self._kernel():
                 attended = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
             attended = attended.view(n, self.n_kv, group_size, width, self.head_dim).permute(0, 3, 1, 2, 4)
             out[g.rows[g.valid]] = attended.reshape(n, width, -1)[g.valid]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import numpy as np
@@ -66,8 +67,9 @@ class EmbeddingWorker:
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         """Embed a batch; per-item failures are results. Raises QueueFull / EngineStopped."""
         results, prepared = await asyncio.to_thread(self._prepare, request.items)
-        valid = [p for p in prepared if p is not None]
-        futures = self.engine.submit(valid) if valid else []
+        # An input with n samples (o1 thoughts) runs as n sequences, combined below.
+        runs = [dataclasses.replace(p, sample=i) for p in prepared if p is not None for i in range(p.samples)]
+        futures = self.engine.submit(runs) if runs else []
         try:
             outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
         except asyncio.CancelledError:
@@ -79,14 +81,15 @@ class EmbeddingWorker:
         for result, p in zip(results, prepared, strict=True):
             if p is None:
                 continue
-            outcome = next(slots)
+            samples = [next(slots) for _ in range(p.samples)]
+            outcome = next((o for o in samples if isinstance(o, BaseException)), None)
             if isinstance(outcome, EngineStopped):
                 raise outcome
-            if isinstance(outcome, BaseException):
+            if outcome is not None:
                 log.error("item failed: %r", outcome)
                 result.error = ItemError(protocol.INTERNAL_ERROR, f"embedding failed: {outcome}")
             else:
-                vectors.append(outcome)
+                vectors.append(self.method.combine(samples))
         for result in results:
             self.metrics.items.labels("error" if result.error else "ok").inc()
         dim = self.loaded.dimension

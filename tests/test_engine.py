@@ -121,3 +121,15 @@ def test_client_cancellation_through_embed(tiny_dir):
         assert worker.engine.pending_work() == 0
     finally:
         worker.stop()
+
+
+def test_eager_attention_matches_sdpa(tiny_dir):
+    ids = _ids(9, 11)
+    vectors = []
+    for attention in ("sdpa", "eager"):
+        worker = start_worker(gircse_spec(tiny_dir, dtype="float64", attn_implementation=attention))
+        try:
+            vectors.append(_submit(worker, ids, 3).result(timeout=30))
+        finally:
+            worker.stop()
+    assert 1 - cosine(*vectors) <= 1e-12

@@ -5,12 +5,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from model_server.loading import LoadedModel
 from model_server.prompts import PreparedInput, PromptBuilder
+from model_server.runner import DecoderRunner
 
 
 @dataclass(eq=False)
@@ -23,6 +25,7 @@ class Sequence:
     pending: torch.Tensor | None = None  # next input embedding [H]
     state_sum: torch.Tensor | None = None  # running sum of step states, at least fp32
     result: np.ndarray | None = None  # set by the method when the sequence is finished
+    state: Any = None  # a method's own per-sequence state (o1: its thought so far)
 
     @property
     def prompt_tokens(self) -> int:
@@ -35,7 +38,7 @@ class Sequence:
     @property
     def kv_tokens(self) -> int:
         """Positions this sequence will occupy in the KV pool at its largest."""
-        return self.prompt_tokens + self.steps
+        return self.prompt_tokens + self.steps + self.prepared.reserve
 
     @property
     def finished(self) -> bool:
@@ -72,3 +75,33 @@ class EngineMethod(ABC):
         if self.loaded.spec.normalize:
             vector = torch.nn.functional.normalize(vector, dim=-1)
         seq.result = vector.float().cpu().numpy()
+
+    def combine(self, vectors: list[np.ndarray]) -> np.ndarray:
+        """One input's vector from its samples' (o1 runs n thoughts): their mean, renormalised
+        when the spec normalises (the direction is the research code's plain mean)."""
+        if len(vectors) == 1:
+            return vectors[0]
+        mean = np.mean(vectors, axis=0, dtype=np.float64)
+        if self.loaded.spec.normalize:
+            mean /= np.linalg.norm(mean)
+        return mean.astype(np.float32)
+
+
+class DecoderMethod(EngineMethod):
+    """A method over a causal decoder whose sequences own slots of the runner's KV pool."""
+
+    def __init__(self, loaded: LoadedModel, max_seqs: int) -> None:
+        super().__init__(loaded)
+        eager = loaded.spec.attn_implementation == "eager"
+        self.runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager)
+        self.embeddings = loaded.model.get_input_embeddings()
+
+    def prompt_embeddings(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        device = self.loaded.device
+        return [self.embeddings(torch.tensor(s.prepared.token_ids, device=device)) for s in seqs]
+
+    def remove(self, slot: int) -> None:
+        self.runner.remove(slot)
+
+    def clear(self) -> None:
+        self.runner.clear()

@@ -11,32 +11,32 @@ from __future__ import annotations
 import torch
 
 from model_server.loading import LoadedModel
-from model_server.methods.base import EngineMethod, Sequence
-from model_server.runner import DecoderRunner
+from model_server.methods.base import DecoderMethod, Sequence
 
 
-class GircseMethod(EngineMethod):
+def soft_tokens(causal_lm: torch.nn.Module, last_hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The soft-token step, shared by serving and the ICR trainer so the two cannot drift: final
+    hidden states [N, H] -> next input embeddings [N, H]. The softmax runs in fp32, or wider when
+    the logits are (fp64 exactness tests); the LM head sees only the rows given."""
+    logits = causal_lm.get_output_embeddings()(last_hidden)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    weight = causal_lm.get_input_embeddings().weight
+    return probs.to(weight.dtype) @ weight
+
+
+class GircseMethod(DecoderMethod):
     def __init__(self, loaded: LoadedModel, max_seqs: int) -> None:
-        super().__init__(loaded)
-        self.runner = DecoderRunner(loaded.model, max_seqs)
-        self.embeddings = loaded.model.get_input_embeddings()
+        super().__init__(loaded, max_seqs)
         self.temperature = loaded.spec.soft_token_temperature
         # The running sum is fp32 at least (fp64 when the model is, for exactness tests).
         self.sum_dtype = torch.promote_types(loaded.dtype, torch.float32)
 
-    def soft_tokens(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        """The soft-token step: final hidden states [N, H] -> next input embeddings [N, H]."""
-        logits = self.runner.logits(last_hidden)
-        probs = torch.softmax(logits.to(self.sum_dtype) / self.temperature, dim=-1)
-        return probs.to(self.embeddings.weight.dtype) @ self.embeddings.weight
-
     @torch.inference_mode()
     def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
         device = self.loaded.device
-        prompts = [self.embeddings(torch.tensor(s.prepared.token_ids, device=device)) for s in admitted]
         decoded, prefilled = self.runner.forward(
             torch.stack([s.pending for s in running]) if running else None,
-            prompts,
+            self.prompt_embeddings(admitted),
             [s.kv_tokens for s in admitted],
         )
         # Rows that need a next soft token: one lm_head + softmax + @E for all of them together.
@@ -55,12 +55,6 @@ class GircseMethod(EngineMethod):
             else:
                 need_next.append((seq, state))
         if need_next:
-            nexts = self.soft_tokens(torch.stack([state for _, state in need_next]))
+            nexts = soft_tokens(self.loaded.model, torch.stack([state for _, state in need_next]), self.temperature)
             for (seq, _), nxt in zip(need_next, nexts, strict=True):
                 seq.pending = nxt
-
-    def remove(self, slot: int) -> None:
-        self.runner.remove(slot)
-
-    def clear(self) -> None:
-        self.runner.clear()

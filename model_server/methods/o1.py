@@ -1,0 +1,99 @@
+"""O1 Embedder (arXiv 2502.07555): think first, then embed.
+
+A query `<query>{q}</query><thought>` is prefilled, then the model writes a thought of up to K
+hard tokens (K = `refinement_steps`), sampled with the spec's temperature and top-p (0 = greedy);
+EOS (unless the thought ended with one) and `<emb>` follow, and the embedding is `<emb>`'s
+final-layer state. Each token is a decode step of the engine over the sequence's KV cache, so
+the thought and the embedding pass continue from the prefill (no re-encode) and share passes
+with every other request. The research code decodes the thought to text and re-tokenizes it;
+feeding the sampled ids is the same sequence except where re-tokenization would merge tokens
+differently. Documents (`text<emb>`) and K = 0 queries (`prompt EOS <emb>`) take one pass.
+
+`n` thoughts per query are `n` sequences (the worker averages their vectors); sample i draws its
+uniforms from `default_rng([seed, i])`, so a vector depends on the request's seed, never on what
+else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model_server.loading import LoadedModel
+from model_server.methods.base import DecoderMethod, Sequence
+from model_server.specs import O1_EMB_TOKEN
+
+
+@dataclass
+class Thought:
+    """A query's generation state: what it sampled and what the next passes feed."""
+
+    rng: np.random.Generator
+    tokens: list[int] = field(default_factory=list)  # sampled so far (a final EOS included)
+    feed: list[int] = field(default_factory=list)  # inputs of the next passes, first one next
+    sampling: bool = True  # whether a pass whose feed is done samples the next token
+
+
+class O1Method(DecoderMethod):
+    def __init__(self, loaded: LoadedModel, max_seqs: int) -> None:
+        super().__init__(loaded, max_seqs)
+        spec, tokenizer = loaded.spec, loaded.tokenizer
+        self.temperature, self.top_p = spec.thought_temperature, spec.thought_top_p
+        self.eos = tokenizer.eos_token_id
+        self.emb = tokenizer.convert_tokens_to_ids(O1_EMB_TOKEN)
+        self.wide = torch.promote_types(loaded.dtype, torch.float32)  # softmax in fp32 or wider
+
+    @torch.inference_mode()
+    def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
+        device = self.loaded.device
+        inputs = None
+        if running:
+            inputs = self.embeddings(torch.tensor([s.state.feed.pop(0) for s in running], device=device))
+        decoded, prefilled = self.runner.forward(
+            inputs, self.prompt_embeddings(admitted), [s.kv_tokens for s in admitted]
+        )
+        # Rows whose next token is sampled: one lm_head over all of them together.
+        to_sample: list[tuple[Sequence, torch.Tensor]] = []
+        for seq, states in zip(admitted, prefilled, strict=True):
+            if seq.steps == 0:  # a document or K = 0: the prompt already ends with <emb>
+                self.finish(seq, states[-1])
+            else:
+                seq.state = Thought(np.random.default_rng([seq.prepared.seed, seq.prepared.sample]))
+                to_sample.append((seq, states[-1]))
+        for seq, state in zip(running, decoded if decoded is not None else [], strict=True):
+            thought: Thought = seq.state
+            if thought.feed:
+                continue  # EOS or <emb> is next: no logits needed
+            if thought.sampling:
+                to_sample.append((seq, state))
+            else:
+                self.finish(seq, state)  # the state of <emb>
+        if to_sample:
+            states = torch.stack([state for _, state in to_sample])
+            tokens = self.sample(states, [seq.state.rng for seq, _ in to_sample])
+            for (seq, _), token in zip(to_sample, tokens, strict=True):
+                self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Feed a sampled token next; close the thought at EOS or at K tokens."""
+        thought: Thought = seq.state
+        thought.tokens.append(token)
+        thought.feed.append(token)
+        if token == self.eos or len(thought.tokens) == seq.steps:
+            thought.sampling = False
+            thought.feed.extend([self.emb] if token == self.eos else [self.eos, self.emb])
+
+    def sample(self, hidden: torch.Tensor, rngs: list[np.random.Generator]) -> list[int]:
+        """Next tokens of rows [N, H]: greedy at temperature 0, else nucleus sampling by inverse
+        CDF over the probabilities in descending order, one uniform per row from its own rng."""
+        logits = self.runner.logits(hidden).to(self.wide)
+        if self.temperature == 0:
+            return logits.argmax(dim=-1).tolist()
+        probs, order = torch.softmax(logits / self.temperature, dim=-1).sort(dim=-1, descending=True)
+        # The nucleus: the most likely tokens until their mass reaches top_p (at least one).
+        kept = torch.where(probs.cumsum(dim=-1) - probs < self.top_p, probs, 0).cumsum(dim=-1)
+        draws = torch.tensor([rng.random() for rng in rngs], dtype=kept.dtype, device=kept.device)
+        index = torch.searchsorted(kept, draws[:, None] * kept[:, -1:], right=True).clamp_max(kept.shape[-1] - 1)
+        return order.gather(-1, index).squeeze(-1).tolist()

@@ -1,0 +1,101 @@
+"""DEBATER through the worker equals the research definition on the real backbone (float64)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from model_server.engine import EngineLimits
+from model_server.loading import load_model
+from model_server.prompts import ItemRejected, PromptBuilder
+from model_server.protocol import EmbedItem, EmbedRequest
+from model_server.serving import EmbeddingWorker
+from model_server.specs import load_spec
+from tests.models import cosine
+
+QUERY = "What is the boiling point of water?"
+DOCUMENT = "Water boils at 100 degrees Celsius at sea level."
+COD = [f"[CoD{i}]" for i in range(1, 9)]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(load_spec("smollm2-debater", dtype="float64"))
+
+
+@pytest.fixture(scope="module")
+def worker(loaded):
+    worker = EmbeddingWorker(loaded, EngineLimits())
+    worker.engine.start()
+    yield worker
+    worker.stop()
+
+
+@torch.no_grad()
+def last_state(model, ids: list[int]):
+    """The final-layer state of the last token, L2-normalised: the slow, obvious way."""
+    state = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1].double()
+    return (state / state.norm()).numpy()
+
+
+def _ids(loaded, text: str) -> list[int]:
+    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_float64_matches_from_scratch(loaded, worker):
+    # Written out here, not taken from the prompt code: `{instruction} {query}` EOS, and the
+    # document body followed by its first K deliberation tokens.
+    cod = loaded.tokenizer.convert_tokens_to_ids(COD)
+    assert cod == list(range(49152, 49160))
+    cases = [
+        (EmbedItem(text=QUERY), [*_ids(loaded, f"Query: {QUERY}"), loaded.tokenizer.eos_token_id]),
+        *(
+            (EmbedItem(text=DOCUMENT, input_type="document", steps=k), _ids(loaded, f"Document: {DOCUMENT}") + cod[:k])
+            for k in (8, 3, 1)
+        ),
+    ]
+    response = asyncio.run(worker.embed(EmbedRequest(items=[item for item, _ in cases])))
+    for row, (_, ids) in enumerate(cases):
+        assert response.results[row].prompt_tokens == len(ids)
+        assert 1 - cosine(response.vectors[row], last_state(loaded.model, ids)) <= 1e-10
+    assert [r.steps for r in response.results] == [0, 8, 3, 1]
+    assert 1 - cosine(response.vectors[1], response.vectors[2]) > 1e-6  # K changes the vector
+
+
+def test_k_selects_the_deliberation_tokens(loaded, worker):
+    cod = loaded.tokenizer.convert_tokens_to_ids(COD)
+    for k in range(1, 9):
+        ids = worker.method.prompts.prepare(EmbedItem(text=DOCUMENT, input_type="document", steps=k)).token_ids
+        assert ids[-k:] == cod[:k] and not set(ids[:-k]) & set(cod)
+    for k in (0, 9):
+        with pytest.raises(ItemRejected) as caught:
+            worker.method.prompts.prepare(EmbedItem(text=DOCUMENT, input_type="document", steps=k))
+        assert caught.value.error.code == "steps_out_of_range" and "1..8" in caught.value.error.message
+
+
+def test_long_document_is_cut_in_the_body_never_the_suffix(loaded):
+    spec = loaded.spec.model_copy(update={"max_input_tokens": 24})
+    worker = EmbeddingWorker(dataclasses.replace(loaded, spec=spec), EngineLimits())
+    worker.engine.start()
+    cod = loaded.tokenizer.convert_tokens_to_ids(COD)
+    body = " ".join([DOCUMENT] * 10)
+    try:
+        head = _ids(loaded, "Document: ")
+        for item, body_ids in (
+            (EmbedItem(text=body, input_type="document", steps=8), _ids(loaded, "Document: " + body)[:16]),
+            (EmbedItem(token_ids=_ids(loaded, body), input_type="document", steps=8), head + _ids(loaded, body)),
+        ):
+            prepared = worker.method.prompts.prepare(item)
+            ids = prepared.token_ids
+            assert prepared.truncated and ids == body_ids[:16] + cod
+        response = asyncio.run(worker.embed(EmbedRequest(items=[item])))
+        assert response.results[0].truncated
+        assert 1 - cosine(response.vectors[0], last_state(loaded.model, ids)) <= 1e-10
+        refused = PromptBuilder(spec, loaded.tokenizer, loaded.vocab_size)
+        with pytest.raises(ItemRejected, match="24"):
+            refused.prepare(EmbedItem(text=body, input_type="document", truncate=False))
+    finally:
+        worker.stop()
