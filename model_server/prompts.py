@@ -49,7 +49,8 @@ class PromptBuilder:
         self.spec = spec
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self._specials = tokenizer.num_special_tokens_to_add() if spec.add_special_tokens else 0
+        self._special_head, self._special_tail = self._special_frame() if spec.add_special_tokens else ([], [])
+        self._specials = len(self._special_head) + len(self._special_tail)
         if spec.method in ("o1", "debater") and tokenizer.eos_token_id is None:
             raise ValueError(f"method {spec.method!r} needs a tokenizer with an EOS token")
 
@@ -143,6 +144,16 @@ class PromptBuilder:
             token_ids=full["input_ids"], steps=0, truncated=truncated, token_type_ids=full.get("token_type_ids")
         )
 
+    def _special_frame(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before and after a text ([CLS] … [SEP], BOS …),
+        read off a probe, so token-id inputs get the same frame as text (any tokenizer class)."""
+        plain = self.tokenizer("probe", add_special_tokens=False)["input_ids"]
+        framed = self.tokenizer("probe", add_special_tokens=True)["input_ids"]
+        for start in range(len(framed) - len(plain) + 1):
+            if framed[start : start + len(plain)] == plain:
+                return framed[:start], framed[start + len(plain) :]
+        raise ValueError("cannot locate the text among the tokenizer's special tokens")
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=self.spec.add_special_tokens)["input_ids"]
 
@@ -193,7 +204,5 @@ class PromptBuilder:
         truncated = len(body) > room
         if truncated and not truncate:
             raise self._too_long(len(body) + frame)
-        ids = head + body[: max(room, 0)] + after
-        if self.spec.add_special_tokens:
-            ids = tok.build_inputs_with_special_tokens(ids)
+        ids = self._special_head + head + body[: max(room, 0)] + after + self._special_tail
         return ids + tail, truncated

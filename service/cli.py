@@ -1,10 +1,19 @@
-"""The `genembed` command: `worker` now; `gateway` and `serve` join it with the gateway."""
+"""The `genembed` command: `worker` (one model), `gateway` (the API in front of workers), and
+`serve` (both on one machine: a worker child process per model, then the gateway)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
+import socket
+import subprocess
 import sys
+import time
+
+from model_server.specs import DEFAULT_MODEL
+from service.settings import GatewaySettings
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +24,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16", "float64"])
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the spec's, else cuda when available)")
     p.add_argument("--max-running-seqs", type=int)
-    p.add_argument("--max-prefill-tokens", type=int)
+    p.add_argument("--max-batch-tokens", type=int)
     p.add_argument("--max-kv-tokens", type=int)
     p.add_argument("--max-waiting-seqs", type=int)
     p.add_argument("--log-level")
@@ -53,10 +62,154 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gateway_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `gateway` and `serve`; every other setting is a GENEMBED_* variable."""
+    p.add_argument("--host", help="default 127.0.0.1")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--redis-url", help="cache in Redis (redis://, rediss://); default: in memory")
+    p.add_argument("--api-keys-file", help="accepted API keys, one per line")
+    p.add_argument("--request-timeout-s", type=float, help="deadline of one request (default 30)")
+    p.add_argument("--log-level")
+
+
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gateway", help="run the OpenAI-compatible gateway in front of running workers")
+    p.add_argument(
+        "--worker",
+        dest="workers",
+        action="append",
+        metavar="MODEL=URL",
+        help="repeatable; MODEL is the name clients send",
+    )
+    _add_gateway_flags(p)
+    p.set_defaults(run=run_gateway)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start a worker per --model and the gateway in front of them")
+    p.add_argument(
+        "--model", dest="models", action="append", metavar="SPEC", help=f"repeatable (default {DEFAULT_MODEL})"
+    )
+    p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for the workers to load")
+    _add_gateway_flags(p)
+    p.set_defaults(run=run_serve)
+
+
+def _gateway_settings(args: argparse.Namespace, **extra: object) -> GatewaySettings:
+    skip = ("run", "command", "models", "ready_timeout")
+    flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    return GatewaySettings(**flags, **extra)
+
+
+def _run_gateway(settings: GatewaySettings) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per worker call and probe
+    try:
+        app = create_app(settings)
+    except (ValueError, OSError) as exc:  # bad --worker entries, unreadable keys file
+        print(f"genembed gateway: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    return _run_gateway(_gateway_settings(args))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
+    """Poll the worker's /ready; returns the served model id from /info. Raises RuntimeError."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker for {url} exited with status {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return httpx.get(f"{url}/info", timeout=5).json()["id"]
+        time.sleep(0.25)
+    raise RuntimeError(f"the worker at {url} was not ready after {timeout:g} s")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    def interrupted(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, interrupted)  # uvicorn takes it over while serving, then re-raises it
+    procs: list[subprocess.Popen] = []
+    try:
+        workers = []
+        for model in args.models or [DEFAULT_MODEL]:
+            port = _free_port()
+            cmd = [sys.executable, "-m", "service.cli", "worker", "--model", model, "--host", "127.0.0.1"]
+            procs.append(subprocess.Popen([*cmd, "--port", str(port)]))  # GENEMBED_WORKER_* pass through
+            workers.append(f"http://127.0.0.1:{port}")
+        named = [
+            f"{_wait_ready(url, proc, args.ready_timeout)}={url}" for url, proc in zip(workers, procs, strict=True)
+        ]
+        return _run_gateway(_gateway_settings(args, workers=named))
+    except RuntimeError as exc:
+        print(f"genembed serve: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        _stop(procs)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from model_server.training.config import add_train_arguments
+
+    p = sub.add_parser("train", help="train a gircse LoRA adapter with ICR (docs/training.md)")
+    add_train_arguments(p)
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from model_server.loading import ModelLoadError
+    from model_server.training.config import config_from_args
+    from model_server.training.icr import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        adapter = train(config_from_args(args))
+    except (ValueError, ModelLoadError) as exc:  # bad settings, a run that cannot resume, missing weights
+        print(f"genembed train: {exc}", file=sys.stderr)
+        return 2
+    print(f'adapter: {adapter}  (a spec loads it with adapter = "{adapter}")')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genembed", description="Serve generative text embeddings.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_worker(sub)
+    _add_gateway(sub)
+    _add_serve(sub)
+    _add_train(sub)
     return parser
 
 

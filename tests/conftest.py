@@ -19,3 +19,6 @@ def minilm_worker(tmp_path_factory) -> str:
     """Base URL of a `genembed worker --model minilm-l6`."""
     with worker_process("minilm-l6", tmp_path_factory.mktemp("minilm")) as (url, _):
         yield url
+
+
+pytest_plugins = ("tests.gateway_fixtures",)

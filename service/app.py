@@ -1,0 +1,273 @@
+"""The gateway's HTTP layer: validate, translate, and hand over to the Embedder. No policy lives here.
+
+Routes: POST /v1/embeddings, GET /v1/models[/{id}], /health, /ready, /metrics, /docs.
+Every error leaves in OpenAI's shape, FastAPI's own 404/405/422 included (422 becomes 400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model_server.protocol import REQUEST_ID_HEADER
+from service.auth import ApiKeys
+from service.cache import build_cache
+from service.embedder import Embedder, EmbedOptions
+from service.metrics import GatewayMetrics
+from service.openai_api import (
+    ApiError,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    InvalidRequest,
+    ModelCard,
+    ModelList,
+    PayloadTooLarge,
+    apply_dimensions,
+    error_response,
+    render_embeddings,
+)
+from service.refine.routes import refine_router
+from service.settings import GatewaySettings
+from service.workers import WorkerClient, WorkerPool
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The caller went away before its answer was ready."""
+
+
+class RequestContext:
+    """ASGI middleware: request id, the body-size limit, the in-flight gauge and the duration histogram."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        declared = int(headers.get(b"content-length", b"0") or 0)
+        received = 0
+        status = 500
+        limit = self.max_body_bytes
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if declared > limit or received > limit:  # raised inside body parsing: becomes the 413 answer
+                raise HTTPException(413, f"the request body is larger than the {limit}-byte limit")
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.metrics.request_seconds.labels(endpoint, state.get("model", ""), str(status)).observe(
+                time.perf_counter() - started
+            )
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (its queued and running inputs are freed)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # its coalescer wait releases the inputs as the cancellation lands
+    if not task.done():
+        raise ClientDisconnected
+    return task.result()
+
+
+def _validation_error(errors: Sequence[Any]) -> InvalidRequest:
+    """The first pydantic error as one OpenAI-style message naming the field."""
+    error: dict[str, Any] = errors[0]
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
+    if error.get("type") == "extra_forbidden":
+        return InvalidRequest(f"unrecognized request argument supplied: {loc[0]}", param=loc[0])
+    if error.get("type") == "json_invalid":
+        return InvalidRequest(f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)}")
+    if error.get("type") == "value_error":  # our own validators' messages say it all
+        return InvalidRequest(message, param=loc[0] if loc else None)
+    if loc and loc[0] == "input":
+        message = "input must be a string, a list of strings, a list of token ids, or a list of token-id lists"
+        return InvalidRequest(message, param="input")
+    if not loc:
+        return InvalidRequest(f"the body must be a JSON object with the fields of an embeddings request: {message}")
+    return InvalidRequest(f"{'.'.join(loc)}: {message}", param=loc[0])
+
+
+def _model_card(name: str, worker: WorkerClient) -> ModelCard:
+    info = worker.info
+    if info is None:
+        return ModelCard(id=name, ready=False)
+    return ModelCard(
+        id=name,
+        ready=worker.ready,
+        served_model=info.id,
+        revision=info.revision,
+        method=info.method,
+        dimension=info.dimension,
+        min_refinement_steps=info.min_refinement_steps,
+        max_refinement_steps=info.max_refinement_steps,
+        default_refinement_steps=info.default_refinement_steps,
+        max_input_tokens=info.max_input_tokens,
+    )
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    """Raises ValueError on bad worker entries or an unreadable keys file."""
+    metrics = GatewayMetrics()
+    pool = WorkerPool(settings)
+    cache = build_cache(settings, metrics)
+    embedder = Embedder(pool, cache, settings, metrics)
+    auth = ApiKeys(settings.all_api_keys())
+    metrics_auth = [Depends(auth)] if settings.metrics_require_auth else []
+    request_schema = EmbeddingRequest.model_json_schema()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await pool.start()
+        embedder.start()
+        yield
+        await embedder.aclose()
+        await pool.aclose()
+        await cache.aclose()
+
+    app = FastAPI(
+        title="genembed gateway",
+        description="OpenAI-compatible embeddings for generative embedding models",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> Response:
+        metrics.rejections.labels(exc.code or exc.type).inc()
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        return await api_error(request, _validation_error(exc.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 413:
+            return await api_error(request, PayloadTooLarge(str(exc.detail)))
+        error = ApiError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        error.status, error.type = exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return await api_error(request, error)
+
+    @app.exception_handler(ClientDisconnected)
+    async def gone(_: Request, __: ClientDisconnected) -> Response:
+        metrics.rejections.labels("client_disconnected").inc()
+        return Response(status_code=499)
+
+    @app.post(
+        "/v1/embeddings",
+        response_model=EmbeddingResponse,
+        dependencies=[Depends(auth)],
+        summary="Create embeddings (OpenAI-compatible, with genembed's extensions)",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}}},
+    )
+    async def embeddings(request: Request) -> Response:
+        # Parsed by pydantic-core straight from the bytes, whatever the content type says (curl -d sends a form's).
+        try:
+            body = EmbeddingRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise _validation_error(exc.errors()) from None
+        inputs = body.inputs()
+        if len(inputs) > settings.max_inputs:
+            raise PayloadTooLarge(f"{len(inputs)} inputs; at most {settings.max_inputs} per request", param="input")
+        info = embedder.model_info(body.model)
+        request.state.model = body.model
+        if body.dimensions is not None and body.dimensions > info.dimension:
+            raise InvalidRequest(
+                f"dimensions={body.dimensions} is larger than the {info.dimension} dimensions of model {body.model!r}",
+                param="dimensions",
+            )
+        options = EmbedOptions(
+            body.refinement_steps, body.input_type, body.instruction, body.truncate, body.seed, body.samples
+        )
+        result = await _unless_disconnected(
+            request, embedder.embed(body.model, inputs, options, request.state.request_id)
+        )
+        headers = {
+            "x-queue-time": f"{result.queue_s * 1000:.2f}",
+            "x-compute-time": f"{result.compute_s * 1000:.2f}",
+            "x-cache": result.cache,
+        }
+        vectors = apply_dimensions(result.vectors, body.dimensions)
+        return render_embeddings(vectors, body.model, result.prompt_tokens, body.encoding_format, headers)
+
+    app.include_router(refine_router(settings, embedder), dependencies=[Depends(auth)])
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth)])
+    async def models() -> ModelList:
+        return ModelList(data=[_model_card(name, w) for name, w in pool.workers.items()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=[Depends(auth)])
+    async def model(model: str) -> ModelCard:
+        return _model_card(model, pool.get(model))
+
+    @app.get("/health", summary="liveness: the gateway process answers")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready", summary="readiness: every worker is ready")
+    async def ready() -> JSONResponse:
+        workers = {name: w.ready for name, w in pool.workers.items()}
+        status = 200 if all(workers.values()) else 503
+        return JSONResponse({"status": "ready" if status == 200 else "not ready", "workers": workers}, status)
+
+    @app.get("/metrics", dependencies=metrics_auth)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

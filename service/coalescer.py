@@ -1,0 +1,351 @@
+"""Micro-batching of concurrent requests into worker calls, with admission control. The batching policy lives here.
+
+Every distinct input in flight is one *slot*, keyed by its cache key: identical inputs of
+concurrent callers share a slot and are computed once. Slots queue FIFO; a dispatcher takes them
+into worker calls bounded by items and estimated tokens, at most `max_concurrent_calls` at a time.
+When the worker is idle a call leaves at once (no added latency); while calls are in flight the
+dispatcher waits up to `max_wait` for a fuller batch. A large request simply contributes many slots,
+so it is split across calls and interleaved with others. Each caller gets its own results in order.
+
+A caller that leaves (deadline or client disconnect) releases its slots: a queued slot nobody waits
+for is skipped, and a call whose every slot is abandoned is cancelled, which closes its connection
+so the worker drops the work.
+
+Admission: the coalescer learns the worker's throughput (estimated cost units per busy second, an
+EWMA over completed calls) and refuses at once with 429 + Retry-After any request that would not
+finish within the deadline behind the work already accepted. Until the first call completes it
+admits at most one round of calls. A request arriving while nothing is pending is always accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from model_server.protocol import EmbedItem, EmbedRequest, ItemError
+from service.metrics import GatewayMetrics
+from service.openai_api import ApiError, DeadlineExceeded, Overloaded
+from service.settings import GatewaySettings
+from service.workers import WorkerClient
+
+# Accept work only if it is expected to finish within this share of the deadline (estimates are rough).
+_DEADLINE_SHARE = 0.5
+_MAX_RETRY_AFTER_S = 60
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoalescerLimits:
+    max_items: int
+    max_tokens: int
+    max_wait_s: float
+    max_concurrent_calls: int
+    max_queued_items: int
+    step_cost_tokens: float
+    deadline_s: float
+
+    @classmethod
+    def from_settings(cls, s: GatewaySettings) -> CoalescerLimits:
+        return cls(
+            max_items=s.batch_max_items,
+            max_tokens=s.batch_max_tokens,
+            max_wait_s=s.batch_max_wait_ms / 1000,
+            max_concurrent_calls=s.max_concurrent_calls,
+            max_queued_items=s.max_queued_items,
+            step_cost_tokens=s.step_cost_tokens,
+            deadline_s=s.request_timeout_s,
+        )
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    key: bytes  # identity: equal keys are computed once
+    item: EmbedItem  # steps resolved
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    vector: np.ndarray | None  # None when the worker rejected the item
+    prompt_tokens: int
+    truncated: bool
+    error: ItemError | None
+
+
+@dataclass
+class Coalesced:
+    outcomes: list[ItemOutcome]  # in the caller's order
+    queue_s: float  # longest wait of the caller's inputs before their worker call
+    compute_s: float  # from the caller's first worker call leaving to its last one answering
+
+
+@dataclass(eq=False)
+class _Call:
+    live: int  # its slots someone still waits for
+    task: asyncio.Task | None = None
+
+
+@dataclass(eq=False)
+class _Slot:
+    key: bytes
+    item: EmbedItem
+    request_id: str  # of the caller that brought it
+    tokens: int  # estimated prompt tokens
+    cost: float
+    future: asyncio.Future
+    created_at: float
+    waiters: int = 0
+    active: bool = True  # counted in the pending totals; False once answered or abandoned
+    call: _Call | None = None
+    dispatched_at: float | None = None
+    finished_at: float | None = None
+
+
+class _Throughput:
+    """Cost units the worker completes per second while at least one call is in flight (EWMA)."""
+
+    def __init__(self, alpha: float = 0.3, min_sample_s: float = 0.1) -> None:
+        self.value: float | None = None
+        self._alpha = alpha
+        self._min_sample_s = min_sample_s
+        self._in_flight = 0
+        self._mark = 0.0
+        self._busy_s = 0.0
+        self._done = 0.0
+
+    def call_started(self, now: float) -> None:
+        if self._in_flight == 0:
+            self._mark = now
+        self._in_flight += 1
+
+    def call_finished(self, now: float, cost: float | None) -> None:
+        """`cost` of a completed call; None for one that failed or was cancelled (the sample is discarded)."""
+        self._busy_s += now - self._mark
+        self._mark = now
+        self._in_flight -= 1
+        if cost is None:
+            self._busy_s = self._done = 0.0
+            return
+        self._done += cost
+        if self._busy_s >= self._min_sample_s or (self._in_flight == 0 and self._busy_s > 0):
+            sample = self._done / self._busy_s
+            self.value = sample if self.value is None else self._alpha * sample + (1 - self._alpha) * self.value
+            self._busy_s = self._done = 0.0
+
+
+def _mark_seen(future: asyncio.Future) -> None:
+    """Every waiter may have left before a slot's exception was set: keep asyncio from warning."""
+    if not future.cancelled():
+        future.exception()
+
+
+class Coalescer:
+    """One per model, in front of its worker."""
+
+    def __init__(self, model: str, worker: WorkerClient, limits: CoalescerLimits, metrics: GatewayMetrics) -> None:
+        self.model = model
+        self.worker = worker
+        self.limits = limits
+        self.metrics = metrics
+        self._slots: dict[bytes, _Slot] = {}  # active slots, queued or in a call
+        self._queue: deque[_Slot] = deque()  # may hold abandoned slots, skipped when taken
+        self._queued = 0  # active slots in the queue
+        self._pending_cost = 0.0  # of active slots
+        self._calls: set[asyncio.Task] = set()
+        self._call_slots = asyncio.Semaphore(limits.max_concurrent_calls)
+        self._wakeup = asyncio.Event()
+        self._throughput = _Throughput()
+        self._dispatcher: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._dispatcher = asyncio.create_task(self._dispatch_loop())
+
+    async def aclose(self) -> None:
+        tasks = [t for t in (self._dispatcher, *self._calls) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- callers ----------------------------------------------------------------------------------
+
+    async def embed(self, work: list[WorkItem], deadline: float, request_id: str) -> Coalesced:
+        """Results for `work` in order; `deadline` is in loop time. Raises Overloaded, DeadlineExceeded
+        or the ApiError of a failed worker call."""
+        if not self.worker.ready:
+            raise self.worker.unavailable()
+        loop = asyncio.get_running_loop()
+        submitted = loop.time()
+        fresh: dict[bytes, _Slot] = {}
+        for w in work:
+            if w.key not in self._slots and w.key not in fresh:
+                fresh[w.key] = self._new_slot(w, request_id, submitted)
+        self._admit(list(fresh.values()))
+        for slot in fresh.values():
+            self._slots[slot.key] = slot
+            self._queue.append(slot)
+            self._pending_cost += slot.cost
+        self._queued += len(fresh)
+        self.metrics.queued_items.labels(self.model).set(len(self._slots))
+        self._wakeup.set()
+        slots = [self._slots[w.key] for w in work]
+        for slot in slots:
+            slot.waiters += 1
+        try:
+            _, pending = await asyncio.wait(
+                {s.future for s in slots}, timeout=max(deadline - loop.time(), 0), return_when=asyncio.FIRST_EXCEPTION
+            )
+        finally:
+            for slot in slots:
+                self._release(slot)
+        failed = next((s.future.exception() for s in slots if s.future.done() and s.future.exception()), None)
+        if failed is not None:
+            raise failed
+        if pending:
+            raise DeadlineExceeded(f"the request did not finish within its {self.limits.deadline_s:g} s deadline")
+        dispatched = [max(s.dispatched_at or submitted, submitted) for s in slots]
+        return Coalesced(
+            outcomes=[s.future.result() for s in slots],
+            queue_s=max(dispatched) - submitted,
+            compute_s=max(s.finished_at or submitted for s in slots) - min(dispatched),
+        )
+
+    def _new_slot(self, work: WorkItem, request_id: str, now: float) -> _Slot:
+        item = work.item
+        tokens = len(item.token_ids) if item.token_ids is not None else len((item.text or "").encode()) // 3 + 1
+        info = self.worker.info
+        if info is not None and item.truncate:
+            tokens = min(tokens, info.max_input_tokens)
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_mark_seen)
+        cost = tokens + (item.steps or 0) * self.limits.step_cost_tokens
+        return _Slot(work.key, item, request_id, tokens, cost, future, created_at=now)
+
+    def _admit(self, fresh: list[_Slot]) -> None:
+        """Raise Overloaded unless the new work can finish within the deadline behind what is pending."""
+        if not fresh or not self._slots:
+            return
+        limits, pending = self.limits, len(self._slots)
+        rate = self._throughput.value
+        wait_s = (self._pending_cost + sum(s.cost for s in fresh)) / rate if rate else 1.0
+        if pending + len(fresh) > limits.max_queued_items:
+            raise self._overloaded(f"{pending} inputs are already queued", wait_s)
+        if rate is None:  # nothing measured yet: one round of calls
+            if pending + len(fresh) > limits.max_items * limits.max_concurrent_calls:
+                raise self._overloaded("the worker is warming up", wait_s)
+        elif wait_s > limits.deadline_s * _DEADLINE_SHARE:
+            raise self._overloaded(
+                f"about {wait_s:.1f} s of work is ahead, more than the {limits.deadline_s:g} s deadline allows",
+                wait_s - limits.deadline_s * _DEADLINE_SHARE,
+            )
+
+    def _overloaded(self, why: str, wait_s: float) -> Overloaded:
+        retry_after = min(max(1, math.ceil(wait_s)), _MAX_RETRY_AFTER_S)
+        return Overloaded(
+            f"model {self.model!r} is overloaded ({why}); retry after {retry_after} s", retry_after=retry_after
+        )
+
+    def _release(self, slot: _Slot) -> None:
+        slot.waiters -= 1
+        if slot.waiters > 0 or not slot.active:
+            return
+        self._retire(slot)  # abandoned: nobody waits for it any more
+        if slot.call is None:
+            self._queued -= 1
+        else:
+            slot.call.live -= 1
+            if slot.call.live == 0 and slot.call.task is not None:
+                slot.call.task.cancel()
+
+    def _retire(self, slot: _Slot) -> None:
+        slot.active = False
+        self._pending_cost -= slot.cost
+        if self._slots.get(slot.key) is slot:
+            del self._slots[slot.key]
+        self.metrics.queued_items.labels(self.model).set(len(self._slots))
+
+    # -- dispatcher -------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        limits = self.limits
+        while True:
+            if self._queued == 0:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._call_slots.acquire()
+            if self._calls and self._queued < limits.max_items and limits.max_wait_s > 0:
+                await asyncio.sleep(limits.max_wait_s)  # the worker is busy anyway: let the batch fill
+            batch = self._take()
+            if not batch:
+                self._call_slots.release()
+                continue
+            self._dispatch(batch)
+
+    def _take(self) -> list[_Slot]:
+        batch: list[_Slot] = []
+        tokens = 0
+        while self._queue and len(batch) < self.limits.max_items:
+            slot = self._queue[0]
+            if not slot.active:
+                self._queue.popleft()
+                continue
+            if batch and tokens + slot.tokens > self.limits.max_tokens:
+                break
+            self._queue.popleft()
+            batch.append(slot)
+            tokens += slot.tokens
+        self._queued -= len(batch)
+        return batch
+
+    def _dispatch(self, batch: list[_Slot]) -> None:
+        now = asyncio.get_running_loop().time()
+        call = _Call(live=len(batch))
+        for slot in batch:
+            slot.call, slot.dispatched_at = call, now
+            self.metrics.queue_seconds.labels(self.model).observe(now - slot.created_at)
+        self.metrics.batch_items.labels(self.model).observe(len(batch))
+        self._throughput.call_started(now)
+        request_ids = ",".join(dict.fromkeys(s.request_id for s in batch))
+        call.task = asyncio.create_task(self._run_call(batch, EmbedRequest([s.item for s in batch], request_ids)))
+        self._calls.add(call.task)
+        call.task.add_done_callback(lambda task: self._call_done(batch, now, task))
+
+    async def _run_call(self, batch: list[_Slot], request: EmbedRequest) -> str:
+        """Resolve every slot of the call; returns the outcome label."""
+        try:
+            response = await self.worker.embed(request)
+            if len(response.results) != len(batch):
+                raise ApiError(f"the worker for model {self.model!r} answered {len(response.results)} of {len(batch)}")
+        except ApiError as exc:
+            for slot in batch:
+                slot.future.set_exception(exc)
+            return exc.code or "error"
+        for slot, result, vector in zip(batch, response.results, response.vector_for(), strict=True):
+            slot.future.set_result(ItemOutcome(vector, result.prompt_tokens, result.truncated, result.error))
+        return "ok"
+
+    def _call_done(self, batch: list[_Slot], started: float, task: asyncio.Task) -> None:
+        """Runs however the call ended, even cancelled before it started: frees its slots and its place."""
+        now = asyncio.get_running_loop().time()
+        self._calls.discard(task)
+        self._call_slots.release()
+        if task.cancelled():
+            outcome = "cancelled"
+        elif task.exception() is not None:
+            outcome = "error"
+            log.error("worker call for %s failed", self.model, exc_info=task.exception())
+        else:
+            outcome = task.result()
+        for slot in batch:
+            slot.finished_at = now
+            if not slot.future.done():
+                slot.future.set_exception(ApiError(f"the worker call for model {self.model!r} failed"))
+            if slot.active:
+                self._retire(slot)
+        self._throughput.call_finished(now, sum(s.cost for s in batch) if outcome == "ok" else None)
+        self.metrics.worker_call_seconds.labels(self.model, outcome).observe(now - started)

@@ -1,0 +1,165 @@
+"""The gateway's core without HTTP: check inputs against the worker's /info, serve hits from the cache,
+send the misses through the model's coalescer, and store what comes back.
+
+Vectors come out as the worker computed them (full dimension, float32); `dimensions` and the
+encoding are the HTTP layer's business, so the cache holds one entry per input whatever they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from model_server.protocol import (
+    INTERNAL_ERROR,
+    STEPS_OUT_OF_RANGE,
+    TOKEN_OUT_OF_VOCAB,
+    EmbedItem,
+    InputType,
+    ItemError,
+    ModelInfo,
+)
+from service.cache import CachedEmbedding, EmbeddingCache, cache_key
+from service.coalescer import Coalescer, CoalescerLimits, WorkItem
+from service.metrics import GatewayMetrics
+from service.openai_api import ApiError, InvalidRequest
+from service.settings import GatewaySettings
+from service.workers import WorkerPool
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    refinement_steps: int | None = None  # None: the model's default
+    input_type: InputType = "query"
+    instruction: str | None = None  # None: the model's default
+    truncate: bool = True
+    seed: int | None = None  # o1 thoughts; None: the worker's default seed
+    samples: int | None = None  # o1 thoughts per input; None: the model's default
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray  # (inputs, the model's dimension), float32
+    prompt_tokens: int
+    cache: Literal["hit", "miss", "partial"]
+    queue_s: float
+    compute_s: float
+
+
+class Embedder:
+    def __init__(
+        self, pool: WorkerPool, cache: EmbeddingCache, settings: GatewaySettings, metrics: GatewayMetrics
+    ) -> None:
+        self.pool = pool
+        self.cache = cache
+        self.metrics = metrics
+        limits = CoalescerLimits.from_settings(settings)
+        self.coalescers = {name: Coalescer(name, w, limits, metrics) for name, w in pool.workers.items()}
+        self._timeout_s = settings.request_timeout_s
+        self._writes: set[asyncio.Task] = set()  # cache stores run after the response
+
+    def start(self) -> None:
+        for coalescer in self.coalescers.values():
+            coalescer.start()
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self.coalescers.values()), *self._writes)
+
+    def model_info(self, model: str) -> ModelInfo:
+        """The serving worker's last /info; raises ModelNotFound (404), or Unavailable (503) before the first.
+
+        A worker that is down keeps its last info, so requests it would answer from the cache still succeed;
+        the coalescer refuses the rest at once.
+        """
+        worker = self.pool.get(model)
+        if worker.info is None:
+            raise worker.unavailable()
+        return worker.info
+
+    async def embed(
+        self, model: str, inputs: list[str | list[int]], options: EmbedOptions, request_id: str
+    ) -> Embeddings:
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        info = self.model_info(model)
+        items = self._items(model, info, inputs, options)
+        keys = [cache_key(info, item) for item in items]
+        found = await self.cache.get_many(keys)
+        # A vector cut by truncation must not answer a request that forbids truncation.
+        results = [c if c is not None and (options.truncate or not c.truncated) else None for c in found]
+        misses = [i for i, r in enumerate(results) if r is None]
+        self.metrics.cache_items.labels("hit").inc(len(items) - len(misses))
+        self.metrics.cache_items.labels("miss").inc(len(misses))
+        queue_s = compute_s = 0.0
+        if misses:
+            work = [WorkItem(keys[i], items[i]) for i in misses]
+            coalesced = await self.coalescers[model].embed(work, deadline, request_id)
+            queue_s, compute_s = coalesced.queue_s, coalesced.compute_s
+            fresh: dict[bytes, CachedEmbedding] = {}
+            failure: ApiError | None = None
+            for i, outcome in zip(misses, coalesced.outcomes, strict=True):
+                if outcome.error is not None:
+                    failure = failure or _item_error(i, len(items), outcome.error)
+                    continue
+                results[i] = fresh[keys[i]] = CachedEmbedding(outcome.vector, outcome.prompt_tokens, outcome.truncated)
+            if fresh:
+                task = asyncio.create_task(self.cache.put_many(fresh))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
+            if failure is not None:
+                raise failure
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        self.metrics.input_tokens.labels(model).inc(prompt_tokens)
+        self.metrics.refinement_steps.labels(model).observe(items[0].steps or 0)
+        return Embeddings(
+            vectors=np.stack([r.vector for r in results]),
+            prompt_tokens=prompt_tokens,
+            cache="miss" if len(misses) == len(items) else "partial" if misses else "hit",
+            queue_s=queue_s,
+            compute_s=compute_s,
+        )
+
+    @staticmethod
+    def _items(model: str, info: ModelInfo, inputs: list[str | list[int]], options: EmbedOptions) -> list[EmbedItem]:
+        """Resolve K and reject what the worker would (early: no queue place, no worker round trip)."""
+        steps = info.default_refinement_steps if options.refinement_steps is None else options.refinement_steps
+        if not info.min_refinement_steps <= steps <= info.max_refinement_steps:
+            raise InvalidRequest(
+                f"refinement_steps={steps} is outside the range model {model!r} accepts: "
+                f"{info.min_refinement_steps}..{info.max_refinement_steps}",
+                param="refinement_steps",
+                code=STEPS_OUT_OF_RANGE,
+            )
+        items = []
+        for i, value in enumerate(inputs):
+            text = value if isinstance(value, str) else None
+            if text is None and (min(value) < 0 or max(value) >= info.vocab_size):
+                bad = next(t for t in value if not 0 <= t < info.vocab_size)
+                raise InvalidRequest(
+                    f"input[{i}]: token id {bad} is outside the vocabulary of model {model!r} "
+                    f"(0..{info.vocab_size - 1})",
+                    param="input",
+                    code=TOKEN_OUT_OF_VOCAB,
+                )
+            items.append(
+                EmbedItem(
+                    text=text,
+                    token_ids=None if text is not None else value,  # type: ignore[arg-type]
+                    input_type=options.input_type,
+                    instruction=options.instruction,
+                    steps=steps,
+                    truncate=options.truncate,
+                    seed=options.seed,
+                    samples=options.samples,
+                )
+            )
+        return items
+
+
+def _item_error(index: int, count: int, error: ItemError) -> ApiError:
+    message = f"input[{index}]: {error.message}" if count > 1 else error.message
+    if error.code == INTERNAL_ERROR:
+        return ApiError(message, code=error.code)
+    return InvalidRequest(message, param=error.param, code=error.code)

@@ -1,0 +1,60 @@
+"""The gateway's Prometheus metrics, on a registry of its own (tests run several gateways per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_STEPS = (0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        reg = self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            "genembed_gateway_request_seconds",
+            "HTTP request duration",
+            ["endpoint", "model", "status"],
+            buckets=_SECONDS,
+            registry=reg,
+        )
+        self.in_flight = Gauge("genembed_gateway_in_flight_requests", "HTTP requests being served", registry=reg)
+        self.rejections = Counter(
+            "genembed_gateway_rejections", "Requests answered with an error, by error code", ["reason"], registry=reg
+        )
+        self.queue_seconds = Histogram(
+            "genembed_gateway_queue_seconds",
+            "Time an input waited in the gateway before its worker call",
+            ["model"],
+            buckets=_SECONDS,
+            registry=reg,
+        )
+        self.worker_call_seconds = Histogram(
+            "genembed_gateway_worker_call_seconds",
+            "Duration of one worker /embed call",
+            ["model", "outcome"],
+            buckets=_SECONDS,
+            registry=reg,
+        )
+        self.batch_items = Histogram(
+            "genembed_gateway_batch_items", "Inputs in one worker call", ["model"], buckets=_SIZES, registry=reg
+        )
+        self.queued_items = Gauge(
+            "genembed_gateway_queued_items", "Distinct inputs queued or in flight", ["model"], registry=reg
+        )
+        self.input_tokens = Counter(
+            "genembed_gateway_input_tokens", "Prompt tokens of answered inputs", ["model"], registry=reg
+        )
+        self.refinement_steps = Histogram(
+            "genembed_gateway_refinement_steps", "K of each input", ["model"], buckets=_STEPS, registry=reg
+        )
+        self.cache_items = Counter(
+            "genembed_gateway_cache_items", "Cache lookups per input, by result (hit/miss)", ["result"], registry=reg
+        )
+        self.cache_errors = Counter(
+            "genembed_gateway_cache_errors", "Cache operations that failed or timed out", ["op"], registry=reg
+        )
+        self.cache_available = Gauge(
+            "genembed_gateway_cache_available", "1 while the cache backend answers, 0 during an outage", registry=reg
+        )

@@ -1,0 +1,205 @@
+"""The teachers that score a sample of candidates for one query: an LLM judge, a cross-encoder worker, a second
+embedding model, or the caller's labels.
+
+A document a teacher could not score is reported with its error and left out of the optimisation (never given
+a made-up score). When too many fail the request fails: 504 if they all timed out, 502 otherwise.
+LLM and cross-encoder scores are cached in the gateway's embedding cache (Redis when configured) under their
+own key prefix, as one-value vectors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from model_server.protocol import EmbedItem
+from service.cache import CachedEmbedding, EmbeddingCache
+from service.coalescer import WorkItem
+from service.embedder import Embedder, EmbedOptions
+from service.openai_api import DeadlineExceeded, InvalidRequest
+from service.refine import llm
+from service.refine.api import Teacher, TeacherError, TeacherFailed
+from service.refine.llm import CallError, ChatClient
+from service.refine.optimizer import cosines, unit_rows
+from service.settings import GatewaySettings
+
+_SCORE_KEY_PREFIX = b"genembed:score:v1:"
+
+
+@dataclass
+class TeacherScores:
+    """Scores for the sampled documents, in sample order; None where the teacher failed."""
+
+    scores: list[float | None]
+    errors: list[TeacherError] = field(default_factory=list)
+    calls: int = 0
+    cache_hits: int = 0
+
+
+def _score_key(*identity: object) -> bytes:
+    return _SCORE_KEY_PREFIX + hashlib.blake2b(msgpack.packb(identity), digest_size=20).digest()
+
+
+def _text_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+class ScoreCache:
+    """Teacher scores in the embedding cache: same backend, TTL and fail-open behaviour, another key space."""
+
+    def __init__(self, cache: EmbeddingCache) -> None:
+        self._cache = cache
+
+    async def get(self, keys: list[bytes]) -> list[float | None]:
+        found = await self._cache.get_many(keys)
+        return [float(hit.vector[0]) if hit is not None else None for hit in found]
+
+    async def put(self, scores: dict[bytes, float]) -> None:
+        if scores:
+            entries = {k: CachedEmbedding(np.array([s], np.float32), 0, False) for k, s in scores.items()}
+            await self._cache.put_many(entries)
+
+
+class Teachers:
+    """Scores a sample with the teacher a request names; holds the judge client for the gateway's lifetime."""
+
+    def __init__(self, settings: GatewaySettings, embedder: Embedder) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.cache = ScoreCache(embedder.cache)
+        key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
+        self.chat = ChatClient(settings.judge_url, key, settings.teacher_max_retries) if settings.judge_url else None
+
+    async def aclose(self) -> None:
+        if self.chat is not None:
+            await self.chat.aclose()
+
+    def chat_model(self, requested: str | None, purpose: str) -> tuple[ChatClient, str]:
+        """The judge client and the model to ask; a 400 naming the missing setting when there is none."""
+        if self.chat is None:
+            raise InvalidRequest(f"{purpose} needs an LLM: set GENEMBED_JUDGE_URL on the gateway", param="teacher")
+        model = requested or self.settings.judge_model
+        if not model:
+            raise InvalidRequest(f"{purpose} needs a model name: send one or set GENEMBED_JUDGE_MODEL", param="model")
+        return self.chat, model
+
+    async def score(
+        self,
+        teacher: Teacher,
+        query: str,
+        instruction: str | None,
+        ids: list[str],
+        texts: list[str | None],
+        seed: int,
+        request_id: str,
+        budget_s: float,
+    ) -> TeacherScores:
+        """Scores for the documents `ids` (with their `texts`) within `budget_s` seconds; raises TeacherFailed /
+        DeadlineExceeded when too many failed."""
+        if teacher.type == "labels":
+            labels = teacher.labels or {}
+            return TeacherScores([float(labels.get(i, 0.0)) for i in ids])
+        missing = next((i for i, t in zip(ids, texts, strict=True) if t is None), None)
+        if missing is not None:
+            raise InvalidRequest(f"document {missing!r} has no text, which the {teacher.type} teacher needs")
+        documents = [t for t in texts if t is not None]
+        if teacher.type == "llm":
+            result = await self._llm(teacher, query, instruction, ids, documents, seed, budget_s)
+        elif teacher.type == "cross_encoder":
+            result = await self._cross_encoder(teacher, query, ids, documents, request_id, budget_s)
+        else:
+            result = await self._embedder(teacher, query, documents, request_id)
+        self._check_failures(teacher, result, len(ids))
+        return result
+
+    async def _llm(
+        self,
+        teacher: Teacher,
+        query: str,
+        instruction: str | None,
+        ids: list[str],
+        documents: list[str],
+        seed: int,
+        budget_s: float,
+    ) -> TeacherScores:
+        chat, model = self.chat_model(teacher.model, "the llm teacher")
+        keys = [_score_key(model, llm.JUDGE_PROMPT_VERSION, query, instruction, _text_digest(d)) for d in documents]
+        scores = await self.cache.get(keys)
+        todo = [i for i, s in enumerate(scores) if s is None]
+        result = TeacherScores(scores, cache_hits=len(documents) - len(todo), calls=len(todo))
+        outcomes = await llm.judge(
+            chat,
+            model,
+            query,
+            instruction,
+            [documents[i] for i in todo],
+            teacher.max_concurrency or self.settings.teacher_max_concurrency,
+            teacher.timeout_s or self.settings.teacher_timeout_s,
+            seed,
+            budget_s,
+        )
+        fresh: dict[bytes, float] = {}
+        for i, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, CallError):
+                result.errors.append(TeacherError(id=ids[i], code=outcome.code, message=outcome.message))
+            else:
+                result.scores[i] = fresh[keys[i]] = outcome
+        await self.cache.put(fresh)
+        return result
+
+    async def _cross_encoder(
+        self, teacher: Teacher, query: str, ids: list[str], documents: list[str], request_id: str, budget_s: float
+    ) -> TeacherScores:
+        model = teacher.model or ""
+        info = self.embedder.model_info(model)
+        if info.method != "cross_encoder":
+            raise InvalidRequest(f"model {model!r} is a {info.method} model, not a cross_encoder", param="teacher")
+        keys = [_score_key(info.id, info.revision, query, _text_digest(d)) for d in documents]
+        scores = await self.cache.get(keys)
+        todo = [i for i, s in enumerate(scores) if s is None]
+        result = TeacherScores(scores, cache_hits=len(documents) - len(todo))
+        if not todo:
+            return result
+        # Pairs go straight to the model's coalescer (batching, admission, deadline); the key doubles as the
+        # coalescer's identity, so concurrent requests share identical pairs.
+        work = [WorkItem(keys[i], EmbedItem(text=query, text_pair=documents[i], steps=0)) for i in todo]
+        deadline = asyncio.get_running_loop().time() + min(budget_s, self.settings.request_timeout_s)
+        coalesced = await self.embedder.coalescers[model].embed(work, deadline, request_id)
+        result.calls = len(todo)
+        fresh: dict[bytes, float] = {}
+        for i, outcome in zip(todo, coalesced.outcomes, strict=True):
+            if outcome.error is not None or outcome.vector is None:
+                message = outcome.error.message if outcome.error else "no score"
+                code = outcome.error.code if outcome.error else "internal_error"
+                result.errors.append(TeacherError(id=ids[i], code=code, message=message))
+            else:
+                # Raw logits; with several labels the last is taken as "relevant".
+                result.scores[i] = fresh[keys[i]] = float(outcome.vector[-1])
+        await self.cache.put(fresh)
+        return result
+
+    async def _embedder(self, teacher: Teacher, query: str, documents: list[str], request_id: str) -> TeacherScores:
+        model = teacher.model or ""
+        q = await self.embedder.embed(model, [query], EmbedOptions(input_type="query"), request_id)
+        d = await self.embedder.embed(model, list(documents), EmbedOptions(input_type="document"), request_id)
+        scores = cosines(unit_rows(d.vectors), q.vectors[0])
+        hits = (q.cache == "hit") + (d.cache == "hit")
+        return TeacherScores([float(s) for s in scores], calls=2 - hits, cache_hits=hits)
+
+    def _check_failures(self, teacher: Teacher, result: TeacherScores, sampled: int) -> None:
+        failed = len(result.errors)
+        if not failed or (failed <= self.settings.teacher_max_error_fraction * sampled and sampled - failed >= 2):
+            return
+        first = result.errors[0]
+        message = (
+            f"the {teacher.type} teacher failed on {failed} of {sampled} sampled documents "
+            f"(more than {self.settings.teacher_max_error_fraction:.0%} allowed); "
+            f"first: document {first.id!r}: {first.code}: {first.message}"
+        )
+        if all(e.code == "timeout" for e in result.errors):
+            raise DeadlineExceeded(message, code="teacher_timeout")
+        raise TeacherFailed(message)

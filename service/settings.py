@@ -1,0 +1,95 @@
+"""The gateway's settings: flags of `genembed gateway` / `genembed serve` or GENEMBED_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENEMBED_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="MODEL=URL per worker; MODEL is the name clients send"
+    )
+    log_level: str = "info"
+
+    # Auth
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted Bearer keys")
+    api_keys_file: Path | None = Field(default=None, description="one key per line, # comments")
+    metrics_require_auth: bool = False
+
+    # Limits and deadlines
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    max_inputs: int = Field(default=2048, gt=0, description="inputs per request (OpenAI's limit)")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="deadline of one request")
+    max_queued_items: int = Field(default=8192, gt=0, description="distinct inputs queued or in flight per model")
+
+    # Coalescing
+    batch_max_items: int = Field(default=32, gt=0)
+    batch_max_tokens: int = Field(default=8192, gt=0, description="estimated prompt tokens in one worker call")
+    batch_max_wait_ms: float = Field(default=2.0, ge=0)
+    max_concurrent_calls: int = Field(default=4, gt=0, description="worker calls in flight per model")
+    step_cost_tokens: float = Field(
+        default=16.0, ge=0, description="cost of one refinement step, in prompt tokens (admission estimate)"
+    )
+
+    # Workers
+    worker_probe_interval_s: float = Field(default=2.0, gt=0)
+    worker_probe_timeout_s: float = Field(default=5.0, gt=0)
+
+    # Cache
+    redis_url: str | None = Field(default=None, description="redis:// or rediss://; unset: in-memory LRU")
+    cache_ttl_s: int = Field(default=7 * 24 * 3600, ge=0, description="0: entries never expire")
+    cache_max_mb: float = Field(default=256, ge=0, description="in-memory cache size; 0 disables it")
+    redis_timeout_s: float = Field(default=0.25, gt=0, description="past it Redis counts as down")
+    redis_retry_s: float = Field(default=1.0, gt=0, description="how long to serve uncached before trying again")
+
+    # Test-time query refinement (/v1/refine-query, /v1/corpora; docs/refine.md)
+    judge_url: str | None = Field(default=None, description="OpenAI-compatible base URL of the LLM judge (…/v1)")
+    judge_api_key: SecretStr | None = Field(default=None, description="sent as Bearer to the judge")
+    judge_model: str | None = Field(default=None, description="judge (and HyDE) model when a request names none")
+    teacher_timeout_s: float = Field(default=20.0, gt=0, description="deadline of one judge call")
+    teacher_max_retries: int = Field(default=1, ge=0, description="retries of a judge call that failed transiently")
+    teacher_max_concurrency: int = Field(default=16, gt=0, description="judge calls in flight per request")
+    teacher_max_error_fraction: float = Field(default=0.5, ge=0, le=1, description="more failed documents: 502/504")
+    refine_timeout_s: float = Field(default=120.0, gt=0, description="deadline of one refine-query request")
+    corpus_batch_size: int = Field(default=64, gt=0, description="documents embedded and stored per batch")
+
+    @field_validator("workers", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        """Lists come from the environment as comma-separated text (`a=http://x,b=http://y`)."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def worker_urls(self) -> dict[str, str]:
+        """`MODEL=URL` entries as a mapping; raises ValueError on a malformed or repeated entry."""
+        urls: dict[str, str] = {}
+        for entry in self.workers:
+            model, sep, url = entry.partition("=")
+            model, url = model.strip(), url.strip().rstrip("/")
+            if not sep or not model or not url.startswith(("http://", "https://")):
+                raise ValueError(f"worker {entry!r}: expected MODEL=http://host:port")
+            if model in urls:
+                raise ValueError(f"worker {entry!r}: model {model!r} is named twice (one worker per model)")
+            urls[model] = url
+        if not urls:
+            raise ValueError("no workers: give at least one --worker MODEL=URL (or GENEMBED_WORKERS)")
+        return urls
+
+    def all_api_keys(self) -> list[str]:
+        """Keys from GENEMBED_API_KEYS and the keys file; empty means auth is off."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.append(line)
+        return keys

@@ -1,0 +1,67 @@
+"""`genembed serve` and `genembed gateway` as commands: startup, arguments, and stopping children."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import REPO, free_port, genembed, running
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.slow
+def test_serve_starts_a_worker_per_model_and_stops_them_on_sigterm(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = genembed("serve", "--model", "minilm-l6", "--port", str(port))
+    with running(cmd, f"{url}/ready", log_path=tmp_path / "serve.log") as proc:
+        workers = children(proc.pid)
+        assert len(workers) == 1
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["minilm-l6"]
+        body = {"model": "minilm-l6", "input": "hello"}
+        assert httpx.post(f"{url}/v1/embeddings", json=body, timeout=30).status_code == 200
+        proc.send_signal(signal.SIGTERM)  # the main process only, as `docker stop` or `kill` would
+        assert proc.wait(timeout=30) != 0
+        assert not any(alive(pid) for pid in workers)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "no workers: give at least one --worker MODEL=URL"),
+        (["--worker", "minilm-l6"], "expected MODEL=http://host:port"),
+        (["--worker", "a=http://x:1", "--worker", "a=http://y:2"], "model 'a' is named twice"),
+    ],
+)
+def test_gateway_refuses_bad_worker_arguments(args, message):
+    result = subprocess.run(genembed("gateway", *args), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_serve_reports_a_worker_that_cannot_start(tmp_path):
+    result = subprocess.run(
+        genembed("serve", "--model", str(tmp_path / "missing.toml"), "--port", str(free_port())),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "genembed serve: the worker for http://127.0.0.1:" in result.stderr
