@@ -216,17 +216,19 @@ def test_gradient_checkpointing_computes_the_same_training(tmp_path, tiny, toy_d
     assert losses(runs[1].output_dir) == pytest.approx(losses(runs[0].output_dir), rel=1e-5)
 
 
-def test_cli_flags_build_the_config():
-    flags = ["--data", "d.jsonl", "--output-dir", "out", "--lora-target-modules", "q_proj", "v_proj"]
+def test_cli_flags_build_the_config(toy_data):
+    flags = ["--data", str(toy_data), "--output-dir", "out", "--lora-target-modules", "q_proj", "v_proj"]
     flags += ["--gradient-checkpointing", "--precision", "fp32", "--steps", "7", "--lr", "3e-4"]
     args = build_parser().parse_args(["train", *flags])
     config = config_from_args(args)
     assert config.lora_target_modules == ["q_proj", "v_proj"]
     assert config.gradient_checkpointing and config.precision == "fp32"
-    assert (config.steps, config.lr, config.refinement_steps, config.data) == (7, 3e-4, 5, Path("d.jsonl"))
+    assert (config.steps, config.lr, config.refinement_steps, config.data) == (7, 3e-4, 5, toy_data)
     # the model card's command gives the same settings back
     again = config_from_args(build_parser().parse_args(shlex.split(command_line(config))[1:]))
     assert again == config
+    missing = build_parser().parse_args(["train", "--data", "nowhere.jsonl", "--output-dir", "out"])
+    assert missing.run(missing) == 2  # a clear message, not a traceback
 
 
 # ---------------------------------------------------------------------------------------------

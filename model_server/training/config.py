@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FilePath
 
 from model_server.specs import DEFAULT_MODEL
 
@@ -28,7 +28,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: Path = Field(
+    data: FilePath = Field(
         description="training pairs, JSONL: {query, document[, negatives]} (see `python -m model_server.training.data`)"
     )
     output_dir: Path = Field(description="run directory: adapter/, checkpoint/, losses.jsonl, config.json")
@@ -63,7 +63,7 @@ class TrainConfig(BaseModel):
     device: str = Field(default="auto", description="cpu, cuda, cuda:1 (auto: cuda when available)")
     seed: int = 0
     save_every: int = Field(default=100, ge=1, description="optimizer steps between checkpoints (and evaluations)")
-    eval_data: Path | None = Field(
+    eval_data: FilePath | None = Field(
         default=None, description="held-out pairs (JSONL): MRR@10 per K at the start and at every checkpoint"
     )
     eval_pairs: int = Field(default=256, ge=2, description="held-out pairs evaluated (the file's first ones)")

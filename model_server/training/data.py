@@ -101,7 +101,10 @@ def packages_from_text(available: str, translations: str = "") -> list[Package]:
 
 
 def _run(cmd: list[str]) -> str:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, errors="replace").stdout
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, errors="replace").stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"the Debian pairs need apt's package lists (Debian/Ubuntu): {' '.join(cmd)}: {exc}") from exc
 
 
 def packages_from_apt() -> list[Package]:

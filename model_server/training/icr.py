@@ -271,7 +271,9 @@ class IcrTrainer:
 
     def states(self, prompts: list[list[int]]) -> torch.Tensor:
         """[B, K, H] step states. Prompts run in groups of similar length (the serving runner's
-        grouping), so left padding costs little compute."""
+        grouping), so left padding costs little compute. Only training under checkpointing re-runs
+        whole sequences; evaluation keeps the KV cache."""
+        use_cache = not (self.config.gradient_checkpointing and self.model.training)
         rows: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
         for group in group_by_length([len(p) for p in prompts]):
             with self._autocast():
@@ -280,7 +282,7 @@ class IcrTrainer:
                     [prompts[i] for i in group],
                     self.config.refinement_steps,
                     self.spec.soft_token_temperature,
-                    use_cache=not self.config.gradient_checkpointing,
+                    use_cache=use_cache,
                 )
             for index, row in zip(group, states, strict=True):
                 rows[index] = row
@@ -369,6 +371,8 @@ class IcrTrainer:
         if has_checkpoint or (run_dir / ADAPTER_DIR).exists():
             raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, or pick a new directory")
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (LOSS_LOG, EVAL_LOG):  # from an attempt that died before its first checkpoint
+            (run_dir / stale).unlink(missing_ok=True)
         (run_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
 
     # -- the loop ----------------------------------------------------------------------------
