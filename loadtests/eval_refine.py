@@ -251,13 +251,13 @@ def main() -> None:
                 embedder = {"type": "embedder", "model": TEACHER_MODEL}
                 teachers += [("embedder", embedder, {}), ("embedder, tuned", embedder, TUNED)]
             if has_judge:
-                teachers.append(("llm", {"type": "llm"}, {}))
+                # A CPU judge answers one call at a time: a long per-call deadline, and one query at a time below.
+                teachers.append(("llm", {"type": "llm", "timeout_s": 300, "max_concurrency": 4}, {}))
             for label, teacher, optimization in teachers:
                 subset = queries[: args.llm_queries] if teacher["type"] == "llm" else queries
                 started = time.perf_counter()
-                results, before, after = evaluate(
-                    client, corpus, student, k, teacher, optimization, subset, args.threads
-                )
+                threads = 1 if teacher["type"] == "llm" else args.threads
+                results, before, after = evaluate(client, corpus, student, k, teacher, optimization, subset, threads)
                 rows.append(row(student, k, label, results, before, after))
                 r = rows[-1]
                 print(

@@ -99,7 +99,8 @@ class EmbeddingWorker:
     async def warmup(self) -> None:
         """One pass of each kind, so the first real request does not pay for lazy initialisation."""
         spec = self.loaded.spec
-        items = [EmbedItem(text="warm up", input_type="query", steps=spec.default_refinement_steps)]
+        pair = "warm up" if spec.method == "cross_encoder" else None  # a cross-encoder scores pairs
+        items = [EmbedItem(text="warm up", text_pair=pair, input_type="query", steps=spec.default_refinement_steps)]
         response = await self.embed(EmbedRequest(items=items))
         if response.results[0].error:
             raise RuntimeError(f"warm-up failed: {response.results[0].error.message}")

@@ -15,6 +15,7 @@ import redis
 
 from tests.gateway_fixtures import gateway_process, redis_process
 from tests.llama import JUDGE_MODEL, llama_server
+from tests.procs import worker_process
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +83,7 @@ def ranks(result: dict, key: str = "rank") -> dict[str, int]:
 
 
 def test_labels_teacher_moves_the_positives_up(gateway):
-    labels = {"f0": 1, "f1": 1, "f2": 1}
+    labels = {"o0": 1, "o2": 1, "o4": 1}  # the cats, for a query about finance: the teacher knows the task
     opt = {"lr": 5e-3, "teacher_temperature": 0.1, "student_temperature": 0.1}
     sampling = {"total": 10, "from_top": 10}
     result = refine(
@@ -108,7 +109,7 @@ def test_labels_teacher_moves_the_positives_up(gateway):
     assert set(d["timings_ms"]) == {"hyde", "embed", "initial_ranking", "teacher", "optimize", "final_ranking", "total"}
     after, before = ranks(result), ranks(result, "original_rank")
     assert {i for i, r in after.items() if r <= 3} == set(labels)
-    assert sum(after[i] for i in labels) < sum(before[i] for i in labels)
+    assert all(before[i] > 3 for i in labels)
     assert all(doc["teacher_score"] == labels.get(doc["id"], 0) for doc in result["data"])
     vector = np.array(result["embedding"])
     assert vector.shape == (384,) and np.linalg.norm(vector) == pytest.approx(1, abs=1e-5)
@@ -126,10 +127,13 @@ def test_labels_teacher_moves_the_positives_up(gateway):
 
 
 def test_a_flat_teacher_skips_refinement(gateway):
-    result = refine(gateway, teacher={"type": "labels", "labels": {}}, return_embedding=False)
+    result = refine(
+        gateway, teacher={"type": "labels", "labels": {}}, return_embedding=False, return_teacher_scores=False
+    )
     d = result["diagnostics"]
     assert not d["refined"] and d["steps"] == 0 and "min_teacher_spread" in d["skipped_reason"]
     assert d["teacher"]["spread"] == 0 and "embedding" not in result
+    assert not any("teacher_score" in doc for doc in result["data"])
     assert all(doc["rank"] == doc["original_rank"] and doc["score"] == doc["original_score"] for doc in result["data"])
 
 
@@ -281,3 +285,18 @@ def test_a_stopped_judge_is_a_clear_502_within_the_deadline(minilm_worker, tmp_p
             assert time.monotonic() - started < 5
             failure = error(response, 502)
             assert failure["code"] == "teacher_failed" and "unreachable" in failure["message"]
+
+
+def test_cross_encoder_teacher(minilm_worker, tmp_path):
+    with (
+        worker_process("minilm-l6-cross-encoder", tmp_path) as (cross_encoder, _),
+        gateway_process(tmp_path, {"minilm-l6": minilm_worker, "ce": cross_encoder}) as (url, _),
+        httpx.Client(base_url=url, timeout=120) as client,
+    ):
+        body = {"teacher": {"type": "cross_encoder", "model": "ce"}, "optimization": {"min_teacher_spread": 0}}
+        result = refine(client, **body)
+        teacher = result["diagnostics"]["teacher"]
+        assert (teacher["scored"], teacher["calls"], teacher["cache_hits"], teacher["errors"]) == (10, 10, 0, [])
+        assert all(np.isfinite(d["teacher_score"]) for d in result["data"])
+        again = refine(client, **body)
+        assert again["diagnostics"]["teacher"]["cache_hits"] == 10 and again["data"] == result["data"]

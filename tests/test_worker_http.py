@@ -126,3 +126,12 @@ def test_unloadable_model_exits_with_the_reason(tmp_path):
     )
     assert done.returncode == 1
     assert "pip install --no-deps genembed-no-such-pkg" in done.stderr
+
+
+def test_cross_encoder_worker_serves_pairs(tmp_path):
+    from tests.procs import worker_process
+
+    with worker_process("minilm-l6-cross-encoder", tmp_path) as (url, _):
+        response = _embed(url, EmbedItem(text="a query", text_pair="a document"), EmbedItem(text="no pair"))
+    assert response.results[0].error is None and response.vectors.shape == (1, 1)
+    assert response.results[1].error.code == protocol.EMPTY_INPUT

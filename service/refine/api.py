@@ -76,14 +76,20 @@ class Teacher(_Strict):
 
 class Sampling(_Strict):
     total: int = Field(default=20, gt=1, le=1000, description="documents the teacher scores")
-    from_top: int = Field(default=20, ge=0, description="of them, the most similar; the rest are drawn at random")
+    from_top: int | None = Field(
+        default=None, ge=0, description="of them, the most similar (default: all); the rest are drawn at random"
+    )
     seed: int = 42
 
     @model_validator(mode="after")
     def _within_total(self) -> Sampling:
-        if self.from_top > self.total:
+        if self.from_top is not None and self.from_top > self.total:
             raise ValueError(f"sampling.from_top={self.from_top} exceeds sampling.total={self.total}")
         return self
+
+    @property
+    def top(self) -> int:
+        return self.total if self.from_top is None else self.from_top
 
 
 class Optimization(_Strict):
@@ -134,6 +140,7 @@ class RefineRequest(_Strict):
     )
     encoding_format: EncodingFormat = "float"
     return_embedding: bool = True
+    return_teacher_scores: bool = Field(default=True, description="`teacher_score` on the sampled documents")
     return_trajectory: bool = Field(default=False, description="the loss before every step")
 
     @model_validator(mode="after")

@@ -137,7 +137,7 @@ class Refiner:
             ranking_vector = start_vector if body.hyde is not None and body.hyde.mode == "replace" else query_vector
             original = _scores(candidates.vectors, inverse_norms, ranking_vector)
             original_ranks = _ranks(original)
-            sample = sample_indices(original, body.sampling.total, body.sampling.from_top, body.sampling.seed)
+            sample = sample_indices(original, body.sampling.total, body.sampling.top, body.sampling.seed)
 
         teacher = body.teacher
         with self._phase(timings, "teacher"):
@@ -180,7 +180,7 @@ class Refiner:
             final = _scores(candidates.vectors, inverse_norms, refined_vector) if skipped is None else original
             order = np.argsort(-final, kind="stable")
             top_k = body.top_k or (_CORPUS_TOP_K if body.corpus_id is not None else len(order))
-            teacher_scores = dict(scored)
+            teacher_scores = dict(scored) if body.return_teacher_scores else {}
             data = [
                 RankedDocument(
                     id=candidates.ids[i],

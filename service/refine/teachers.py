@@ -146,8 +146,8 @@ class Teachers:
         for i, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, CallError):
                 result.errors.append(TeacherError(id=ids[i], code=outcome.code, message=outcome.message))
-            else:
-                result.scores[i] = fresh[keys[i]] = outcome
+            else:  # float32, as the cache keeps it: a cached answer equals the fresh one
+                result.scores[i] = fresh[keys[i]] = float(np.float32(outcome))
         await self.cache.put(fresh)
         return result
 
