@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 
 from model_server.methods.base import EngineMethod, Sequence
-
-#: a group is split before its padded tokens exceed its real tokens by this factor
-MAX_PADDING_RATIO = 1.25
+from model_server.runner import group_by_length
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -26,18 +24,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def length_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
-    """Sort by length; start a new group when padding to the new widest row costs too much."""
-    groups: list[list[Sequence]] = []
-    real = 0
-    for seq in sorted(seqs, key=lambda s: s.prompt_tokens):
-        n = seq.prompt_tokens
-        if groups and (len(groups[-1]) + 1) * n <= MAX_PADDING_RATIO * (real + n):
-            groups[-1].append(seq)
-            real += n
-        else:
-            groups.append([seq])
-            real = n
-    return groups
+    """Sequences grouped by length so that padding each group to its widest row costs little."""
+    return [[seqs[i] for i in group] for group in group_by_length([s.prompt_tokens for s in seqs])]
 
 
 class PooledMethod(EngineMethod):
