@@ -39,17 +39,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the process helpers the tests use
 
+from loadtests.bench_engine import WORDS  # noqa: E402
 from model_server.protocol import EmbedItem, EmbedRequest  # noqa: E402
 from tests.procs import free_port, genembed, running, worker_process  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "minilm-l6"
-WORDS = (
-    "the of and to in is was for on that with as by at from his an were are which this be or has had "
-    "not but it its their also first one new after who they have been two more when there into other "
-    "city river music government system between during year team school company world state war time "
-    "history population people area university album series family film part known called made"
-).split()
 
 
 class Sentences:

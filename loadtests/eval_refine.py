@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
 import platform
-import re
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model_server.training.data import lee_known_items
 from service.refine.optimizer import OptimConfig, refine
 from tests.llama import JUDGE_MODEL, llama_server
 from tests.procs import free_port, genembed, running
@@ -45,9 +44,6 @@ TEACHER_MODEL = "minilm-l6"
 # Beyond the paper's defaults, for cosine-valued teachers: a sharper teacher distribution and a larger step,
 # chosen by hand on the first 40 queries (so those rows are tuned on a seventh of the test set; see the report).
 TUNED = {"teacher_temperature": 0.1, "lr": 1e-3}
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
-
-
 @dataclass
 class Row:
     student: str
@@ -63,21 +59,6 @@ class Row:
     optimize_ms_median: float | None  # over the refined queries
     request_ms_median: float
     teacher_errors: int
-
-
-def lee_known_items() -> tuple[list[str], list[str]]:
-    """(first sentences, rests) of the Lee background articles, located without importing gensim."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or spec.origin is None:
-        raise SystemExit("gensim is not installed: pip install --no-deps gensim")
-    path = Path(spec.origin).parent / "test" / "test_data" / "lee_background.cor"
-    queries, targets = [], []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        parts = _SENTENCE_END.split(line.strip(), maxsplit=1)
-        if len(parts) == 2 and len(parts[0]) > 20 and len(parts[1]) > 100:
-            queries.append(parts[0])
-            targets.append(parts[1])
-    return queries, targets
 
 
 def mrr10(ranks: list[int]) -> float:
