@@ -100,7 +100,7 @@ def run_engine(worker: EmbeddingWorker, cases: list[tuple[list[int], int]], conc
     lock = threading.Lock()
 
     def finished(index: int, future) -> None:
-        results[index] = future.result()
+        results[index] = future.result().vector
         slots.release()
         with lock:
             remaining[0] -= 1
@@ -158,7 +158,7 @@ def drift(worker: EmbeddingWorker, cases, loaded_vectors: np.ndarray, sample: in
     cosines = []
     for index in range(0, len(cases), max(1, len(cases) // sample)):
         ids, k = cases[index]
-        alone = worker.engine.submit([PreparedInput(token_ids=ids, steps=k, truncated=False)])[0].result()
+        alone = worker.engine.submit([PreparedInput(token_ids=ids, steps=k, truncated=False)])[0].result().vector
         cosines.append(float(np.dot(alone, loaded_vectors[index])))
     cos = np.array(cosines)
     return float(cos.min()), float(np.mean(1 - cos))

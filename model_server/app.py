@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -16,7 +17,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from model_server import tracing
+from model_server.drain import Drain, DrainMiddleware
 from model_server.engine import EngineStopped, QueueFull
+from model_server.logs import request_id_var
 from model_server.metrics import WorkerMetrics
 from model_server.protocol import CONTENT_TYPE, REQUEST_ID_HEADER, EmbedRequest
 from model_server.serving import EmbeddingWorker
@@ -40,6 +44,8 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
     spec = load_spec(settings.model, **settings.spec_overrides())
     metrics = WorkerMetrics()
     state: dict[str, object] = {"worker": None, "ready": False, "error": None}
+    if settings.otel:
+        tracing.setup("genembed-worker")
 
     async def load() -> None:
         try:
@@ -62,9 +68,17 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
         worker = state["worker"]
         if isinstance(worker, EmbeddingWorker):
             await asyncio.to_thread(worker.stop)
+        tracing.shutdown()
 
     app = FastAPI(title=f"genembed worker ({spec.id})", lifespan=lifespan)
     app.state.worker_state = state
+    drain = app.state.drain = Drain(settings.drain_grace_s, metrics.in_flight)  # run by the CLI on SIGTERM
+    app.add_middleware(
+        DrainMiddleware,
+        drain=drain,
+        reject=lambda message: _error(503, message, {"Retry-After": "1"}),
+        exempt=("/health", "/ready", "/info", "/metrics"),
+    )
 
     def ready_worker() -> EmbeddingWorker | None:
         worker = state["worker"]
@@ -79,6 +93,8 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
 
     @app.get("/ready")
     async def ready() -> Response:
+        if drain.draining:
+            return _error(503, "draining: finishing the requests in flight, then exiting")
         if ready_worker() is None:
             return _error(503, str(state["error"] or "loading"))
         return JSONResponse({"status": "ready"})
@@ -104,20 +120,42 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
         except ValueError as exc:
             return _error(400, str(exc))
         embed_request.request_id = embed_request.request_id or request.headers.get(REQUEST_ID_HEADER)
-        work = asyncio.create_task(worker.embed(embed_request))
-        watcher = asyncio.create_task(_until_disconnected(request))
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        watcher.cancel()
-        if not work.done():  # the client went away: stop spending compute on it
-            work.cancel()
-            log.info("request %s cancelled by the client", embed_request.request_id)
-            return Response(status_code=499)
-        try:
-            response = work.result()
-        except QueueFull as exc:
-            return _error(429, f"worker queue is full: {exc}", {"Retry-After": "1"})
-        except EngineStopped as exc:
-            return _error(503, str(exc))
+        # The gateway's ids of every request in this batch: on each log line and span of its work.
+        request_id_var.set(embed_request.request_id)
+        items = len(embed_request.items)
+        log.info("embed: %d items accepted", items)
+        started = time.perf_counter()
+        attributes = {"genembed.request_ids": embed_request.request_id or "", "genembed.items": items}
+        with tracing.server_span("POST /embed", request.headers, attributes) as span:
+            work = asyncio.create_task(worker.embed(embed_request))
+            watcher = asyncio.create_task(_until_disconnected(request))
+            try:
+                await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:  # the server gave up on the request (drain grace over): free its work
+                work.cancel()
+                raise
+            finally:
+                watcher.cancel()
+            if not work.done():  # the client went away: stop spending compute on it
+                work.cancel()
+                log.info("embed: cancelled by the client after %.1f ms", (time.perf_counter() - started) * 1000)
+                return Response(status_code=499)
+            try:
+                response = work.result()
+            except QueueFull as exc:
+                log.warning("embed: refused, the queue is full: %s", exc)
+                return _error(429, f"worker queue is full: {exc}", {"Retry-After": "1"})
+            except EngineStopped as exc:
+                return _error(503, str(exc))
+            errors = sum(r.error is not None for r in response.results)
+            tracing.set_attributes(span, {"genembed.item_errors": errors})
+        log.info(
+            "embed: %d items done in %.1f ms (%d errors, %d prompt tokens)",
+            items,
+            (time.perf_counter() - started) * 1000,
+            errors,
+            sum(r.prompt_tokens for r in response.results),
+        )
         return Response(response.encode(), media_type=CONTENT_TYPE)
 
     return app

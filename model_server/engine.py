@@ -68,7 +68,7 @@ class Engine:
     # -- submission (any thread) -------------------------------------------------------------------
 
     def submit(self, prepared: list[PreparedInput]) -> list[Future]:
-        """Queue one request's inputs together (all or none); each future yields a float32 vector."""
+        """Queue one request's inputs together (all or none); each future yields an `Embedded`."""
         seqs = [Sequence(p) for p in prepared]
         with self._cv:
             if not self.alive:

@@ -33,6 +33,11 @@ class WorkerMetrics:
             "Refinement (decode) steps executed, summed over sequences",
             registry=reg,
         )
+        self.steps_saved = Counter(
+            "genembed_worker_refinement_steps_saved",
+            "Steps left unrun by inputs that stopped early (refinement_steps 'auto'): budget minus steps run",
+            registry=reg,
+        )
         self.items = Counter("genembed_worker_items", "Inputs answered", ["outcome"], registry=reg)
         self.errors = Counter("genembed_worker_forward_errors", "Forward passes that raised", registry=reg)
         self.rejected = Counter(
@@ -40,6 +45,9 @@ class WorkerMetrics:
         )
         self.waiting = Gauge("genembed_worker_waiting_sequences", "Sequences in the queue", registry=reg)
         self.running = Gauge("genembed_worker_running_sequences", "Sequences in the running batch", registry=reg)
+        self.in_flight = Gauge(
+            "genembed_worker_in_flight_requests", "Requests accepted and not yet answered (probes aside)", registry=reg
+        )
         self.info = Gauge(
             "genembed_worker_model_info", "The served model", ["model", "method", "revision", "dtype"], registry=reg
         )

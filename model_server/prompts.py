@@ -26,6 +26,8 @@ class PreparedInput:
     seed: int = DEFAULT_SEED  # o1: the thought sampler's seed
     samples: int = 1  # o1: thoughts run for this input, each its own sequence, averaged
     sample: int = 0  # o1: which of them this sequence is
+    tolerance: float | None = None  # gircse: stop once a step moves the embedding by less (1 - cos)
+    trajectory: bool = False  # keep the embedding after every step
 
 
 class ItemRejected(ValueError):
@@ -72,6 +74,7 @@ class PromptBuilder:
         if item.input_type not in ("query", "document"):
             raise ItemRejected(protocol.INVALID_INPUT, "input_type must be 'query' or 'document'", "input_type")
         steps = self.check_steps(item.steps)
+        self._check_step_options(item)
         if self.spec.method == "cross_encoder":
             return self._pair(item)
         if item.text_pair is not None:
@@ -86,8 +89,37 @@ class PromptBuilder:
         else:
             ids, truncated = self._token_ids(prefix, item.token_ids or [], suffix, item.truncate, tail)
         return PreparedInput(
-            token_ids=ids, steps=steps, truncated=truncated, reserve=reserve, seed=seed, samples=samples
+            token_ids=ids,
+            steps=steps,
+            truncated=truncated,
+            reserve=reserve,
+            seed=seed,
+            samples=samples,
+            tolerance=item.tolerance,
+            trajectory=item.trajectory,
         )
+
+    def _check_step_options(self, item: EmbedItem) -> None:
+        """Early exit needs an embedding after every step, which only gircse has before its last one; an
+        o1 thought has an embedding only once it ends."""
+        method = self.spec.method
+        if item.tolerance is not None:
+            if method != "gircse":
+                raise ItemRejected(
+                    protocol.INVALID_INPUT,
+                    f"refinement_steps 'auto' is only for gircse models; model {self.spec.id!r} is {method}",
+                    "refinement_steps",
+                )
+            if not 0 <= item.tolerance < float("inf"):
+                raise ItemRejected(
+                    protocol.INVALID_INPUT, "refinement_tolerance must be a finite number >= 0", "refinement_tolerance"
+                )
+        if item.trajectory and method == "o1":
+            raise ItemRejected(
+                protocol.INVALID_INPUT,
+                "return_trajectory is not available for o1 models: a thought has an embedding only at its end",
+                "return_trajectory",
+            )
 
     def _sampling(self, item: EmbedItem, steps: int) -> tuple[int, int]:
         """(seed, samples) of an o1 query; one sample wherever nothing is random."""

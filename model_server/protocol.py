@@ -6,8 +6,9 @@ Response body (content type `application/x-genembed`):
 
     4 bytes   little-endian uint32 N: length of the header
     N bytes   msgpack header: {"dimension": D, "results": [result, ...]}
-    rest      float32 little-endian vectors, D values each, one per result *without* an error,
-              in the order of the results
+    rest      float32 little-endian vectors, D values each, in the order of the results: for every
+              result *without* an error its vector, then its `trajectory` rows (the embedding
+              after each step 1..K, when the item asked for them)
 
 An item fails on its own (its result carries `error`); the others in the batch still succeed.
 Whole-request failures (queue full, shutting down) are HTTP statuses with a JSON `detail`.
@@ -45,6 +46,8 @@ class EmbedItem:
     For `cross_encoder` models `text` is the query and `text_pair` the document to score.
     `o1` queries sample `samples` thoughts (None: the model's default) from `seed` (None: a fixed
     default, so a repeated request gives the same vector); other methods ignore `seed`.
+    `tolerance` (gircse only) lets a sequence stop before `steps` once another step moves its
+    embedding by less than it (1 - cos); `trajectory` asks for the embedding after every step too.
     """
 
     text: str | None = None
@@ -56,6 +59,8 @@ class EmbedItem:
     truncate: bool = True
     seed: int | None = None
     samples: int | None = None
+    tolerance: float | None = None
+    trajectory: bool = False
 
 
 @dataclass
@@ -87,9 +92,10 @@ class ItemError:
 @dataclass
 class ItemResult:
     prompt_tokens: int = 0
-    steps: int = 0
+    steps: int = 0  # steps that ran (fewer than asked when a tolerance stopped it early)
     truncated: bool = False
     error: ItemError | None = None
+    trajectory: int = 0  # trajectory rows that follow the item's vector
 
 
 @dataclass
@@ -113,14 +119,21 @@ class EmbedResponse:
             results.append(ItemResult(**r, error=ItemError(**error) if error else None))
         dim = header["dimension"]
         vectors = np.frombuffer(body, dtype="<f4", offset=_HEADER_LEN.size + n).reshape(-1, dim)
-        if len(vectors) != sum(r.error is None for r in results):
+        if len(vectors) != sum(1 + r.trajectory for r in results if r.error is None):
             raise ValueError("embed response: vector count does not match the successful items")
         return cls(dimension=dim, results=results, vectors=vectors)
 
-    def vector_for(self) -> list[np.ndarray | None]:
-        """Per result, its vector or None where the item failed."""
-        rows = iter(self.vectors)
-        return [next(rows) if r.error is None else None for r in self.results]
+    def outputs(self) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Per result, (its vector, its trajectory rows [steps, D]) or None where the item failed."""
+        outputs: list[tuple[np.ndarray, np.ndarray] | None] = []
+        row = 0
+        for r in self.results:
+            if r.error is not None:
+                outputs.append(None)
+                continue
+            outputs.append((self.vectors[row], self.vectors[row + 1 : row + 1 + r.trajectory]))
+            row += 1 + r.trajectory
+        return outputs
 
 
 @dataclass

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from model_server import protocol
+from model_server import protocol, tracing
 from model_server.engine import Engine, EngineLimits, EngineStopped
 from model_server.loading import LoadedModel, load_model
 from model_server.methods import build_method
@@ -66,16 +66,25 @@ class EmbeddingWorker:
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         """Embed a batch; per-item failures are results. Raises QueueFull / EngineStopped."""
-        results, prepared = await asyncio.to_thread(self._prepare, request.items)
+        with tracing.span("prepare", attributes={"genembed.items": len(request.items)}):
+            results, prepared = await asyncio.to_thread(self._prepare, request.items)
         # An input with n samples (o1 thoughts) runs as n sequences, combined below.
         runs = [dataclasses.replace(p, sample=i) for p in prepared if p is not None for i in range(p.samples)]
-        futures = self.engine.submit(runs) if runs else []
-        try:
-            outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
-        except asyncio.CancelledError:
-            for future in futures:  # the client went away: free the slots at the next iteration
-                future.cancel()
-            raise
+        # One span for the request's sequences in the engine, not one per iteration: they share each forward
+        # pass with other calls' sequences, so per-iteration spans would repeat one pass under many traces.
+        attributes = tracing.enabled() and {
+            "genembed.sequences": len(runs),
+            "genembed.prompt_tokens": sum(len(r.token_ids) for r in runs),
+            "genembed.max_steps": max((r.steps for r in runs), default=0),
+        }
+        with tracing.span("engine", attributes=attributes or None):
+            futures = self.engine.submit(runs) if runs else []
+            try:
+                outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
+            except asyncio.CancelledError:
+                for future in futures:  # the client went away: free the slots at the next iteration
+                    future.cancel()
+                raise
         vectors = []
         slots = iter(outcomes)
         for result, p in zip(results, prepared, strict=True):
@@ -89,7 +98,14 @@ class EmbeddingWorker:
                 log.error("item failed: %r", outcome)
                 result.error = ItemError(protocol.INTERNAL_ERROR, f"embedding failed: {outcome}")
             else:
-                vectors.append(self.method.combine(samples))
+                embedded = self.method.combine(samples)
+                result.steps = embedded.steps
+                vectors.append(embedded.vector)
+                if embedded.trajectory is not None:
+                    result.trajectory = len(embedded.trajectory)
+                    vectors.extend(embedded.trajectory)
+                if p.tolerance is not None:
+                    self.metrics.steps_saved.inc(p.steps - embedded.steps)
         for result in results:
             self.metrics.items.labels("error" if result.error else "ok").inc()
         dim = self.loaded.dimension

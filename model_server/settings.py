@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_server.engine import EngineLimits
+from model_server.logs import LogFormat
 from model_server.specs import DEFAULT_MODEL
 
 
@@ -26,6 +27,9 @@ class WorkerSettings(BaseSettings):
     max_kv_tokens: int = Field(default=65536, gt=0)
     max_waiting_seqs: int = Field(default=1024, gt=0)
     log_level: str = "info"
+    drain_grace_s: float = Field(default=30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish")
+    log_format: LogFormat = Field(default="text", description="text, or json: one object per line")
+    otel: bool = Field(default=False, description="OpenTelemetry tracing (the otel extra; OTEL_* configure it)")
 
     def limits(self) -> EngineLimits:
         return EngineLimits(

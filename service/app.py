@@ -23,10 +23,14 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model_server import tracing
+from model_server.drain import Drain, DrainMiddleware
+from model_server.logs import request_id_var
 from model_server.protocol import REQUEST_ID_HEADER
-from service.auth import ApiKeys
+from service.auth import ApiKeys, load_api_keys
 from service.cache import build_cache
-from service.embedder import Embedder, EmbedOptions
+from service.embedder import DEFAULT_TOLERANCE, Embedder, EmbedOptions
+from service.limits import KeyLimiter
 from service.metrics import GatewayMetrics
 from service.openai_api import (
     ApiError,
@@ -36,17 +40,20 @@ from service.openai_api import (
     ModelCard,
     ModelList,
     PayloadTooLarge,
-    apply_dimensions,
+    Unavailable,
     error_response,
     render_embeddings,
 )
 from service.refine.routes import refine_router
+from service.rerank import rerank_router
 from service.settings import GatewaySettings
-from service.workers import WorkerClient, WorkerPool
+from service.workers import WorkerGroup, WorkerPool
 
 log = logging.getLogger(__name__)
+_access_log = logging.getLogger("genembed.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_PROBES = frozenset({"/health", "/ready", "/metrics"})  # logged at DEBUG: a line per probe is noise
 T = TypeVar("T")
 
 
@@ -55,7 +62,8 @@ class ClientDisconnected(Exception):
 
 
 class RequestContext:
-    """ASGI middleware: request id, the body-size limit, the in-flight gauge and the duration histogram."""
+    """ASGI middleware: request id (in every log line: `request_id_var`), the request's span, the body-size
+    limit, the in-flight gauge, the duration histogram and one access log line per request."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, max_body_bytes: int) -> None:
         self.app = app
@@ -71,6 +79,7 @@ class RequestContext:
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        request_id_var.set(request_id)  # this request's own context (each request runs in its own task)
         declared = int(headers.get(b"content-length", b"0") or 0)
         received = 0
         status = 500
@@ -93,15 +102,27 @@ class RequestContext:
 
         started = time.perf_counter()
         self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, limited_receive, send_with_id)
-        finally:
-            self.metrics.in_flight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
-            self.metrics.request_seconds.labels(endpoint, state.get("model", ""), str(status)).observe(
-                time.perf_counter() - started
-            )
+        method, path = scope["method"], scope["path"]
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]} if tracing.enabled() else {}
+        with tracing.server_span(method, carrier, {"genembed.request_id": request_id}) as span:
+            try:
+                await self.app(scope, limited_receive, send_with_id)
+            finally:
+                self.metrics.in_flight.dec()
+                elapsed = time.perf_counter() - started
+                endpoint = getattr(scope.get("route"), "path", "unmatched")
+                model = state.get("model", "")
+                self.metrics.request_seconds.labels(endpoint, model, str(status)).observe(elapsed)
+                _access_log.log(
+                    logging.DEBUG if path in _PROBES else logging.INFO,
+                    '"%s %s" %d %.1f ms model=%s key=%s',
+                    method, path, status, elapsed * 1000, model or "-", state.get("api_key", "-"),
+                )
+                if span is not None:
+                    span.update_name(f"{method} {endpoint}")
+                    span.set_attributes(
+                        {"http.request.method": method, "http.route": endpoint, "http.response.status_code": status}
+                    )
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -143,13 +164,15 @@ def _validation_error(errors: Sequence[Any]) -> InvalidRequest:
     return InvalidRequest(f"{'.'.join(loc)}: {message}", param=loc[0])
 
 
-def _model_card(name: str, worker: WorkerClient) -> ModelCard:
-    info = worker.info
+def _model_card(name: str, group: WorkerGroup) -> ModelCard:
+    info, workers, workers_ready = group.info, len(group.members), group.ready_count
     if info is None:
-        return ModelCard(id=name, ready=False)
+        return ModelCard(id=name, ready=False, workers=workers, workers_ready=workers_ready)
     return ModelCard(
         id=name,
-        ready=worker.ready,
+        ready=group.ready,
+        workers=workers,
+        workers_ready=workers_ready,
         served_model=info.id,
         revision=info.revision,
         method=info.method,
@@ -164,11 +187,15 @@ def _model_card(name: str, worker: WorkerClient) -> ModelCard:
 def create_app(settings: GatewaySettings) -> FastAPI:
     """Raises ValueError on bad worker entries or an unreadable keys file."""
     metrics = GatewayMetrics()
-    pool = WorkerPool(settings)
+    pool = WorkerPool(settings, metrics)
+    drain = Drain(settings.drain_grace_s)  # the CLI's DrainingServer runs it on SIGTERM
     cache = build_cache(settings, metrics)
     embedder = Embedder(pool, cache, settings, metrics)
-    auth = ApiKeys(settings.all_api_keys())
+    auth = ApiKeys(load_api_keys(settings))
+    authorized = [Depends(KeyLimiter(metrics).dependency(auth))]  # the key, then its rate limits and usage
     metrics_auth = [Depends(auth)] if settings.metrics_require_auth else []
+    if settings.otel:
+        tracing.setup("genembed-gateway")
     request_schema = EmbeddingRequest.model_json_schema()
 
     @contextlib.asynccontextmanager
@@ -179,12 +206,22 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await embedder.aclose()
         await pool.aclose()
         await cache.aclose()
+        tracing.shutdown()
 
     app = FastAPI(
         title="genembed gateway",
         description="OpenAI-compatible embeddings for generative embedding models",
         lifespan=lifespan,
     )
+    app.state.drain = drain
+
+    def shutting_down(message: str) -> Response:
+        error = Unavailable(message, code="shutting_down", retry_after=1)
+        metrics.rejections.labels(error.code).inc()
+        return error_response(error)
+
+    # Inside RequestContext, so a drain's 503s carry the request id and are measured like any answer.
+    app.add_middleware(DrainMiddleware, drain=drain, reject=shutting_down, exempt=("/health", "/ready", "/metrics"))
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
 
     @app.exception_handler(ApiError)
@@ -212,28 +249,38 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post(
         "/v1/embeddings",
         response_model=EmbeddingResponse,
-        dependencies=[Depends(auth)],
+        dependencies=authorized,
         summary="Create embeddings (OpenAI-compatible, with genembed's extensions)",
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}}},
     )
     async def embeddings(request: Request) -> Response:
-        # Parsed by pydantic-core straight from the bytes, whatever the content type says (curl -d sends a form's).
-        try:
-            body = EmbeddingRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise _validation_error(exc.errors()) from None
-        inputs = body.inputs()
-        if len(inputs) > settings.max_inputs:
-            raise PayloadTooLarge(f"{len(inputs)} inputs; at most {settings.max_inputs} per request", param="input")
-        info = embedder.model_info(body.model)
-        request.state.model = body.model
-        if body.dimensions is not None and body.dimensions > info.dimension:
-            raise InvalidRequest(
-                f"dimensions={body.dimensions} is larger than the {info.dimension} dimensions of model {body.model!r}",
-                param="dimensions",
-            )
+        raw = await request.body()
+        with tracing.span("validate"):
+            # Parsed by pydantic-core straight from the bytes, whatever the content type says (curl -d: a form's).
+            try:
+                body = EmbeddingRequest.model_validate_json(raw)
+            except ValidationError as exc:
+                raise _validation_error(exc.errors()) from None
+            inputs = body.inputs()
+            if len(inputs) > settings.max_inputs:
+                raise PayloadTooLarge(f"{len(inputs)} inputs; at most {settings.max_inputs} per request", param="input")
+            info = embedder.model_info(body.model)
+            request.state.model = body.model
+            if body.dimensions is not None and body.dimensions > info.dimension:
+                raise InvalidRequest(
+                    f"dimensions={body.dimensions} is larger than the {info.dimension} dimensions of model "
+                    f"{body.model!r}",
+                    param="dimensions",
+                )
         options = EmbedOptions(
-            body.refinement_steps, body.input_type, body.instruction, body.truncate, body.seed, body.samples
+            body.refinement_steps,
+            body.input_type,
+            body.instruction,
+            body.truncate,
+            body.seed,
+            body.samples,
+            DEFAULT_TOLERANCE if body.refinement_tolerance is None else body.refinement_tolerance,
+            body.return_trajectory,
         )
         result = await _unless_disconnected(
             request, embedder.embed(body.model, inputs, options, request.state.request_id)
@@ -243,16 +290,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "x-compute-time": f"{result.compute_s * 1000:.2f}",
             "x-cache": result.cache,
         }
-        vectors = apply_dimensions(result.vectors, body.dimensions)
-        return render_embeddings(vectors, body.model, result.prompt_tokens, body.encoding_format, headers)
+        return render_embeddings(result, body, headers)
 
-    app.include_router(refine_router(settings, embedder), dependencies=[Depends(auth)])
+    app.include_router(refine_router(settings, embedder), dependencies=authorized)
+    app.include_router(rerank_router(settings, embedder), dependencies=authorized)
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth)])
+    @app.get("/v1/models", response_model=ModelList, dependencies=authorized)
     async def models() -> ModelList:
-        return ModelList(data=[_model_card(name, w) for name, w in pool.workers.items()])
+        return ModelList(data=[_model_card(name, g) for name, g in pool.groups.items()])
 
-    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=[Depends(auth)])
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=authorized)
     async def model(model: str) -> ModelCard:
         return _model_card(model, pool.get(model))
 
@@ -260,9 +307,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready", summary="readiness: every worker is ready")
+    @app.get("/ready", summary="readiness: every model has a ready worker, and not draining")
     async def ready() -> JSONResponse:
-        workers = {name: w.ready for name, w in pool.workers.items()}
+        workers = {name: g.ready for name, g in pool.groups.items()}
+        if drain.draining:
+            return JSONResponse({"status": "draining", "workers": workers}, 503)
         status = 200 if all(workers.values()) else 503
         return JSONResponse({"status": "ready" if status == 200 else "not ready", "workers": workers}, status)
 

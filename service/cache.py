@@ -1,7 +1,8 @@
 """The embedding cache: Redis when GENEMBED_REDIS_URL is set, an in-memory LRU otherwise.
 
-The key names everything that determines a vector (model id, worker revision, K, input type,
-instruction, o1 seed and samples, exact text or token ids); the value is the full float32 vector with its token count,
+The key names everything that determines a vector (model id, worker revision, K, the `auto` tolerance,
+whether the trajectory is kept, input type, instruction, o1 seed and samples, exact text or token ids);
+the value is the full float32 vector (and trajectory) with its token count and the steps that ran,
 so `dimensions`, encoding and usage are applied after a hit exactly as after a computation.
 The cache is an optimisation, never a dependency: a Redis that fails or is slow is bypassed
 (uncached service, one log line per outage) and retried every `redis_retry_s` until it answers.
@@ -33,8 +34,8 @@ from service.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-_VALUE_HEADER = struct.Struct("<IB")  # prompt tokens, truncated
-_KEY_PREFIX = b"genembed:emb:v1:"
+_VALUE_HEADER = struct.Struct("<IBHH")  # prompt tokens, truncated, steps run, trajectory rows
+_KEY_PREFIX = b"genembed:emb:v2:"
 T = TypeVar("T")
 
 
@@ -43,25 +44,46 @@ class CachedEmbedding:
     vector: np.ndarray  # float32, the worker's full dimension
     prompt_tokens: int
     truncated: bool
+    steps: int = 0  # steps that ran (fewer than the budget when `auto` stopped early)
+    trajectory: np.ndarray | None = None  # [steps, D] float32, when the input asked for it
 
     def encode(self) -> bytes:
-        return _VALUE_HEADER.pack(self.prompt_tokens, self.truncated) + self.vector.astype("<f4").tobytes()
+        rows = np.zeros((0, len(self.vector)), "<f4") if self.trajectory is None else self.trajectory.astype("<f4")
+        header = _VALUE_HEADER.pack(self.prompt_tokens, self.truncated, self.steps, len(rows))
+        return header + self.vector.astype("<f4").tobytes() + rows.tobytes()
 
     @classmethod
     def decode(cls, value: bytes) -> CachedEmbedding:
-        tokens, truncated = _VALUE_HEADER.unpack_from(value)
-        return cls(np.frombuffer(value, "<f4", offset=_VALUE_HEADER.size), tokens, bool(truncated))
+        tokens, truncated, steps, rows = _VALUE_HEADER.unpack_from(value)
+        values = np.frombuffer(value, "<f4", offset=_VALUE_HEADER.size).reshape(rows + 1, -1)
+        return cls(values[0], tokens, bool(truncated), steps, values[1:] if rows else None)
+
+    def copy(self) -> CachedEmbedding:
+        """Own arrays: a worker's vector is a view that would keep its whole response body alive."""
+        trajectory = None if self.trajectory is None else self.trajectory.copy()
+        return CachedEmbedding(self.vector.copy(), self.prompt_tokens, self.truncated, self.steps, trajectory)
 
     @property
     def nbytes(self) -> int:
-        return _VALUE_HEADER.size + self.vector.nbytes
+        return _VALUE_HEADER.size + self.vector.nbytes + (0 if self.trajectory is None else self.trajectory.nbytes)
 
 
 def cache_key(info: ModelInfo, item: EmbedItem) -> bytes:
     """Also the coalescer's identity of an input: equal keys are computed once. `item.steps` is resolved."""
     body = item.text if item.text is not None else item.token_ids
     identity = msgpack.packb(
-        [info.id, info.revision, item.steps, item.input_type, item.instruction, item.seed, item.samples, body]
+        [
+            info.id,
+            info.revision,
+            item.steps,
+            item.tolerance,
+            item.trajectory,
+            item.input_type,
+            item.instruction,
+            item.seed,
+            item.samples,
+            body,
+        ]
     )
     return _KEY_PREFIX + hashlib.blake2b(identity, digest_size=20).digest()
 
@@ -102,8 +124,7 @@ class MemoryCache:
             if value.nbytes > self.max_bytes:
                 continue
             self._drop(key)
-            # Own copy: a worker's vector is a view that would keep its whole response body alive.
-            value = CachedEmbedding(value.vector.copy(), value.prompt_tokens, value.truncated)
+            value = value.copy()
             self._entries[key] = (value, expires)
             self.nbytes += value.nbytes
         while self.nbytes > self.max_bytes:

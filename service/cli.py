@@ -10,10 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+from model_server.logs import configure_logging
 from model_server.specs import DEFAULT_MODEL
 from service.settings import GatewaySettings
+
+log = logging.getLogger("genembed.serve")
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +32,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-kv-tokens", type=int)
     p.add_argument("--max-waiting-seqs", type=int)
     p.add_argument("--log-level")
+    p.add_argument("--log-format", choices=["text", "json"], help="json: one object per line (default text)")
     p.set_defaults(run=run_worker)
 
 
@@ -35,11 +40,12 @@ def run_worker(args: argparse.Namespace) -> int:
     import uvicorn
 
     from model_server.app import create_app
+    from model_server.drain import DrainingServer
     from model_server.settings import WorkerSettings
 
     flags = {k: v for k, v in vars(args).items() if k not in ("run", "command") and v is not None}
     settings = WorkerSettings(**flags)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     server: uvicorn.Server | None = None
     failed: list[BaseException] = []
 
@@ -53,8 +59,11 @@ def run_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad spec name or file
         print(f"genembed worker: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    server = uvicorn.Server(config)
+    # log_config=None: uvicorn's loggers use ours (the format, the request id); /embed logs its own lines.
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None, access_log=False
+    )
+    server = DrainingServer(config, app.state.drain)  # SIGTERM: /ready false, in-flight /embed calls finish
     server.run()
     if failed:
         print(f"genembed worker: {failed[0]}", file=sys.stderr)
@@ -70,6 +79,7 @@ def _add_gateway_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-keys-file", help="accepted API keys, one per line")
     p.add_argument("--request-timeout-s", type=float, help="deadline of one request (default 30)")
     p.add_argument("--log-level")
+    p.add_argument("--log-format", choices=["text", "json"], help="json: one object per line (default text)")
 
 
 def _add_gateway(sub: argparse._SubParsersAction) -> None:
@@ -90,13 +100,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", dest="models", action="append", metavar="SPEC", help=f"repeatable (default {DEFAULT_MODEL})"
     )
+    p.add_argument(
+        "--replicas", type=int, default=1, metavar="N", help="workers per --model, each on its own port (default 1)"
+    )
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for the workers to load")
     _add_gateway_flags(p)
     p.set_defaults(run=run_serve)
 
 
 def _gateway_settings(args: argparse.Namespace, **extra: object) -> GatewaySettings:
-    skip = ("run", "command", "models", "ready_timeout")
+    skip = ("run", "command", "models", "ready_timeout", "replicas")
     flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     return GatewaySettings(**flags, **extra)
 
@@ -104,16 +117,21 @@ def _gateway_settings(args: argparse.Namespace, **extra: object) -> GatewaySetti
 def _run_gateway(settings: GatewaySettings) -> int:
     import uvicorn
 
+    from model_server.drain import DrainingServer
     from service.app import create_app
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per worker call and probe
     try:
         app = create_app(settings)
     except (ValueError, OSError) as exc:  # bad --worker entries, unreadable keys file
         print(f"genembed gateway: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # log_config=None: uvicorn's loggers use ours; the app writes one access line per request, with its id.
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None, access_log=False
+    )
+    DrainingServer(config, app.state.drain).run()  # SIGTERM: /ready false, 503 for new requests, in-flight finish
     return 0
 
 
@@ -142,34 +160,94 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
     raise RuntimeError(f"the worker at {url} was not ready after {timeout:g} s")
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+class _Worker:
+    """One `genembed worker` child of `serve`, on a fixed port (the gateway's URL for it never changes)."""
+
+    def __init__(self, cmd: list[str], port: int) -> None:
+        self.cmd = [*cmd, "--port", str(port)]
+        self.url = f"http://127.0.0.1:{port}"
+        self.backoff_s = 0.0
+        self.restart_at: float | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd)  # GENEMBED_WORKER_* pass through
+        self.started_at = time.monotonic()
+
+
+class _Supervisor:
+    """Keeps `serve`'s workers running: one that exits is started again on its port after a backoff that
+    doubles with each quick failure (1 s up to 60 s; back to 1 s once a worker has run 60 s). The gateway's
+    probe takes it back when it is ready; nothing else restarts."""
+
+    BACKOFF_MIN_S, BACKOFF_MAX_S, STABLE_S, POLL_S = 1.0, 60.0, 60.0, 0.5
+
+    def __init__(self) -> None:
+        self.workers: list[_Worker] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="genembed-supervisor", daemon=True)
+
+    def watch(self) -> None:
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.POLL_S):
+            now = time.monotonic()
+            for worker in self.workers:
+                if worker.proc.poll() is None:
+                    continue
+                if worker.restart_at is None:
+                    quick = now - worker.started_at < self.STABLE_S and worker.backoff_s > 0
+                    worker.backoff_s = min(worker.backoff_s * 2, self.BACKOFF_MAX_S) if quick else self.BACKOFF_MIN_S
+                    worker.restart_at = now + worker.backoff_s
+                    log.warning(
+                        "worker %s exited with status %s after %.0f s; restarting it in %g s",
+                        worker.url,
+                        worker.proc.returncode,
+                        now - worker.started_at,
+                        worker.backoff_s,
+                    )
+                elif now >= worker.restart_at:
+                    worker.restart_at = None
+                    worker.start()
+                    log.warning("worker %s restarted (pid %d)", worker.url, worker.proc.pid)
+
+    def stop(self) -> None:
+        """No more restarts; then SIGTERM every worker (each drains what it still has) and wait for them."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        procs = [w.proc for w in self.workers]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """Workers first, then the gateway in the foreground. On SIGTERM the gateway drains first (its in-flight
+    requests finish on the workers), then the workers are stopped: the order that drops nothing."""
+
     def interrupted(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, interrupted)  # uvicorn takes it over while serving, then re-raises it
-    procs: list[subprocess.Popen] = []
+    if args.replicas < 1:
+        print("genembed serve: --replicas must be at least 1", file=sys.stderr)
+        return 2
+    supervisor = _Supervisor()
     try:
-        workers = []
         for model in args.models or [DEFAULT_MODEL]:
-            port = _free_port()
             cmd = [sys.executable, "-m", "service.cli", "worker", "--model", model, "--host", "127.0.0.1"]
-            procs.append(subprocess.Popen([*cmd, "--port", str(port)]))  # GENEMBED_WORKER_* pass through
-            workers.append(f"http://127.0.0.1:{port}")
-        named = [
-            f"{_wait_ready(url, proc, args.ready_timeout)}={url}" for url, proc in zip(workers, procs, strict=True)
-        ]
+            cmd += ["--log-format", args.log_format] if args.log_format else []
+            supervisor.workers += [_Worker(cmd, _free_port()) for _ in range(args.replicas)]
+        named = [f"{_wait_ready(w.url, w.proc, args.ready_timeout)}={w.url}" for w in supervisor.workers]
+        supervisor.watch()
         return _run_gateway(_gateway_settings(args, workers=named))
     except RuntimeError as exc:
         print(f"genembed serve: {exc}", file=sys.stderr)
@@ -177,7 +255,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        _stop(procs)
+        supervisor.stop()
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -2,7 +2,8 @@
 
 Every distinct input in flight is one *slot*, keyed by its cache key: identical inputs of
 concurrent callers share a slot and are computed once. Slots queue FIFO; a dispatcher takes them
-into worker calls bounded by items and estimated tokens, at most `max_concurrent_calls` at a time.
+into worker calls bounded by items and estimated tokens, at most `max_concurrent_calls` per ready worker at a
+time (the model's `WorkerGroup` routes each call and retries one whose worker failed).
 When the worker is idle a call leaves at once (no added latency); while calls are in flight the
 dispatcher waits up to `max_wait` for a fuller batch. A large request simply contributes many slots,
 so it is split across calls and interleaved with others. Each caller gets its own results in order.
@@ -20,18 +21,25 @@ admits at most one round of calls. A request arriving while nothing is pending i
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from model_server import tracing
+from model_server.logs import request_id_var
 from model_server.protocol import EmbedItem, EmbedRequest, ItemError
 from service.metrics import GatewayMetrics
 from service.openai_api import ApiError, DeadlineExceeded, Overloaded
 from service.settings import GatewaySettings
-from service.workers import WorkerClient
+from service.workers import WorkerGroup
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 # Accept work only if it is expected to finish within this share of the deadline (estimates are rough).
 _DEADLINE_SHARE = 0.5
@@ -45,7 +53,7 @@ class CoalescerLimits:
     max_items: int
     max_tokens: int
     max_wait_s: float
-    max_concurrent_calls: int
+    max_concurrent_calls: int  # per ready worker
     max_queued_items: int
     step_cost_tokens: float
     deadline_s: float
@@ -75,6 +83,8 @@ class ItemOutcome:
     prompt_tokens: int
     truncated: bool
     error: ItemError | None
+    steps: int = 0  # steps that ran
+    trajectory: np.ndarray | None = None  # [steps, D] when the item asked for it
 
 
 @dataclass
@@ -99,7 +109,9 @@ class _Slot:
     cost: float
     future: asyncio.Future
     created_at: float
+    trace: Context | None  # of the caller that brought it: its worker call's parent (or a link)
     waiters: int = 0
+    deadline: float = 0.0  # the latest of its waiters' deadlines (loop time): bounds a retry
     active: bool = True  # counted in the pending totals; False once answered or abandoned
     call: _Call | None = None
     dispatched_at: float | None = None
@@ -145,11 +157,11 @@ def _mark_seen(future: asyncio.Future) -> None:
 
 
 class Coalescer:
-    """One per model, in front of its worker."""
+    """One per model, in front of its workers."""
 
-    def __init__(self, model: str, worker: WorkerClient, limits: CoalescerLimits, metrics: GatewayMetrics) -> None:
+    def __init__(self, model: str, workers: WorkerGroup, limits: CoalescerLimits, metrics: GatewayMetrics) -> None:
         self.model = model
-        self.worker = worker
+        self.workers = workers
         self.limits = limits
         self.metrics = metrics
         self._slots: dict[bytes, _Slot] = {}  # active slots, queued or in a call
@@ -157,7 +169,7 @@ class Coalescer:
         self._queued = 0  # active slots in the queue
         self._pending_cost = 0.0  # of active slots
         self._calls: set[asyncio.Task] = set()
-        self._call_slots = asyncio.Semaphore(limits.max_concurrent_calls)
+        self._room = asyncio.Event()  # set when a call ends
         self._wakeup = asyncio.Event()
         self._throughput = _Throughput()
         self._dispatcher: asyncio.Task | None = None
@@ -176,8 +188,8 @@ class Coalescer:
     async def embed(self, work: list[WorkItem], deadline: float, request_id: str) -> Coalesced:
         """Results for `work` in order; `deadline` is in loop time. Raises Overloaded, DeadlineExceeded
         or the ApiError of a failed worker call."""
-        if not self.worker.ready:
-            raise self.worker.unavailable()
+        if not self.workers.ready:
+            raise self.workers.unavailable()
         loop = asyncio.get_running_loop()
         submitted = loop.time()
         fresh: dict[bytes, _Slot] = {}
@@ -195,6 +207,7 @@ class Coalescer:
         slots = [self._slots[w.key] for w in work]
         for slot in slots:
             slot.waiters += 1
+            slot.deadline = max(slot.deadline, deadline)
         try:
             _, pending = await asyncio.wait(
                 {s.future for s in slots}, timeout=max(deadline - loop.time(), 0), return_when=asyncio.FIRST_EXCEPTION
@@ -208,6 +221,9 @@ class Coalescer:
         if pending:
             raise DeadlineExceeded(f"the request did not finish within its {self.limits.deadline_s:g} s deadline")
         dispatched = [max(s.dispatched_at or submitted, submitted) for s in slots]
+        tracing.record_span(
+            "queue", submitted, max(dispatched), {"genembed.items": len(slots), "genembed.new_items": len(fresh)}
+        )
         return Coalesced(
             outcomes=[s.future.result() for s in slots],
             queue_s=max(dispatched) - submitted,
@@ -217,13 +233,13 @@ class Coalescer:
     def _new_slot(self, work: WorkItem, request_id: str, now: float) -> _Slot:
         item = work.item
         tokens = len(item.token_ids) if item.token_ids is not None else len((item.text or "").encode()) // 3 + 1
-        info = self.worker.info
+        info = self.workers.info
         if info is not None and item.truncate:
             tokens = min(tokens, info.max_input_tokens)
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_mark_seen)
         cost = tokens + (item.steps or 0) * self.limits.step_cost_tokens
-        return _Slot(work.key, item, request_id, tokens, cost, future, created_at=now)
+        return _Slot(work.key, item, request_id, tokens, cost, future, created_at=now, trace=tracing.current_context())
 
     def _admit(self, fresh: list[_Slot]) -> None:
         """Raise Overloaded unless the new work can finish within the deadline behind what is pending."""
@@ -235,7 +251,7 @@ class Coalescer:
         if pending + len(fresh) > limits.max_queued_items:
             raise self._overloaded(f"{pending} inputs are already queued", wait_s)
         if rate is None:  # nothing measured yet: one round of calls
-            if pending + len(fresh) > limits.max_items * limits.max_concurrent_calls:
+            if pending + len(fresh) > limits.max_items * self._max_calls():
                 raise self._overloaded("the worker is warming up", wait_s)
         elif wait_s > limits.deadline_s * _DEADLINE_SHARE:
             raise self._overloaded(
@@ -277,14 +293,21 @@ class Coalescer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            await self._call_slots.acquire()
+            if len(self._calls) >= self._max_calls():
+                self._room.clear()
+                await self._room.wait()
+                continue
             if self._calls and self._queued < limits.max_items and limits.max_wait_s > 0:
                 await asyncio.sleep(limits.max_wait_s)  # the worker is busy anyway: let the batch fill
             batch = self._take()
             if not batch:
-                self._call_slots.release()
                 continue
             self._dispatch(batch)
+
+    def _max_calls(self) -> int:
+        """Calls in flight the model's workers take: the per-worker bound times the ready ones (at least one
+        round, so queued inputs still meet a worker that has just gone down and fail at once)."""
+        return self.limits.max_concurrent_calls * max(1, self.workers.ready_count)
 
     def _take(self) -> list[_Slot]:
         batch: list[_Slot] = []
@@ -311,29 +334,44 @@ class Coalescer:
         self.metrics.batch_items.labels(self.model).observe(len(batch))
         self._throughput.call_started(now)
         request_ids = ",".join(dict.fromkeys(s.request_id for s in batch))
-        call.task = asyncio.create_task(self._run_call(batch, EmbedRequest([s.item for s in batch], request_ids)))
+        context = contextvars.copy_context()  # the call's log lines carry the ids of the requests it serves
+        context.run(request_id_var.set, request_ids)
+        request = EmbedRequest([s.item for s in batch], request_ids)
+        call.task = asyncio.create_task(self._run_call(batch, request), context=context)
         self._calls.add(call.task)
-        call.task.add_done_callback(lambda task: self._call_done(batch, now, task))
+        call.task.add_done_callback(lambda task: self._call_done(batch, now, task), context=context)
 
     async def _run_call(self, batch: list[_Slot], request: EmbedRequest) -> str:
-        """Resolve every slot of the call; returns the outcome label."""
+        """Resolve every slot of the call; returns the outcome label.
+
+        Its span is a child of the first caller's request span, linked to the other callers' (a batch serves many).
+        """
+        traces = {id(s.trace): s.trace for s in batch if s.trace is not None}
+        parent, *others = traces.values() or [None]
+        ids = request.request_id or ""
+        attributes = {"genembed.model": self.model, "genembed.items": len(batch), "genembed.request_ids": ids}
         try:
-            response = await self.worker.embed(request)
+            with tracing.span("worker.call", kind="client", parent=parent, links=others, attributes=attributes):
+                response = await self.workers.embed(request, max(s.deadline for s in batch))
             if len(response.results) != len(batch):
                 raise ApiError(f"the worker for model {self.model!r} answered {len(response.results)} of {len(batch)}")
         except ApiError as exc:
             for slot in batch:
                 slot.future.set_exception(exc)
             return exc.code or "error"
-        for slot, result, vector in zip(batch, response.results, response.vector_for(), strict=True):
-            slot.future.set_result(ItemOutcome(vector, result.prompt_tokens, result.truncated, result.error))
+        for slot, result, output in zip(batch, response.results, response.outputs(), strict=True):
+            vector, trajectory = output if output is not None else (None, None)
+            trajectory = trajectory if slot.item.trajectory else None
+            slot.future.set_result(
+                ItemOutcome(vector, result.prompt_tokens, result.truncated, result.error, result.steps, trajectory)
+            )
         return "ok"
 
     def _call_done(self, batch: list[_Slot], started: float, task: asyncio.Task) -> None:
         """Runs however the call ended, even cancelled before it started: frees its slots and its place."""
         now = asyncio.get_running_loop().time()
         self._calls.discard(task)
-        self._call_slots.release()
+        self._room.set()
         if task.cancelled():
             outcome = "cancelled"
         elif task.exception() is not None:

@@ -8,11 +8,12 @@ encoding are the HTTP layer's business, so the cache holds one entry per input w
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from model_server import tracing
 from model_server.protocol import (
     INTERNAL_ERROR,
     STEPS_OUT_OF_RANGE,
@@ -24,20 +25,26 @@ from model_server.protocol import (
 )
 from service.cache import CachedEmbedding, EmbeddingCache, cache_key
 from service.coalescer import Coalescer, CoalescerLimits, WorkItem
+from service.limits import meter_tokens
 from service.metrics import GatewayMetrics
 from service.openai_api import ApiError, InvalidRequest
 from service.settings import GatewaySettings
 from service.workers import WorkerPool
 
+#: `refinement_steps: "auto"` stops a sequence once a step moves its embedding by less than this (1 - cos)
+DEFAULT_TOLERANCE = 1e-3
+
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    refinement_steps: int | None = None  # None: the model's default
+    refinement_steps: int | Literal["auto"] | None = None  # None: the model's default
     input_type: InputType = "query"
     instruction: str | None = None  # None: the model's default
     truncate: bool = True
     seed: int | None = None  # o1 thoughts; None: the worker's default seed
     samples: int | None = None  # o1 thoughts per input; None: the model's default
+    tolerance: float = DEFAULT_TOLERANCE  # with "auto": stop once a step moves the embedding by less (1 - cos)
+    trajectory: bool = False  # also the embedding after every step
 
 
 @dataclass
@@ -47,6 +54,8 @@ class Embeddings:
     cache: Literal["hit", "miss", "partial"]
     queue_s: float
     compute_s: float
+    steps: list[int] = field(default_factory=list)  # per input, the refinement steps that ran
+    trajectories: list[np.ndarray] | None = None  # per input [steps, D], when asked for
 
 
 class Embedder:
@@ -57,7 +66,7 @@ class Embedder:
         self.cache = cache
         self.metrics = metrics
         limits = CoalescerLimits.from_settings(settings)
-        self.coalescers = {name: Coalescer(name, w, limits, metrics) for name, w in pool.workers.items()}
+        self.coalescers = {name: Coalescer(name, g, limits, metrics) for name, g in pool.groups.items()}
         self._timeout_s = settings.request_timeout_s
         self._writes: set[asyncio.Task] = set()  # cache stores run after the response
 
@@ -69,15 +78,16 @@ class Embedder:
         await asyncio.gather(*(c.aclose() for c in self.coalescers.values()), *self._writes)
 
     def model_info(self, model: str) -> ModelInfo:
-        """The serving worker's last /info; raises ModelNotFound (404), or Unavailable (503) before the first.
+        """The model's workers' last /info; raises ModelNotFound (404), or Unavailable (503) before the first.
 
-        A worker that is down keeps its last info, so requests it would answer from the cache still succeed;
+        While every worker is down the last info is kept, so requests the cache would answer still succeed;
         the coalescer refuses the rest at once.
         """
-        worker = self.pool.get(model)
-        if worker.info is None:
-            raise worker.unavailable()
-        return worker.info
+        group = self.pool.get(model)
+        info = group.info
+        if info is None:
+            raise group.unavailable()
+        return info
 
     async def embed(
         self, model: str, inputs: list[str | list[int]], options: EmbedOptions, request_id: str
@@ -86,7 +96,9 @@ class Embedder:
         info = self.model_info(model)
         items = self._items(model, info, inputs, options)
         keys = [cache_key(info, item) for item in items]
-        found = await self.cache.get_many(keys)
+        with tracing.span("cache.lookup", attributes={"genembed.items": len(keys)}) as span:
+            found = await self.cache.get_many(keys)
+            tracing.set_attributes(span, {"genembed.cache.hits": sum(f is not None for f in found)})
         # A vector cut by truncation must not answer a request that forbids truncation.
         results = [c if c is not None and (options.truncate or not c.truncated) else None for c in found]
         misses = [i for i, r in enumerate(results) if r is None]
@@ -103,7 +115,9 @@ class Embedder:
                 if outcome.error is not None:
                     failure = failure or _item_error(i, len(items), outcome.error)
                     continue
-                results[i] = fresh[keys[i]] = CachedEmbedding(outcome.vector, outcome.prompt_tokens, outcome.truncated)
+                results[i] = fresh[keys[i]] = CachedEmbedding(
+                    outcome.vector, outcome.prompt_tokens, outcome.truncated, outcome.steps, outcome.trajectory
+                )
             if fresh:
                 task = asyncio.create_task(self.cache.put_many(fresh))
                 self._writes.add(task)
@@ -111,10 +125,18 @@ class Embedder:
             if failure is not None:
                 raise failure
         prompt_tokens = sum(r.prompt_tokens for r in results)
+        meter_tokens(prompt_tokens)
         self.metrics.input_tokens.labels(model).inc(prompt_tokens)
-        self.metrics.refinement_steps.labels(model).observe(items[0].steps or 0)
+        for result in results:
+            self.metrics.refinement_steps.labels(model).observe(result.steps)
+        trajectories = None
+        if options.trajectory:  # K = 0 has none: an empty one
+            empty = np.zeros((0, info.dimension), np.float32)
+            trajectories = [r.trajectory if r.trajectory is not None else empty for r in results]
         return Embeddings(
             vectors=np.stack([r.vector for r in results]),
+            steps=[r.steps for r in results],
+            trajectories=trajectories,
             prompt_tokens=prompt_tokens,
             cache="miss" if len(misses) == len(items) else "partial" if misses else "hit",
             queue_s=queue_s,
@@ -124,7 +146,23 @@ class Embedder:
     @staticmethod
     def _items(model: str, info: ModelInfo, inputs: list[str | list[int]], options: EmbedOptions) -> list[EmbedItem]:
         """Resolve K and reject what the worker would (early: no queue place, no worker round trip)."""
-        steps = info.default_refinement_steps if options.refinement_steps is None else options.refinement_steps
+        tolerance = None
+        if options.refinement_steps == "auto":
+            if info.method != "gircse":
+                raise InvalidRequest(
+                    f"refinement_steps 'auto' is only for gircse models; model {model!r} is {info.method}",
+                    param="refinement_steps",
+                )
+            steps, tolerance = info.max_refinement_steps, options.tolerance
+        elif options.refinement_steps is None:
+            steps = info.default_refinement_steps
+        else:
+            steps = options.refinement_steps
+        if options.trajectory and info.method == "o1":
+            raise InvalidRequest(
+                "return_trajectory is not available for o1 models: a thought has an embedding only at its end",
+                param="return_trajectory",
+            )
         if not info.min_refinement_steps <= steps <= info.max_refinement_steps:
             raise InvalidRequest(
                 f"refinement_steps={steps} is outside the range model {model!r} accepts: "
@@ -153,6 +191,8 @@ class Embedder:
                     truncate=options.truncate,
                     seed=options.seed,
                     samples=options.samples,
+                    tolerance=tolerance,
+                    trajectory=options.trajectory,
                 )
             )
         return items

@@ -47,7 +47,11 @@ class GatewayMetrics:
             "genembed_gateway_input_tokens", "Prompt tokens of answered inputs", ["model"], registry=reg
         )
         self.refinement_steps = Histogram(
-            "genembed_gateway_refinement_steps", "K of each input", ["model"], buckets=_STEPS, registry=reg
+            "genembed_gateway_refinement_steps",
+            "Refinement steps each input ran (or its cached entry did)",
+            ["model"],
+            buckets=_STEPS,
+            registry=reg,
         )
         self.cache_items = Counter(
             "genembed_gateway_cache_items", "Cache lookups per input, by result (hit/miss)", ["result"], registry=reg
@@ -57,4 +61,39 @@ class GatewayMetrics:
         )
         self.cache_available = Gauge(
             "genembed_gateway_cache_available", "1 while the cache backend answers, 0 during an outage", registry=reg
+        )
+        # Per API key: `key` is the key's name from the keys file (never the secret).
+        self.key_requests = Counter(
+            "genembed_gateway_key_requests", "Requests admitted, per API key", ["key"], registry=reg
+        )
+        self.key_tokens = Counter(
+            "genembed_gateway_key_tokens", "Prompt tokens charged, per API key", ["key"], registry=reg
+        )
+        self.key_rejections = Counter(
+            "genembed_gateway_key_rejections",
+            "Requests refused by a key's rate limit, by limit (requests, tokens)",
+            ["key", "limit"],
+            registry=reg,
+        )
+        # The fleet: per worker address (`worker` is its URL), and per model.
+        self.worker_outstanding = Gauge(
+            "genembed_gateway_worker_outstanding_items",
+            "Inputs in calls in flight to one worker (what routing compares)",
+            ["model", "worker"],
+            registry=reg,
+        )
+        self.worker_calls = Counter(
+            "genembed_gateway_worker_calls",
+            "Worker /embed calls, by outcome",
+            ["model", "worker", "outcome"],
+            registry=reg,
+        )
+        self.worker_retries = Counter(
+            "genembed_gateway_worker_retries",
+            "Calls retried on another worker after theirs failed",
+            ["model"],
+            registry=reg,
+        )
+        self.workers_ready = Gauge(
+            "genembed_gateway_workers_ready", "Workers taking new calls", ["model"], registry=reg
         )

@@ -8,14 +8,17 @@ worker client, routes) can raise the one the caller must see; `error_response` r
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import orjson
 from fastapi import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model_server.protocol import InputType
+
+if TYPE_CHECKING:
+    from service.embedder import Embeddings
 
 EncodingFormat = Literal["float", "base64"]
 
@@ -62,6 +65,12 @@ class Overloaded(ApiError):
     status, type, code = 429, "rate_limit_error", "overloaded"
 
 
+class RateLimited(ApiError):
+    """The API key's requests or tokens per minute are spent; `retry_after` says when enough is back."""
+
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
 class Unavailable(ApiError):
     status, type, code = 503, "server_error", "worker_unavailable"
 
@@ -92,7 +101,14 @@ class EmbeddingRequest(BaseModel):
     encoding_format: EncodingFormat = "float"
     dimensions: int | None = Field(default=None, gt=0, description="truncate, then re-normalise")
     user: str | None = None
-    refinement_steps: int | None = Field(default=None, description="K; the model's default when omitted")
+    refinement_steps: int | Literal["auto"] | None = Field(
+        default=None,
+        description="K; the model's default when omitted; 'auto' (gircse): stop once another step changes little",
+    )
+    refinement_tolerance: float | None = Field(
+        default=None, ge=0, description="with 'auto': stop once 1 - cos(step i, step i-1) is below it (default 1e-3)"
+    )
+    return_trajectory: bool = Field(default=False, description="also the embedding after each step 1..K")
     input_type: InputType = "query"
     instruction: str | None = Field(default=None, description="overrides the model's default instruction")
     truncate: bool = Field(default=True, description="false: inputs over the model's limit are a 400")
@@ -110,6 +126,12 @@ class EmbeddingRequest(BaseModel):
                 raise ValueError(f"input[{i}] is empty; empty strings and empty token lists are not embeddable")
         return value
 
+    @model_validator(mode="after")
+    def _tolerance_needs_auto(self) -> EmbeddingRequest:
+        if self.refinement_tolerance is not None and self.refinement_steps != "auto":
+            raise ValueError("refinement_tolerance applies only with refinement_steps 'auto'")
+        return self
+
     def inputs(self) -> list[str | list[int]]:
         """Every input as one text or one token-id list, in request order."""
         return _as_inputs(self.input)
@@ -125,6 +147,10 @@ class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+    refinement_steps: int | None = Field(default=None, description="with 'auto' or a trajectory: the steps that ran")
+    trajectory: list[list[float] | str] | None = Field(
+        default=None, description="with return_trajectory: the embedding after each step 1..K, encoded as `embedding`"
+    )
 
 
 class Usage(BaseModel):
@@ -148,18 +174,29 @@ def apply_dimensions(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
     return (cut / np.where(norms == 0, 1, norms)).astype(np.float32)
 
 
-def render_embeddings(
-    vectors: np.ndarray, model: str, prompt_tokens: int, encoding_format: EncodingFormat, headers: dict[str, str]
-) -> Response:
-    """Serialise with orjson straight from float32 (the shortest repr that round-trips to the same float32)."""
-    if encoding_format == "base64":
-        rows: list = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
-    else:
-        rows = list(vectors)
+def render_embeddings(embeddings: Embeddings, request: EmbeddingRequest, headers: dict[str, str]) -> Response:
+    """Serialise with orjson straight from float32 (the shortest repr that round-trips to the same float32).
+    `dimensions` applies to trajectories as to the vectors; `refinement_steps` is reported when it can
+    differ from what was asked (`auto`) or a trajectory's length depends on it."""
+
+    def encode(vectors: np.ndarray) -> list:
+        vectors = apply_dimensions(vectors, request.dimensions)
+        if request.encoding_format == "base64":
+            return [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
+        return list(vectors)
+
+    data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(encode(embeddings.vectors))]
+    if request.refinement_steps == "auto" or request.return_trajectory:
+        for item, steps in zip(data, embeddings.steps, strict=True):
+            item["refinement_steps"] = steps
+    if embeddings.trajectories is not None:
+        for item, trajectory in zip(data, embeddings.trajectories, strict=True):
+            item["trajectory"] = encode(trajectory)
+    prompt_tokens = embeddings.prompt_tokens
     body = {
         "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
-        "model": model,
+        "data": data,
+        "model": request.model,
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
     return Response(
@@ -186,6 +223,8 @@ class ModelCard(BaseModel):
     max_refinement_steps: int | None = None
     default_refinement_steps: int | None = None
     max_input_tokens: int | None = None
+    workers: int | None = Field(default=None, description="worker addresses known for this model")
+    workers_ready: int | None = Field(default=None, description="of them, the ones taking requests")
 
 
 class ModelList(BaseModel):

@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model_server.logs import LogFormat
+
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GENEMBED_", extra="ignore")
@@ -15,13 +17,18 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     workers: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="MODEL=URL per worker; MODEL is the name clients send"
+        default_factory=list,
+        description="MODEL=URL per worker, MODEL repeatable; MODEL=dns+http://NAME:PORT: every address of NAME",
     )
     log_level: str = "info"
+    log_format: LogFormat = Field(default="text", description="text, or json: one object per line")
+    otel: bool = Field(default=False, description="OpenTelemetry tracing (the otel extra; OTEL_* configure it)")
 
     # Auth
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted Bearer keys")
-    api_keys_file: Path | None = Field(default=None, description="one key per line, # comments")
+    api_keys_file: Path | None = Field(
+        default=None, description="one key per line (# comments), or a .toml file with names and rate limits"
+    )
     metrics_require_auth: bool = False
 
     # Limits and deadlines
@@ -42,6 +49,8 @@ class GatewaySettings(BaseSettings):
     # Workers
     worker_probe_interval_s: float = Field(default=2.0, gt=0)
     worker_probe_timeout_s: float = Field(default=5.0, gt=0)
+    worker_dns_interval_s: float = Field(default=5.0, gt=0, description="how often dns+http:// names are re-resolved")
+    drain_grace_s: float = Field(default=30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish")
 
     # Cache
     redis_url: str | None = Field(default=None, description="redis:// or rediss://; unset: in-memory LRU")
@@ -61,6 +70,12 @@ class GatewaySettings(BaseSettings):
     refine_timeout_s: float = Field(default=120.0, gt=0, description="deadline of one refine-query request")
     corpus_batch_size: int = Field(default=64, gt=0, description="documents embedded and stored per batch")
 
+    # Reranking (/v1/rerank; docs/rerank.md)
+    rerank_max_documents: int = Field(default=1000, gt=0, description="documents per rerank request (400 past it)")
+    rerank_timeout_s: float = Field(
+        default=120.0, gt=0, description="scoring budget of one request (worker calls also end at request_timeout_s)"
+    )
+
     @field_validator("workers", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -69,27 +84,17 @@ class GatewaySettings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    def worker_urls(self) -> dict[str, str]:
-        """`MODEL=URL` entries as a mapping; raises ValueError on a malformed or repeated entry."""
-        urls: dict[str, str] = {}
+    def worker_urls(self) -> dict[str, list[str]]:
+        """`MODEL=URL` entries grouped by model, in order; raises ValueError on a malformed or repeated entry."""
+        urls: dict[str, list[str]] = {}
         for entry in self.workers:
             model, sep, url = entry.partition("=")
             model, url = model.strip(), url.strip().rstrip("/")
-            if not sep or not model or not url.startswith(("http://", "https://")):
-                raise ValueError(f"worker {entry!r}: expected MODEL=http://host:port")
-            if model in urls:
-                raise ValueError(f"worker {entry!r}: model {model!r} is named twice (one worker per model)")
-            urls[model] = url
+            if not sep or not model or not url.startswith(("http://", "https://", "dns+http://", "dns+https://")):
+                raise ValueError(f"worker {entry!r}: expected MODEL=http://host:port or MODEL=dns+http://name:port")
+            if url in urls.get(model, []):
+                raise ValueError(f"worker {entry!r}: {url} is named twice for model {model!r}")
+            urls.setdefault(model, []).append(url)
         if not urls:
             raise ValueError("no workers: give at least one --worker MODEL=URL (or GENEMBED_WORKERS)")
         return urls
-
-    def all_api_keys(self) -> list[str]:
-        """Keys from GENEMBED_API_KEYS and the keys file; empty means auth is off."""
-        keys = list(self.api_keys)
-        if self.api_keys_file is not None:
-            for line in self.api_keys_file.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    keys.append(line)
-        return keys

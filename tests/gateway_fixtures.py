@@ -16,12 +16,13 @@ from tests.procs import free_port, genembed, running, wait_http
 
 @contextlib.contextmanager
 def gateway_process(
-    tmp_dir: Path, workers: dict[str, str], env: dict[str, str] | None = None, ready: bool = True
+    tmp_dir: Path, workers: dict[str, str | list[str]], env: dict[str, str] | None = None, ready: bool = True
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`genembed gateway` on a free port in front of `workers` (name -> URL); yields (base URL, process)."""
+    """`genembed gateway` on a free port in front of `workers` (name -> URL, or URLs); yields (base URL, process)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = genembed("gateway", "--port", str(port), *(f"--worker={m}={u}" for m, u in workers.items()))
+    entries = [(m, u) for m, urls in workers.items() for u in ([urls] if isinstance(urls, str) else urls)]
+    cmd = genembed("gateway", "--port", str(port), *(f"--worker={m}={u}" for m, u in entries))
     with running(cmd, f"{url}/health", timeout=60, env=env, log_path=tmp_dir / f"gateway-{port}.log") as proc:
         if ready:
             wait_http(f"{url}/ready", 30, proc)

@@ -23,6 +23,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def children(pid: int) -> list[int]:
+    """Child processes of `pid`, whichever of its threads started them."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return sorted(int(child) for task in tasks for child in (task / "children").read_text().split())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
     """Poll `url` until it answers 200; fail early if `proc` exits."""
     deadline = time.monotonic() + timeout
@@ -78,3 +92,33 @@ def worker_process(
     cmd = genembed("worker", "--model", model, "--port", str(port), *extra)
     with running(cmd, f"{url}/ready", env=env, log_path=tmp_dir / f"worker-{model.replace('/', '_')}-{port}.log") as p:
         yield url, p
+
+
+@contextlib.contextmanager
+def app_in_thread(app, force_exit: bool = False) -> Iterator[str]:
+    """A scripted ASGI app served by uvicorn on a free port in a thread; yields its base URL.
+    `force_exit`: on the way out, don't wait for calls the app keeps hanging."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        server.force_exit = force_exit
+        thread.join(5)
+
+
+def api_error(response: httpx.Response, status: int) -> dict:
+    """The body of an OpenAI-shaped error response with this status."""
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return body

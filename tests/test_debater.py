@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,26 @@ def test_long_document_is_cut_in_the_body_never_the_suffix(loaded):
             refused.prepare(EmbedItem(text=body, input_type="document", truncate=False))
     finally:
         worker.stop()
+
+
+def test_trajectory_is_every_deliberation_state(loaded, worker):
+    """`trajectory` (max-sim users): row i is what K = i gives, all from the K = 8 pass; queries have none."""
+    items = [
+        EmbedItem(text=DOCUMENT, input_type="document", steps=8, trajectory=True),
+        *(EmbedItem(text=DOCUMENT, input_type="document", steps=k) for k in range(1, 9)),
+        EmbedItem(text=QUERY, trajectory=True),
+    ]
+    response = asyncio.run(worker.embed(EmbedRequest(items=items)))
+    outputs = response.outputs()
+    vector, rows = outputs[0]
+    assert [r.trajectory for r in response.results] == [8, *[0] * 8, 0]
+    assert rows.shape == (8, loaded.dimension) and np.array_equal(rows[-1], vector)
+    for k in range(1, 9):
+        assert 1 - cosine(rows[k - 1], outputs[k][0]) <= 1e-10
+    assert outputs[-1][1].shape == (0, loaded.dimension)
+
+
+def test_auto_steps_are_refused(worker):
+    response = asyncio.run(worker.embed(EmbedRequest(items=[EmbedItem(text=DOCUMENT, steps=8, tolerance=1e-3)])))
+    error = response.results[0].error
+    assert error.code == "invalid_input" and error.param == "refinement_steps" and "gircse" in error.message

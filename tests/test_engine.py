@@ -44,7 +44,7 @@ def test_mixed_lengths_and_budgets_equal_their_references(worker64):
     futures = [_submit(worker64, ids, k) for ids, k in cases]
     model = worker64.loaded.model
     for future, (ids, k) in zip(futures, cases, strict=True):
-        assert 1 - cosine(future.result(timeout=60), reference_gircse(model, ids, k)) <= 1e-10
+        assert 1 - cosine(future.result(timeout=60).vector, reference_gircse(model, ids, k)) <= 1e-10
 
 
 def test_join_while_running_and_leave_at_own_k(worker64):
@@ -53,11 +53,11 @@ def test_join_while_running_and_leave_at_own_k(worker64):
     while _steps(worker64) < 3:  # the long one is decoding
         time.sleep(0.001)
     short = _submit(worker64, short_ids, 2)
-    short_vector = short.result(timeout=60)
+    short_vector = short.result(timeout=60).vector
     assert not long.done(), "the short request joined the running batch and left at its own K"
     model = worker64.loaded.model
     assert 1 - cosine(short_vector, reference_gircse(model, short_ids, 2)) <= 1e-10
-    assert 1 - cosine(long.result(timeout=60), reference_gircse(model, long_ids, 20)) <= 1e-10
+    assert 1 - cosine(long.result(timeout=60).vector, reference_gircse(model, long_ids, 20)) <= 1e-10
 
 
 def test_more_sequences_than_slots_all_complete_exactly(worker64):
@@ -65,7 +65,7 @@ def test_more_sequences_than_slots_all_complete_exactly(worker64):
     futures = [_submit(worker64, ids, k) for ids, k in cases]
     model = worker64.loaded.model
     for future, (ids, k) in zip(futures, cases, strict=True):
-        assert 1 - cosine(future.result(timeout=120), reference_gircse(model, ids, k)) <= 1e-10
+        assert 1 - cosine(future.result(timeout=120).vector, reference_gircse(model, ids, k)) <= 1e-10
 
 
 def test_cancelled_request_stops_costing_steps(tiny_dir):
@@ -81,7 +81,7 @@ def test_cancelled_request_stops_costing_steps(tiny_dir):
         assert _steps(worker) == settled, "steps kept running for a cancelled request"
         assert worker.engine.pending_work() == 0
         # and the engine still serves
-        assert _submit(worker, _ids(4, 4), 2).result(timeout=30) is not None
+        assert _submit(worker, _ids(4, 4), 2).result(timeout=30).vector is not None
     finally:
         worker.stop()
 
@@ -98,7 +98,7 @@ def test_queue_full_refuses_instead_of_growing(tiny_dir):
         assert worker.metrics.registry.get_sample_value("genembed_worker_rejected_requests_total") == 1
         busy.cancel()
         for future in waiting:
-            assert future.result(timeout=30).shape == (32,)
+            assert future.result(timeout=30).vector.shape == (32,)
     finally:
         worker.stop()
 
@@ -129,7 +129,7 @@ def test_eager_attention_matches_sdpa(tiny_dir):
     for attention in ("sdpa", "eager"):
         worker = start_worker(gircse_spec(tiny_dir, dtype="float64", attn_implementation=attention))
         try:
-            vectors.append(_submit(worker, ids, 3).result(timeout=30))
+            vectors.append(_submit(worker, ids, 3).result(timeout=30).vector)
         finally:
             worker.stop()
     assert 1 - cosine(*vectors) <= 1e-12

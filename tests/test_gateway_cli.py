@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.procs import REPO, free_port, genembed, running
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+from tests.procs import REPO, alive, children, free_port, genembed, running
 
 
 @pytest.mark.slow
@@ -46,7 +32,8 @@ def test_serve_starts_a_worker_per_model_and_stops_them_on_sigterm(tmp_path):
     [
         ([], "no workers: give at least one --worker MODEL=URL"),
         (["--worker", "minilm-l6"], "expected MODEL=http://host:port"),
-        (["--worker", "a=http://x:1", "--worker", "a=http://y:2"], "model 'a' is named twice"),
+        (["--worker", "a=http://x:1", "--worker", "a=http://x:1"], "http://x:1 is named twice for model 'a'"),
+        (["--worker", "a=dns+http://workers"], "expected dns+http://NAME:PORT"),
     ],
 )
 def test_gateway_refuses_bad_worker_arguments(args, message):

@@ -45,3 +45,11 @@ def test_o1_gircse_debater_and_pooled_in_flight_together(tmp_path):
         np.testing.assert_allclose(first, again, atol=1e-5)
         out_of_range = httpx.post(f"{url}/v1/embeddings", json={**requests[3], "refinement_steps": 9})
         assert out_of_range.status_code == 400 and "1..8" in out_of_range.json()["error"]["message"]
+        # debater's step states for max-sim: K rows, row i the K = i vector; o1 has none to give
+        states = httpx.post(f"{url}/v1/embeddings", json={**requests[3], "return_trajectory": True}, timeout=300)
+        rows = np.array(states.json()["data"][0]["trajectory"])
+        assert rows.shape == (4, 576) and np.allclose(rows[-1], states.json()["data"][0]["embedding"])
+        k2 = httpx.post(f"{url}/v1/embeddings", json={**requests[3], "refinement_steps": 2}, timeout=300)
+        assert float(rows[1] @ np.array(k2.json()["data"][0]["embedding"])) > 1 - 1e-5
+        o1 = httpx.post(f"{url}/v1/embeddings", json={**requests[0], "return_trajectory": True}, timeout=300)
+        assert o1.status_code == 400 and o1.json()["error"]["param"] == "return_trajectory"

@@ -15,7 +15,7 @@ import redis
 
 from tests.gateway_fixtures import gateway_process, redis_process
 from tests.llama import JUDGE_MODEL, llama_server
-from tests.procs import worker_process
+from tests.procs import api_error, worker_process
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +69,6 @@ def refine(client: httpx.Client, **body) -> dict:
     response = client.post("/v1/refine-query", json=body)
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()["error"]
-    assert set(body) == {"message", "type", "param", "code"}
-    return body
 
 
 def ranks(result: dict, key: str = "rank") -> dict[str, int]:
@@ -196,7 +189,7 @@ def test_hyde_passage_from_llama_cpp(gateway):
 )
 def test_bad_requests_in_openai_shape(gateway, body, status, param):
     body = {"model": "minilm-l6", "query": "q", "documents": DOCS, **body}
-    assert error(gateway.post("/v1/refine-query", json=body), status)["param"] == param
+    assert api_error(gateway.post("/v1/refine-query", json=body), status)["param"] == param
 
 
 def test_corpus_round_trip_through_redis(gateway, redis_url):
@@ -205,12 +198,13 @@ def test_corpus_round_trip_through_redis(gateway, redis_url):
     assert created.status_code == 201, created.text
     card = created.json()
     assert (card["documents"], card["dimension"], card["refinement_steps"]) == (6, 384, 0)
-    assert error(gateway.post("/v1/corpora", json={"id": "news", "model": "minilm-l6"}), 409)["code"] == "corpus_exists"
+    again = gateway.post("/v1/corpora", json={"id": "news", "model": "minilm-l6"})
+    assert api_error(again, 409)["code"] == "corpus_exists"
 
     added = gateway.post("/v1/corpora/news/documents", json={"documents": rest})
     assert added.status_code == 200 and added.json()["documents"] == len(DOCS)
     dup = gateway.post("/v1/corpora/news/documents", json={"documents": rest[:1]})
-    assert error(dup, 409)["code"] == "document_exists"
+    assert api_error(dup, 409)["code"] == "document_exists"
     assert gateway.get("/v1/corpora/news").json()["documents"] == len(DOCS)
 
     # In Redis: metadata, the id set, and chunks whose vectors are raw float32 bytes.
@@ -243,20 +237,20 @@ def test_corpus_round_trip_through_redis(gateway, redis_url):
         "/v1/refine-query",
         json={"model": "minilm-l6", "query": "q", "corpus_id": "news", "teacher": {"type": "labels", "labels": {}}},
     )
-    body = error(stale, 409)
+    body = api_error(stale, 409)
     assert body["code"] == "corpus_revision_mismatch" and "0ld" in body["message"]
-    assert error(gateway.post("/v1/corpora/news/documents", json={"documents": [{"id": "z", "text": "z"}]}), 409)
+    assert api_error(gateway.post("/v1/corpora/news/documents", json={"documents": [{"id": "z", "text": "z"}]}), 409)
     wrong_model = {
         "model": "smollm2-gircse",
         "query": "q",
         "corpus_id": "news",
         "teacher": {"type": "labels", "labels": {}},
     }
-    assert error(gateway.post("/v1/refine-query", json=wrong_model), 400)["param"] == "model"
+    assert api_error(gateway.post("/v1/refine-query", json=wrong_model), 400)["param"] == "model"
 
     assert gateway.delete("/v1/corpora/news").json() == {"id": "news", "object": "corpus.deleted", "deleted": True}
-    assert error(gateway.get("/v1/corpora/news"), 404)["code"] == "corpus_not_found"
-    assert error(gateway.delete("/v1/corpora/news"), 404)
+    assert api_error(gateway.get("/v1/corpora/news"), 404)["code"] == "corpus_not_found"
+    assert api_error(gateway.delete("/v1/corpora/news"), 404)
     assert not r.keys(b"genembed:corpus:v1:news*")
 
 
@@ -283,7 +277,7 @@ def test_a_stopped_judge_is_a_clear_502_within_the_deadline(minilm_worker, tmp_p
             started = time.monotonic()
             response = httpx.post(f"{url}/v1/refine-query", json=body, timeout=60)
             assert time.monotonic() - started < 5
-            failure = error(response, 502)
+            failure = api_error(response, 502)
             assert failure["code"] == "teacher_failed" and "unreachable" in failure["message"]
 
 

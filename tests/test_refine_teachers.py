@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -25,7 +23,7 @@ from service.refine.llm import CallError, ChatClient, yes_no_score
 from service.refine.teachers import Teachers
 from service.settings import GatewaySettings
 from service.workers import WorkerPool
-from tests.procs import free_port
+from tests.procs import app_in_thread, free_port
 
 
 def completion(*positions: list[tuple[str, float]]) -> dict:
@@ -112,15 +110,8 @@ class Script:
 @pytest.fixture(scope="module")
 def fake_judge() -> Iterator[tuple[str, Script]]:
     script = Script()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(script.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}/v1", script
-    server.should_exit = server.force_exit = True  # don't wait for the hung calls
-    thread.join(5)
+    with app_in_thread(script.app(), force_exit=True) as url:  # don't wait for the hung calls
+        yield f"{url}/v1", script
 
 
 def run_judge(url: str, documents: list[str], concurrency=4, timeout_s=2.0, budget_s=10.0, retries=1) -> list:
@@ -188,7 +179,7 @@ def test_unreachable_judge_fails_fast():
 def teachers_for(url: str | None, **settings) -> Teachers:
     s = GatewaySettings(workers=["m=http://127.0.0.1:9"], judge_url=url, judge_model="judge", **settings)
     metrics = GatewayMetrics()
-    return Teachers(s, Embedder(WorkerPool(s), MemoryCache(1 << 20, 0), s, metrics))
+    return Teachers(s, Embedder(WorkerPool(s, metrics), MemoryCache(1 << 20, 0), s, metrics))
 
 
 def score(teachers: Teachers, *doc_lists: list[str]) -> list:

@@ -15,6 +15,16 @@ from model_server.prompts import PreparedInput, PromptBuilder
 from model_server.runner import DecoderRunner
 
 
+@dataclass
+class Embedded:
+    """What a finished sequence yields: its vector, the steps it ran, and (when asked for) the embedding
+    after each of those steps, whose last row is the vector."""
+
+    vector: np.ndarray
+    steps: int
+    trajectory: np.ndarray | None = None  # [steps, D], float32
+
+
 @dataclass(eq=False)
 class Sequence:
     """One input in flight: its prompt, its step budget and the state carried between steps."""
@@ -24,7 +34,8 @@ class Sequence:
     steps_done: int = 0
     pending: torch.Tensor | None = None  # next input embedding [H]
     state_sum: torch.Tensor | None = None  # running sum of step states, at least fp32
-    result: np.ndarray | None = None  # set by the method when the sequence is finished
+    trajectory: list[torch.Tensor] | None = None  # embeddings after each step so far, when asked for
+    result: Embedded | None = None  # set by the method when the sequence is finished
     state: Any = None  # a method's own per-sequence state (o1: its thought so far)
 
     @property
@@ -71,20 +82,31 @@ class EngineMethod(ABC):
     def clear(self) -> None:  # noqa: B027
         """Drop all running sequences (after a failed pass)."""
 
-    def finish(self, seq: Sequence, vector: torch.Tensor) -> None:
+    def finish(
+        self, seq: Sequence, vector: torch.Tensor, steps: int | None = None, trajectory: torch.Tensor | None = None
+    ) -> None:
+        """`steps`: those that ran (default: the budget); `trajectory`: [steps, D] un-normalised
+        embeddings after each step, kept only when the input asked for them."""
         if self.loaded.spec.normalize:
             vector = torch.nn.functional.normalize(vector, dim=-1)
-        seq.result = vector.float().cpu().numpy()
+        rows = None
+        if seq.prepared.trajectory:
+            if trajectory is None:
+                trajectory = vector.new_zeros((0, vector.shape[-1]))
+            elif self.loaded.spec.normalize:
+                trajectory = torch.nn.functional.normalize(trajectory, dim=-1)
+            rows = trajectory.float().cpu().numpy()
+        seq.result = Embedded(vector.float().cpu().numpy(), seq.steps if steps is None else steps, rows)
 
-    def combine(self, vectors: list[np.ndarray]) -> np.ndarray:
-        """One input's vector from its samples' (o1 runs n thoughts): their mean, renormalised
+    def combine(self, samples: list[Embedded]) -> Embedded:
+        """One input's result from its samples' (o1 runs n thoughts): their mean, renormalised
         when the spec normalises (the direction is the research code's plain mean)."""
-        if len(vectors) == 1:
-            return vectors[0]
-        mean = np.mean(vectors, axis=0, dtype=np.float64)
+        if len(samples) == 1:
+            return samples[0]
+        mean = np.mean([s.vector for s in samples], axis=0, dtype=np.float64)
         if self.loaded.spec.normalize:
             mean /= np.linalg.norm(mean)
-        return mean.astype(np.float32)
+        return Embedded(mean.astype(np.float32), samples[0].steps)
 
 
 class DecoderMethod(EngineMethod):

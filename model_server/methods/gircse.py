@@ -4,9 +4,14 @@ After the prompt's prefill, every step feeds the *soft token* e = softmax(logits
 (E the input embedding matrix, softmax in fp32 or wider, no top-k) and keeps the step's final-layer
 (post-norm) hidden state. The embedding is the L2-normalised mean of the K step states; the
 prefill state is not pooled. K = 0 is defined here as mean pooling of the prompt's final states.
+
+With a tolerance (`refinement_steps: "auto"`) a sequence leaves the batch after step i >= 2 once
+1 - cos(embedding after i, after i - 1) < tolerance; the budget K bounds it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -43,18 +48,40 @@ class GircseMethod(DecoderMethod):
         need_next: list[tuple[Sequence, torch.Tensor]] = []
         for seq, states in zip(admitted, prefilled, strict=True):
             if seq.steps == 0:
-                self.finish(seq, states.to(self.sum_dtype).mean(dim=0))
+                self.finish(seq, states.to(self.sum_dtype).mean(dim=0), steps=0)
             else:
                 seq.state_sum = torch.zeros(states.shape[-1], dtype=self.sum_dtype, device=device)
+                seq.trajectory = [] if seq.prepared.trajectory else None
                 need_next.append((seq, states[-1]))
-        for seq, state in zip(running, decoded if decoded is not None else [], strict=True):
-            seq.state_sum += state.to(self.sum_dtype)
-            seq.steps_done += 1
-            if seq.steps_done == seq.steps:
-                self.finish(seq, seq.state_sum / seq.steps)  # no lm_head on the final step
-            else:
-                need_next.append((seq, state))
+        if running:
+            previous = torch.stack([s.state_sum for s in running])
+            sums = previous + decoded.to(self.sum_dtype)
+            drifts = self._drifts(running, sums, previous)
+            for seq, state, total, drift in zip(running, decoded, sums, drifts, strict=True):
+                seq.state_sum = total
+                seq.steps_done += 1
+                if seq.trajectory is not None:
+                    seq.trajectory.append(total / seq.steps_done)
+                if seq.steps_done == seq.steps or drift < (seq.prepared.tolerance or 0):
+                    trajectory = torch.stack(seq.trajectory) if seq.trajectory is not None else None
+                    # no lm_head on the final step
+                    self.finish(seq, total / seq.steps_done, steps=seq.steps_done, trajectory=trajectory)
+                else:
+                    need_next.append((seq, state))
         if need_next:
             nexts = soft_tokens(self.loaded.model, torch.stack([state for _, state in need_next]), self.temperature)
             for (seq, _), nxt in zip(need_next, nexts, strict=True):
                 seq.pending = nxt
+
+    @staticmethod
+    def _drifts(running: list[Sequence], sums: torch.Tensor, previous: torch.Tensor) -> list[float]:
+        """Per running sequence, 1 - cos between its embedding after this step and after the one before
+        (`refinement_steps: "auto"`, clamped at 0 so a tolerance of 0 runs every step); infinite where no
+        tolerance is set, and on the first step, which has no step before it."""
+        if all(s.prepared.tolerance is None for s in running):
+            return [math.inf] * len(running)
+        drift = (1 - torch.nn.functional.cosine_similarity(sums, previous, dim=-1)).clamp_min(0)
+        return [
+            d if s.steps_done > 0 and s.prepared.tolerance is not None else math.inf
+            for s, d in zip(running, drift.tolist(), strict=True)
+        ]

@@ -20,6 +20,7 @@ from model_server.protocol import EmbedItem
 from service.cache import CachedEmbedding, EmbeddingCache
 from service.coalescer import WorkItem
 from service.embedder import Embedder, EmbedOptions
+from service.limits import meter_tokens
 from service.openai_api import DeadlineExceeded, InvalidRequest
 from service.refine import llm
 from service.refine.api import Teacher, TeacherError, TeacherFailed
@@ -27,7 +28,7 @@ from service.refine.llm import CallError, ChatClient
 from service.refine.optimizer import cosines, unit_rows
 from service.settings import GatewaySettings
 
-_SCORE_KEY_PREFIX = b"genembed:score:v1:"
+_SCORE_KEY_PREFIX = b"genembed:score:v2:"  # v2: the value layout of CachedEmbedding
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TeacherScores:
     errors: list[TeacherError] = field(default_factory=list)
     calls: int = 0
     cache_hits: int = 0
+    prompt_tokens: int = 0  # tokens the gateway's own models took (cached scores count theirs); the judge's: 0
 
 
 def _score_key(*identity: object) -> bytes:
@@ -54,13 +56,16 @@ class ScoreCache:
     def __init__(self, cache: EmbeddingCache) -> None:
         self._cache = cache
 
-    async def get(self, keys: list[bytes]) -> list[float | None]:
+    async def get(self, keys: list[bytes]) -> tuple[list[float | None], int]:
+        """The cached score per key (None: missing) and the prompt tokens the found ones took."""
         found = await self._cache.get_many(keys)
-        return [float(hit.vector[0]) if hit is not None else None for hit in found]
+        tokens = sum(hit.prompt_tokens for hit in found if hit is not None)
+        return [float(hit.vector[0]) if hit is not None else None for hit in found], tokens
 
-    async def put(self, scores: dict[bytes, float]) -> None:
+    async def put(self, scores: dict[bytes, tuple[float, int]]) -> None:
+        """Store (score, prompt tokens) per key."""
         if scores:
-            entries = {k: CachedEmbedding(np.array([s], np.float32), 0, False) for k, s in scores.items()}
+            entries = {k: CachedEmbedding(np.array([s], np.float32), n, False) for k, (s, n) in scores.items()}
             await self._cache.put_many(entries)
 
 
@@ -97,9 +102,10 @@ class Teachers:
         seed: int,
         request_id: str,
         budget_s: float,
+        max_error_fraction: float | None = None,
     ) -> TeacherScores:
         """Scores for the documents `ids` (with their `texts`) within `budget_s` seconds; raises TeacherFailed /
-        DeadlineExceeded when too many failed."""
+        DeadlineExceeded when more than `max_error_fraction` (default: the setting) of them failed."""
         if teacher.type == "labels":
             labels = teacher.labels or {}
             return TeacherScores([float(labels.get(i, 0.0)) for i in ids])
@@ -113,7 +119,8 @@ class Teachers:
             result = await self._cross_encoder(teacher, query, ids, documents, request_id, budget_s)
         else:
             result = await self._embedder(teacher, query, documents, request_id)
-        self._check_failures(teacher, result, len(ids))
+        allowed = self.settings.teacher_max_error_fraction if max_error_fraction is None else max_error_fraction
+        self._check_failures(teacher, result, len(ids), allowed)
         return result
 
     async def _llm(
@@ -128,7 +135,7 @@ class Teachers:
     ) -> TeacherScores:
         chat, model = self.chat_model(teacher.model, "the llm teacher")
         keys = [_score_key(model, llm.JUDGE_PROMPT_VERSION, query, instruction, _text_digest(d)) for d in documents]
-        scores = await self.cache.get(keys)
+        scores, _ = await self.cache.get(keys)
         todo = [i for i, s in enumerate(scores) if s is None]
         result = TeacherScores(scores, cache_hits=len(documents) - len(todo), calls=len(todo))
         outcomes = await llm.judge(
@@ -142,12 +149,13 @@ class Teachers:
             seed,
             budget_s,
         )
-        fresh: dict[bytes, float] = {}
+        fresh: dict[bytes, tuple[float, int]] = {}
         for i, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, CallError):
                 result.errors.append(TeacherError(id=ids[i], code=outcome.code, message=outcome.message))
             else:  # float32, as the cache keeps it: a cached answer equals the fresh one
-                result.scores[i] = fresh[keys[i]] = float(np.float32(outcome))
+                result.scores[i] = float(np.float32(outcome))
+                fresh[keys[i]] = (result.scores[i], 0)
         await self.cache.put(fresh)
         return result
 
@@ -159,10 +167,11 @@ class Teachers:
         if info.method != "cross_encoder":
             raise InvalidRequest(f"model {model!r} is a {info.method} model, not a cross_encoder", param="teacher")
         keys = [_score_key(info.id, info.revision, query, _text_digest(d)) for d in documents]
-        scores = await self.cache.get(keys)
+        scores, cached_tokens = await self.cache.get(keys)
         todo = [i for i, s in enumerate(scores) if s is None]
-        result = TeacherScores(scores, cache_hits=len(documents) - len(todo))
+        result = TeacherScores(scores, cache_hits=len(documents) - len(todo), prompt_tokens=cached_tokens)
         if not todo:
+            meter_tokens(result.prompt_tokens)
             return result
         # Pairs go straight to the model's coalescer (batching, admission, deadline); the key doubles as the
         # coalescer's identity, so concurrent requests share identical pairs.
@@ -170,7 +179,7 @@ class Teachers:
         deadline = asyncio.get_running_loop().time() + min(budget_s, self.settings.request_timeout_s)
         coalesced = await self.embedder.coalescers[model].embed(work, deadline, request_id)
         result.calls = len(todo)
-        fresh: dict[bytes, float] = {}
+        fresh: dict[bytes, tuple[float, int]] = {}
         for i, outcome in zip(todo, coalesced.outcomes, strict=True):
             if outcome.error is not None or outcome.vector is None:
                 message = outcome.error.message if outcome.error else "no score"
@@ -178,8 +187,11 @@ class Teachers:
                 result.errors.append(TeacherError(id=ids[i], code=code, message=message))
             else:
                 # Raw logits; with several labels the last is taken as "relevant".
-                result.scores[i] = fresh[keys[i]] = float(outcome.vector[-1])
+                result.scores[i] = float(outcome.vector[-1])
+                fresh[keys[i]] = (result.scores[i], outcome.prompt_tokens)
+                result.prompt_tokens += outcome.prompt_tokens
         await self.cache.put(fresh)
+        meter_tokens(result.prompt_tokens)  # the caller's key (embedder calls charge themselves)
         return result
 
     async def _embedder(self, teacher: Teacher, query: str, documents: list[str], request_id: str) -> TeacherScores:
@@ -188,16 +200,18 @@ class Teachers:
         d = await self.embedder.embed(model, list(documents), EmbedOptions(input_type="document"), request_id)
         scores = cosines(unit_rows(d.vectors), q.vectors[0])
         hits = (q.cache == "hit") + (d.cache == "hit")
-        return TeacherScores([float(s) for s in scores], calls=2 - hits, cache_hits=hits)
+        tokens = q.prompt_tokens + d.prompt_tokens
+        return TeacherScores([float(s) for s in scores], calls=2 - hits, cache_hits=hits, prompt_tokens=tokens)
 
-    def _check_failures(self, teacher: Teacher, result: TeacherScores, sampled: int) -> None:
+    @staticmethod
+    def _check_failures(teacher: Teacher, result: TeacherScores, sampled: int, allowed: float) -> None:
         failed = len(result.errors)
-        if not failed or (failed <= self.settings.teacher_max_error_fraction * sampled and sampled - failed >= 2):
+        if not failed or (failed <= allowed * sampled and sampled - failed >= 2):
             return
         first = result.errors[0]
         message = (
             f"the {teacher.type} teacher failed on {failed} of {sampled} sampled documents "
-            f"(more than {self.settings.teacher_max_error_fraction:.0%} allowed); "
+            f"(more than {allowed:.0%} allowed); "
             f"first: document {first.id!r}: {first.code}: {first.message}"
         )
         if all(e.code == "timeout" for e in result.errors):
