@@ -11,6 +11,10 @@ Response body (content type `application/x-genembed`):
               after each step 1..K, when the item asked for them)
 
 An item fails on its own (its result carries `error`); the others in the batch still succeed.
+
+Fields added since the first version (`_ADDED`) are left out while at their defaults, so a gateway and a
+worker one version apart still serve every request that does not use them (rolling upgrades); one that
+does reaches an older worker as a 400 naming the unknown field.
 Whole-request failures (queue full, shutting down) are HTTP statuses with a JSON `detail`.
 """
 
@@ -69,7 +73,7 @@ class EmbedRequest:
     request_id: str | None = None
 
     def encode(self) -> bytes:
-        return msgpack.packb({"request_id": self.request_id, "items": [asdict(i) for i in self.items]})
+        return msgpack.packb({"request_id": self.request_id, "items": [_fields(i) for i in self.items]})
 
     @classmethod
     def decode(cls, body: bytes) -> EmbedRequest:
@@ -105,7 +109,7 @@ class EmbedResponse:
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
     def encode(self) -> bytes:
-        header = msgpack.packb({"dimension": self.dimension, "results": [asdict(r) for r in self.results]})
+        header = msgpack.packb({"dimension": self.dimension, "results": [_fields(r) for r in self.results]})
         payload = np.ascontiguousarray(self.vectors, dtype="<f4").tobytes()
         return _HEADER_LEN.pack(len(header)) + header + payload
 
@@ -134,6 +138,14 @@ class EmbedResponse:
             outputs.append((self.vectors[row], self.vectors[row + 1 : row + 1 + r.trajectory]))
             row += 1 + r.trajectory
         return outputs
+
+
+#: fields added after the first version, and their defaults: left out of a message while at them
+_ADDED = {"tolerance": None, "trajectory": False}
+
+
+def _fields(value: EmbedItem | ItemResult) -> dict:
+    return {k: v for k, v in asdict(value).items() if k not in _ADDED or v != _ADDED[k]}
 
 
 @dataclass

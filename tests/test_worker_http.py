@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+
 import httpx
+import msgpack
 import numpy as np
 
 from model_server import protocol
@@ -135,3 +138,23 @@ def test_cross_encoder_worker_serves_pairs(tmp_path):
         response = _embed(url, EmbedItem(text="a query", text_pair="a document"), EmbedItem(text="no pair"))
     assert response.results[0].error is None and response.vectors.shape == (1, 1)
     assert response.results[1].error.code == protocol.EMPTY_INPUT
+
+
+# The fields of the first wire version: a gateway or worker one version behind knows only these.
+V1_ITEM = {"text", "text_pair", "token_ids", "input_type", "instruction", "steps", "truncate", "seed", "samples"}
+V1_RESULT = {"prompt_tokens", "steps", "truncated", "error"}
+
+
+def test_a_plain_call_stays_in_the_first_wire_version(gircse_worker):
+    """Rolling upgrades: requests that use no newer feature carry only first-version fields both ways."""
+    plain = EmbedRequest(items=[EmbedItem(text="fine", steps=2)])
+    assert set(msgpack.unpackb(plain.encode())["items"][0]) == V1_ITEM
+    r = httpx.post(f"{gircse_worker}/embed", content=plain.encode(), timeout=60)
+    (n,) = struct.unpack_from("<I", r.content)
+    assert set(msgpack.unpackb(r.content[4 : 4 + n])["results"][0]) == V1_RESULT
+    newer = EmbedRequest(items=[EmbedItem(text="fine", steps=2, trajectory=True)])
+    assert set(msgpack.unpackb(newer.encode())["items"][0]) == V1_ITEM | {"trajectory"}
+    # an item with a field this worker does not know is a 400 that names it
+    unknown = msgpack.packb({"request_id": None, "items": [{"text": "fine", "from_the_future": 1}]})
+    r = httpx.post(f"{gircse_worker}/embed", content=unknown, timeout=60)
+    assert r.status_code == 400 and "from_the_future" in r.text
