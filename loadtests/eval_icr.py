@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import platform
 import sys
 import time
@@ -37,7 +36,7 @@ from model_server.engine import EngineLimits
 from model_server.protocol import EmbedItem, EmbedRequest
 from model_server.serving import EmbeddingWorker
 from model_server.specs import ModelSpec, load_spec
-from model_server.training.data import lee_known_items, lee_sts, read_jsonl
+from model_server.training.data import lee_known_items, lee_sts, mrr10, ndcg10, ranks_of_the_right_document, read_jsonl
 
 RESULTS = Path(__file__).parent / "results"
 KS = (0, 1, 2, 3, 5, 10, 20)
@@ -86,20 +85,6 @@ def embed(worker: EmbeddingWorker, texts: list[str], input_type: str, k: int) ->
             raise RuntimeError(f"{len(errors)} items failed, the first: {errors[0]}")
         out.append(response.vectors)
     return np.concatenate(out)
-
-
-def ranks_of_the_right_document(queries: np.ndarray, documents: np.ndarray) -> np.ndarray:
-    """1-based rank of document i for query i (ties count against it), vectors L2-normalised."""
-    scores = queries @ documents.T
-    return (scores > np.diag(scores)[:, None]).sum(axis=1) + 1
-
-
-def mrr10(ranks: np.ndarray) -> float:
-    return float(np.mean(np.where(ranks <= 10, 1.0 / ranks, 0.0)))
-
-
-def ndcg10(ranks: np.ndarray) -> float:
-    return float(np.mean([1 / math.log2(r + 1) if r <= 10 else 0.0 for r in ranks]))
 
 
 def measure(worker: EmbeddingWorker, system: str, k: int, tasks: Tasks) -> Row:

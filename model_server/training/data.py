@@ -13,6 +13,8 @@ which writes train.jsonl and heldout.jsonl (not committed: they are derived from
 Lee (gensim's test data, located without importing gensim): `lee.cor` (50 news articles) with
 `similarities0-1.txt` (human pair ratings) for STS, and `lee_background.cor` (300 articles) for
 known-item retrieval: the query is an article's first sentence, the one relevant document its rest.
+The ranking metrics (MRR@10, nDCG@10 with one relevant document) are here too, shared by the trainer's
+held-out evaluation and loadtests/eval_icr.py.
 """
 
 from __future__ import annotations
@@ -220,6 +222,21 @@ def lee_known_items() -> tuple[list[str], list[str]]:
             queries.append(parts[0])
             targets.append(parts[1])
     return queries, targets
+
+
+def ranks_of_the_right_document(queries: np.ndarray, documents: np.ndarray) -> np.ndarray:
+    """1-based rank of document i for query i among all the documents (a tie does not count against
+    it); rows L2-normalised. Every task here has one relevant document per query."""
+    scores = queries @ documents.T
+    return (scores > np.diag(scores)[:, None]).sum(axis=1) + 1
+
+
+def mrr10(ranks: np.ndarray) -> float:
+    return float(np.mean(np.where(ranks <= 10, 1.0 / ranks, 0.0)))
+
+
+def ndcg10(ranks: np.ndarray) -> float:
+    return float(np.mean(np.where(ranks <= 10, 1.0 / np.log2(ranks + 1.0), 0.0)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ from model_server.protocol import EmbedItem
 from model_server.runner import group_by_length
 from model_server.specs import ModelSpec, load_spec
 from model_server.training.config import RUNTIME_FIELDS, TrainConfig, command_line
-from model_server.training.data import read_jsonl
+from model_server.training.data import mrr10, ranks_of_the_right_document, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +305,9 @@ class IcrTrainer:
             prefix_embeddings(torch.cat([self.states(p[i : i + chunk]) for i in range(0, len(p), chunk)]))
             for p in self.eval_set
         )
-        scores = torch.einsum("nkh,mkh->knm", q, d)
-        ranks = (scores > scores.diagonal(dim1=1, dim2=2)[..., None]).sum(dim=-1) + 1
-        mrr = torch.where(ranks <= 10, 1.0 / ranks, 0.0).mean(dim=-1)
-        return {"step": self.step, "pairs": len(q), "mrr10_by_k": [round(float(m), 4) for m in mrr]}
+        q, d = (x.float().cpu().numpy() for x in (q, d))  # (pairs, K, hidden)
+        mrr = [mrr10(ranks_of_the_right_document(q[:, k], d[:, k])) for k in range(q.shape[1])]
+        return {"step": self.step, "pairs": len(q), "mrr10_by_k": [round(m, 4) for m in mrr]}
 
     # -- checkpoints -------------------------------------------------------------------------
 
