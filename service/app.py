@@ -40,6 +40,7 @@ from service.openai_api import (
     ModelCard,
     ModelList,
     PayloadTooLarge,
+    StepRange,
     Unavailable,
     error_response,
     render_embeddings,
@@ -116,7 +117,12 @@ class RequestContext:
                 _access_log.log(
                     logging.DEBUG if path in _PROBES else logging.INFO,
                     '"%s %s" %d %.1f ms model=%s key=%s',
-                    method, path, status, elapsed * 1000, model or "-", state.get("api_key", "-"),
+                    method,
+                    path,
+                    status,
+                    elapsed * 1000,
+                    model or "-",
+                    state.get("api_key", "-"),
                 )
                 if span is not None:
                     span.update_name(f"{method} {endpoint}")
@@ -272,15 +278,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     f"{body.model!r}",
                     param="dimensions",
                 )
+        steps = body.refinement_steps
         options = EmbedOptions(
-            body.refinement_steps,
-            body.input_type,
-            body.instruction,
-            body.truncate,
-            body.seed,
-            body.samples,
-            DEFAULT_TOLERANCE if body.refinement_tolerance is None else body.refinement_tolerance,
-            body.return_trajectory,
+            refinement_steps=(steps.min, steps.max) if isinstance(steps, StepRange) else steps,
+            input_type=body.input_type,
+            instruction=body.instruction,
+            truncate=body.truncate,
+            seed=body.seed,
+            samples=body.samples,
+            tolerance=DEFAULT_TOLERANCE if body.refinement_tolerance is None else body.refinement_tolerance,
+            trajectory=body.return_trajectory,
         )
         result = await _unless_disconnected(
             request, embedder.embed(body.model, inputs, options, request.state.request_id)

@@ -12,16 +12,23 @@ A caller that leaves (deadline or client disconnect) releases its slots: a queue
 for is skipped, and a call whose every slot is abandoned is cancelled, which closes its connection
 so the worker drops the work.
 
-Admission: the coalescer learns the worker's throughput (estimated cost units per busy second, an
-EWMA over completed calls) and refuses at once with 429 + Retry-After any request that would not
-finish within the deadline behind the work already accepted. Until the first call completes it
-admits at most one round of calls. A request arriving while nothing is pending is always accepted.
+Admission (one policy; the worker's own queue bound is only a safety net behind it):
+- a request arriving while nothing is pending, or while the pending inputs fit in one round of calls
+  (`batch_max_items` × calls in flight), is always accepted: an idle or lightly loaded model never refuses;
+- past that, the pending inputs and their work units (prompt tokens + steps × `step_cost_tokens`) are bounded
+  (`max_queued_items`, `max_queued_work`), and once the cost model (service/admission.py) has an estimate, a
+  request is refused when the pending work would take longer than `admission_deadline_share` of the deadline.
+Refusals are 429 with a Retry-After from the estimated drain time (capped at `retry_after_max_s`). A request
+still queued when its deadline passes is answered 503 with a Retry-After (one in a worker call: 504).
+A request may allow a range of steps: `grant_steps` gives it the most that the same policy admits, so under
+load compute is shed before requests are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -33,17 +40,14 @@ import numpy as np
 from model_server import tracing
 from model_server.logs import request_id_var
 from model_server.protocol import EmbedItem, EmbedRequest, ItemError
+from service.admission import NO_WORK, CostModel, Work, calls_for
 from service.metrics import GatewayMetrics
-from service.openai_api import ApiError, DeadlineExceeded, Overloaded
+from service.openai_api import ApiError, DeadlineExceeded, Overloaded, QueueTimeout
 from service.settings import GatewaySettings
 from service.workers import WorkerGroup
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-
-# Accept work only if it is expected to finish within this share of the deadline (estimates are rough).
-_DEADLINE_SHARE = 0.5
-_MAX_RETRY_AFTER_S = 60
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,11 @@ class CoalescerLimits:
     max_wait_s: float
     max_concurrent_calls: int  # per ready worker
     max_queued_items: int
+    max_queued_work: float
     step_cost_tokens: float
     deadline_s: float
+    deadline_share: float
+    retry_after_max_s: int
 
     @classmethod
     def from_settings(cls, s: GatewaySettings) -> CoalescerLimits:
@@ -66,8 +73,11 @@ class CoalescerLimits:
             max_wait_s=s.batch_max_wait_ms / 1000,
             max_concurrent_calls=s.max_concurrent_calls,
             max_queued_items=s.max_queued_items,
+            max_queued_work=s.max_queued_work,
             step_cost_tokens=s.step_cost_tokens,
             deadline_s=s.request_timeout_s,
+            deadline_share=s.admission_deadline_share,
+            retry_after_max_s=s.retry_after_max_s,
         )
 
 
@@ -106,7 +116,8 @@ class _Slot:
     item: EmbedItem
     request_id: str  # of the caller that brought it
     tokens: int  # estimated prompt tokens
-    cost: float
+    work: Work  # as the cost model sees it (steps: K times the sequences the input runs)
+    units: float  # prompt tokens + steps × step_cost_tokens: what `max_queued_work` bounds
     future: asyncio.Future
     created_at: float
     trace: Context | None  # of the caller that brought it: its worker call's parent (or a link)
@@ -116,38 +127,6 @@ class _Slot:
     call: _Call | None = None
     dispatched_at: float | None = None
     finished_at: float | None = None
-
-
-class _Throughput:
-    """Cost units the worker completes per second while at least one call is in flight (EWMA)."""
-
-    def __init__(self, alpha: float = 0.3, min_sample_s: float = 0.1) -> None:
-        self.value: float | None = None
-        self._alpha = alpha
-        self._min_sample_s = min_sample_s
-        self._in_flight = 0
-        self._mark = 0.0
-        self._busy_s = 0.0
-        self._done = 0.0
-
-    def call_started(self, now: float) -> None:
-        if self._in_flight == 0:
-            self._mark = now
-        self._in_flight += 1
-
-    def call_finished(self, now: float, cost: float | None) -> None:
-        """`cost` of a completed call; None for one that failed or was cancelled (the sample is discarded)."""
-        self._busy_s += now - self._mark
-        self._mark = now
-        self._in_flight -= 1
-        if cost is None:
-            self._busy_s = self._done = 0.0
-            return
-        self._done += cost
-        if self._busy_s >= self._min_sample_s or (self._in_flight == 0 and self._busy_s > 0):
-            sample = self._done / self._busy_s
-            self.value = sample if self.value is None else self._alpha * sample + (1 - self._alpha) * self.value
-            self._busy_s = self._done = 0.0
 
 
 def _mark_seen(future: asyncio.Future) -> None:
@@ -167,11 +146,12 @@ class Coalescer:
         self._slots: dict[bytes, _Slot] = {}  # active slots, queued or in a call
         self._queue: deque[_Slot] = deque()  # may hold abandoned slots, skipped when taken
         self._queued = 0  # active slots in the queue
-        self._pending_cost = 0.0  # of active slots
+        self._pending = NO_WORK  # of active slots
+        self._pending_units = 0.0
         self._calls: set[asyncio.Task] = set()
         self._room = asyncio.Event()  # set when a call ends
         self._wakeup = asyncio.Event()
-        self._throughput = _Throughput()
+        self.cost_model = CostModel()
         self._dispatcher: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -186,8 +166,8 @@ class Coalescer:
     # -- callers ----------------------------------------------------------------------------------
 
     async def embed(self, work: list[WorkItem], deadline: float, request_id: str) -> Coalesced:
-        """Results for `work` in order; `deadline` is in loop time. Raises Overloaded, DeadlineExceeded
-        or the ApiError of a failed worker call."""
+        """Results for `work` in order; `deadline` is in loop time. Raises Overloaded, QueueTimeout,
+        DeadlineExceeded or the ApiError of a failed worker call."""
         if not self.workers.ready:
             raise self.workers.unavailable()
         loop = asyncio.get_running_loop()
@@ -200,7 +180,8 @@ class Coalescer:
         for slot in fresh.values():
             self._slots[slot.key] = slot
             self._queue.append(slot)
-            self._pending_cost += slot.cost
+            self._pending = self._pending + slot.work
+            self._pending_units += slot.units
         self._queued += len(fresh)
         self.metrics.queued_items.labels(self.model).set(len(self._slots))
         self._wakeup.set()
@@ -212,12 +193,20 @@ class Coalescer:
             _, pending = await asyncio.wait(
                 {s.future for s in slots}, timeout=max(deadline - loop.time(), 0), return_when=asyncio.FIRST_EXCEPTION
             )
+            still_queued = sum(1 for s in slots if s.call is None and not s.future.done())
         finally:
             for slot in slots:
                 self._release(slot)
         failed = next((s.future.exception() for s in slots if s.future.done() and s.future.exception()), None)
         if failed is not None:
             raise failed
+        if still_queued:
+            retry_after = self._retry_after(self.cost_model.seconds(self._pending_work()))
+            raise QueueTimeout(
+                f"model {self.model!r} is overloaded: {still_queued} of the request's inputs were still queued when "
+                f"its {self.limits.deadline_s:g} s deadline passed; retry after {retry_after} s",
+                retry_after=retry_after,
+            )
         if pending:
             raise DeadlineExceeded(f"the request did not finish within its {self.limits.deadline_s:g} s deadline")
         dispatched = [max(s.dispatched_at or submitted, submitted) for s in slots]
@@ -230,40 +219,78 @@ class Coalescer:
             compute_s=max(s.finished_at or submitted for s in slots) - min(dispatched),
         )
 
-    def _new_slot(self, work: WorkItem, request_id: str, now: float) -> _Slot:
-        item = work.item
+    def grant_steps(self, items: list[EmbedItem], lowest: int, highest: int) -> int:
+        """The most steps in lowest..highest with which `items` would be admitted now (`lowest` when none is:
+        the request is then refused by `embed`)."""
+        for steps in range(highest, lowest, -1):
+            if self._refusal([self._work(dataclasses.replace(item, steps=steps)) for item in items]) is None:
+                return steps
+        return lowest
+
+    def _work(self, item: EmbedItem) -> tuple[Work, float]:
+        """(what the cost model charges, the work units `max_queued_work` bounds) of one input."""
         tokens = len(item.token_ids) if item.token_ids is not None else len((item.text or "").encode()) // 3 + 1
         info = self.workers.info
         if info is not None and item.truncate:
             tokens = min(tokens, info.max_input_tokens)
+        steps = (item.steps or 0) * (item.samples or 1)
+        return Work(0, 1, tokens, steps), tokens + steps * self.limits.step_cost_tokens
+
+    def _new_slot(self, work: WorkItem, request_id: str, now: float) -> _Slot:
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_mark_seen)
-        cost = tokens + (item.steps or 0) * self.limits.step_cost_tokens
-        return _Slot(work.key, item, request_id, tokens, cost, future, created_at=now, trace=tracing.current_context())
+        cost, units = self._work(work.item)
+        return _Slot(
+            work.key,
+            work.item,
+            request_id,
+            cost.tokens,
+            cost,
+            units,
+            future,
+            created_at=now,
+            trace=tracing.current_context(),
+        )
+
+    def _pending_work(self, extra: Work = NO_WORK) -> Work:
+        total = self._pending + extra
+        return Work(calls_for(total.items, self.limits.max_items), total.items, total.tokens, total.steps)
+
+    def _refusal(self, fresh: list[tuple[Work, float]]) -> tuple[str, float | None] | None:
+        """Why new inputs costing `fresh` must be refused now (and the estimated seconds of work ahead), or None."""
+        limits, pending = self.limits, len(self._slots)
+        if not fresh or not pending:
+            return None  # an idle model never refuses
+        total = self._pending_work(sum((work for work, _ in fresh), NO_WORK))
+        wait_s = self.cost_model.seconds(total)
+        if total.items > limits.max_queued_items:
+            return f"{pending} inputs are already queued, the bound is {limits.max_queued_items}", wait_s
+        units = self._pending_units + sum(u for _, u in fresh)
+        if units > limits.max_queued_work:
+            return f"{units:.0f} work units would be queued, the bound is {limits.max_queued_work:g}", wait_s
+        if total.items <= limits.max_items * self._max_calls():
+            return None  # one round of calls: lightly loaded
+        allowed = limits.deadline_s * limits.deadline_share
+        if wait_s is not None and wait_s > allowed:
+            return (
+                f"about {wait_s:.1f} s of work would be ahead, more than the {limits.deadline_s:g} s deadline allows",
+                wait_s - allowed,
+            )
+        return None
 
     def _admit(self, fresh: list[_Slot]) -> None:
-        """Raise Overloaded unless the new work can finish within the deadline behind what is pending."""
-        if not fresh or not self._slots:
-            return
-        limits, pending = self.limits, len(self._slots)
-        rate = self._throughput.value
-        wait_s = (self._pending_cost + sum(s.cost for s in fresh)) / rate if rate else 1.0
-        if pending + len(fresh) > limits.max_queued_items:
-            raise self._overloaded(f"{pending} inputs are already queued", wait_s)
-        if rate is None:  # nothing measured yet: one round of calls
-            if pending + len(fresh) > limits.max_items * self._max_calls():
-                raise self._overloaded("the worker is warming up", wait_s)
-        elif wait_s > limits.deadline_s * _DEADLINE_SHARE:
-            raise self._overloaded(
-                f"about {wait_s:.1f} s of work is ahead, more than the {limits.deadline_s:g} s deadline allows",
-                wait_s - limits.deadline_s * _DEADLINE_SHARE,
+        """Raise Overloaded unless the admission policy (the module's docstring) takes the new inputs."""
+        refusal = self._refusal([(s.work, s.units) for s in fresh])
+        if refusal is not None:
+            why, wait_s = refusal
+            retry_after = self._retry_after(wait_s)
+            raise Overloaded(
+                f"model {self.model!r} is overloaded ({why}); retry after {retry_after} s", retry_after=retry_after
             )
 
-    def _overloaded(self, why: str, wait_s: float) -> Overloaded:
-        retry_after = min(max(1, math.ceil(wait_s)), _MAX_RETRY_AFTER_S)
-        return Overloaded(
-            f"model {self.model!r} is overloaded ({why}); retry after {retry_after} s", retry_after=retry_after
-        )
+    def _retry_after(self, wait_s: float | None) -> int:
+        """Whole seconds until the work ahead has drained (1 without an estimate), capped."""
+        return min(max(1, math.ceil(wait_s or 1)), self.limits.retry_after_max_s)
 
     def _release(self, slot: _Slot) -> None:
         slot.waiters -= 1
@@ -279,7 +306,8 @@ class Coalescer:
 
     def _retire(self, slot: _Slot) -> None:
         slot.active = False
-        self._pending_cost -= slot.cost
+        self._pending = self._pending - slot.work
+        self._pending_units -= slot.units
         if self._slots.get(slot.key) is slot:
             del self._slots[slot.key]
         self.metrics.queued_items.labels(self.model).set(len(self._slots))
@@ -310,18 +338,23 @@ class Coalescer:
         return self.limits.max_concurrent_calls * max(1, self.workers.ready_count)
 
     def _take(self) -> list[_Slot]:
+        """The next call's inputs. It holds at most `max_items` engine sequences (an o1 input with n samples is n),
+        so a worker never has more than `max_items` × `max_concurrent_calls` of this gateway's sequences: its
+        own queue bound (GENEMBED_WORKER_MAX_WAITING_SEQS) stays above that, and does not refuse what this admitted."""
         batch: list[_Slot] = []
-        tokens = 0
-        while self._queue and len(batch) < self.limits.max_items:
+        tokens = sequences = 0
+        while self._queue:
             slot = self._queue[0]
             if not slot.active:
                 self._queue.popleft()
                 continue
-            if batch and tokens + slot.tokens > self.limits.max_tokens:
+            n = slot.item.samples or 1
+            if batch and (tokens + slot.tokens > self.limits.max_tokens or sequences + n > self.limits.max_items):
                 break
             self._queue.popleft()
             batch.append(slot)
             tokens += slot.tokens
+            sequences += n
         self._queued -= len(batch)
         return batch
 
@@ -332,7 +365,7 @@ class Coalescer:
             slot.call, slot.dispatched_at = call, now
             self.metrics.queue_seconds.labels(self.model).observe(now - slot.created_at)
         self.metrics.batch_items.labels(self.model).observe(len(batch))
-        self._throughput.call_started(now)
+        self.cost_model.call_started(now)
         request_ids = ",".join(dict.fromkeys(s.request_id for s in batch))
         context = contextvars.copy_context()  # the call's log lines carry the ids of the requests it serves
         context.run(request_id_var.set, request_ids)
@@ -385,5 +418,6 @@ class Coalescer:
                 slot.future.set_exception(ApiError(f"the worker call for model {self.model!r} failed"))
             if slot.active:
                 self._retire(slot)
-        self._throughput.call_finished(now, sum(s.cost for s in batch) if outcome == "ok" else None)
+        done = Work(1, len(batch), sum(s.work.tokens for s in batch), sum(s.work.steps for s in batch))
+        self.cost_model.call_finished(now, done if outcome == "ok" else None)
         self.metrics.worker_call_seconds.labels(self.model, outcome).observe(now - started)

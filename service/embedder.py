@@ -8,6 +8,7 @@ encoding are the HTTP layer's business, so the cache holds one entry per input w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,7 +38,8 @@ DEFAULT_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    refinement_steps: int | Literal["auto"] | None = None  # None: the model's default
+    # None: the model's default; (lowest, highest): the most the load allows within the range
+    refinement_steps: int | Literal["auto"] | tuple[int, int] | None = None
     input_type: InputType = "query"
     instruction: str | None = None  # None: the model's default
     truncate: bool = True
@@ -105,6 +107,8 @@ class Embedder:
         self.metrics.cache_items.labels("hit").inc(len(items) - len(misses))
         self.metrics.cache_items.labels("miss").inc(len(misses))
         queue_s = compute_s = 0.0
+        if misses and isinstance(options.refinement_steps, tuple):
+            self._shed_steps(model, items, keys, misses, *options.refinement_steps)
         if misses:
             work = [WorkItem(keys[i], items[i]) for i in misses]
             coalesced = await self.coalescers[model].embed(work, deadline, request_id)
@@ -143,6 +147,20 @@ class Embedder:
             compute_s=compute_s,
         )
 
+    def _shed_steps(
+        self, model: str, items: list[EmbedItem], keys: list[bytes], misses: list[int], lowest: int, highest: int
+    ) -> None:
+        """Give the inputs to compute the most steps in lowest..highest that the model's load admits (shed compute
+        before requests); `items` and `keys` are updated in place. Cache hits keep the steps they were asked at."""
+        granted = self.coalescers[model].grant_steps([items[i] for i in misses], lowest, highest)
+        if granted == highest:
+            return
+        info = self.model_info(model)
+        for i in misses:
+            items[i] = dataclasses.replace(items[i], steps=granted)
+            keys[i] = cache_key(info, items[i])
+        self.metrics.steps_shed.labels(model).inc((highest - granted) * len(misses))
+
     @staticmethod
     def _items(model: str, info: ModelInfo, inputs: list[str | list[int]], options: EmbedOptions) -> list[EmbedItem]:
         """Resolve K and reject what the worker would (early: no queue place, no worker round trip)."""
@@ -156,6 +174,10 @@ class Embedder:
             steps, tolerance = info.max_refinement_steps, options.tolerance
         elif options.refinement_steps is None:
             steps = info.default_refinement_steps
+        elif isinstance(options.refinement_steps, tuple):
+            lowest, steps = options.refinement_steps
+            if lowest < info.min_refinement_steps:
+                steps = lowest  # reported as out of range below
         else:
             steps = options.refinement_steps
         if options.trajectory and info.method == "o1":

@@ -53,6 +53,12 @@ class GatewayMetrics:
             buckets=_STEPS,
             registry=reg,
         )
+        self.steps_shed = Counter(
+            "genembed_gateway_steps_shed",
+            "Refinement steps not granted to inputs that allowed a range (max minus granted), shed under load",
+            ["model"],
+            registry=reg,
+        )
         self.cache_items = Counter(
             "genembed_gateway_cache_items", "Cache lookups per input, by result (hit/miss)", ["result"], registry=reg
         )

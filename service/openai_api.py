@@ -75,6 +75,12 @@ class Unavailable(ApiError):
     status, type, code = 503, "server_error", "worker_unavailable"
 
 
+class QueueTimeout(ApiError):
+    """Accepted, but still queued when the deadline passed: the model is busier than admission estimated."""
+
+    status, type, code = 503, "server_error", "queue_timeout"
+
+
 class DeadlineExceeded(ApiError):
     status, type, code = 504, "server_error", "deadline_exceeded"
 
@@ -86,6 +92,21 @@ def error_response(exc: ApiError) -> Response:
 
 
 # -- /v1/embeddings ---------------------------------------------------------------------------------
+
+
+class StepRange(BaseModel):
+    """`refinement_steps: {"min": 1, "max": 10}`: any K in the range; under load the gateway grants fewer than
+    `max` (never fewer than `min`) so the request finishes within its deadline instead of being refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    min: int = Field(ge=0)
+    max: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StepRange:
+        if self.min > self.max:
+            raise ValueError(f"refinement_steps min={self.min} is larger than max={self.max}")
+        return self
 
 
 class EmbeddingRequest(BaseModel):
@@ -101,9 +122,10 @@ class EmbeddingRequest(BaseModel):
     encoding_format: EncodingFormat = "float"
     dimensions: int | None = Field(default=None, gt=0, description="truncate, then re-normalise")
     user: str | None = None
-    refinement_steps: int | Literal["auto"] | None = Field(
+    refinement_steps: int | Literal["auto"] | StepRange | None = Field(
         default=None,
-        description="K; the model's default when omitted; 'auto' (gircse): stop once another step changes little",
+        description="K; the model's default when omitted; 'auto' (gircse): stop once another step changes little; "
+        '{"min": a, "max": b}: the most steps in a..b that finish within the deadline under the current load',
     )
     refinement_tolerance: float | None = Field(
         default=None, ge=0, description="with 'auto': stop once 1 - cos(step i, step i-1) is below it (default 1e-3)"
@@ -147,7 +169,9 @@ class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
-    refinement_steps: int | None = Field(default=None, description="with 'auto' or a trajectory: the steps that ran")
+    refinement_steps: int | None = Field(
+        default=None, description="with 'auto', a range or a trajectory: the steps that ran"
+    )
     trajectory: list[list[float] | str] | None = Field(
         default=None, description="with return_trajectory: the embedding after each step 1..K, encoded as `embedding`"
     )
@@ -177,7 +201,7 @@ def apply_dimensions(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
 def render_embeddings(embeddings: Embeddings, request: EmbeddingRequest, headers: dict[str, str]) -> Response:
     """Serialise with orjson straight from float32 (the shortest repr that round-trips to the same float32).
     `dimensions` applies to trajectories as to the vectors; `refinement_steps` is reported when it can
-    differ from what was asked (`auto`) or a trajectory's length depends on it."""
+    differ from what was asked (`auto`, a range) or a trajectory's length depends on it."""
 
     def encode(vectors: np.ndarray) -> list:
         vectors = apply_dimensions(vectors, request.dimensions)
@@ -186,7 +210,11 @@ def render_embeddings(embeddings: Embeddings, request: EmbeddingRequest, headers
         return list(vectors)
 
     data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(encode(embeddings.vectors))]
-    if request.refinement_steps == "auto" or request.return_trajectory:
+    if (
+        request.refinement_steps == "auto"
+        or isinstance(request.refinement_steps, StepRange)
+        or request.return_trajectory
+    ):
         for item, steps in zip(data, embeddings.steps, strict=True):
             item["refinement_steps"] = steps
     if embeddings.trajectories is not None:

@@ -35,7 +35,17 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     max_inputs: int = Field(default=2048, gt=0, description="inputs per request (OpenAI's limit)")
     request_timeout_s: float = Field(default=30.0, gt=0, description="deadline of one request")
-    max_queued_items: int = Field(default=8192, gt=0, description="distinct inputs queued or in flight per model")
+
+    # Admission (docs/gateway.md#admission-and-overload): bounds per model, applied once more than one round of
+    # calls (batch_max_items x max_concurrent_calls x ready workers) is pending; an idle model takes anything.
+    max_queued_items: int = Field(default=4096, gt=0, description="distinct inputs queued or in flight per model")
+    max_queued_work: float = Field(
+        default=262144, gt=0, description="work units queued or in flight per model: prompt tokens + steps x step cost"
+    )
+    admission_deadline_share: float = Field(
+        default=0.7, gt=0, le=1, description="refuse when the estimated work ahead exceeds this share of the deadline"
+    )
+    retry_after_max_s: int = Field(default=30, gt=0, description="cap of Retry-After on 429/503 from overload")
 
     # Coalescing
     batch_max_items: int = Field(default=32, gt=0)
@@ -43,7 +53,7 @@ class GatewaySettings(BaseSettings):
     batch_max_wait_ms: float = Field(default=2.0, ge=0)
     max_concurrent_calls: int = Field(default=4, gt=0, description="worker calls in flight per model")
     step_cost_tokens: float = Field(
-        default=16.0, ge=0, description="cost of one refinement step, in prompt tokens (admission estimate)"
+        default=16.0, ge=0, description="one refinement step in work units (prompt tokens), for max_queued_work"
     )
 
     # Workers
