@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from model_server.engine import EngineLimits
+from model_server.hf_compat import cache_kwarg
 from model_server.loading import LoadedModel, load_model
 from model_server.prompts import PreparedInput
 from model_server.serving import EmbeddingWorker
@@ -130,7 +132,8 @@ def run_lockstep(loaded: LoadedModel, cases: list[tuple[list[int], int]], batch:
         for row, (tokens, _) in enumerate(chunk):  # left padding, as GIRCSE's tokenizer setup does
             ids[row, width - len(tokens) :] = torch.tensor(tokens, device=device)
             mask[row, width - len(tokens) :] = 1
-        out = model(inputs_embeds=embed[ids], attention_mask=mask, output_hidden_states=True, use_cache=True)
+        cache = cache_kwarg(model, DynamicCache(config=model.config))
+        out = model(inputs_embeds=embed[ids], attention_mask=mask, output_hidden_states=True, use_cache=True, **cache)
         states = []
         for _ in range(steps):
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1).to(embed.dtype)
@@ -138,9 +141,9 @@ def run_lockstep(loaded: LoadedModel, cases: list[tuple[list[int], int]], batch:
             out = model(
                 inputs_embeds=(probs @ embed)[:, None],
                 attention_mask=mask,
-                past_key_values=out.past_key_values,
                 output_hidden_states=True,
                 use_cache=True,
+                **cache,
             )
             states.append(out.hidden_states[-1][:, -1])
         if steps == 0:

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import DynamicCache
 
+from model_server.hf_compat import cache_kwarg, enable_activation_checkpointing
 from model_server.loading import load_model
 from model_server.methods.gircse import soft_tokens
 from model_server.prompts import PromptBuilder
@@ -105,7 +107,8 @@ def rollout(
     inputs = embeddings(ids)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     decoder = causal_lm.get_decoder()
-    out = decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=use_cache)
+    cache = cache_kwarg(decoder, DynamicCache(config=decoder.config) if use_cache else None)
+    out = decoder(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=use_cache, **cache)
     states = []
     for step in range(steps):
         last = out.last_hidden_state[:, -1]
@@ -122,8 +125,8 @@ def rollout(
                 inputs_embeds=soft,
                 attention_mask=mask,
                 position_ids=positions[:, -1:],
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **cache,
             )
         else:
             inputs = torch.cat([inputs, soft], dim=1)
@@ -245,7 +248,7 @@ class IcrTrainer:
         self.model.peft_config["default"].base_model_name_or_path = spec.backbone
         self.lm = self.model.get_base_model()  # the causal LM with the LoRA layers in place
         if config.gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.lm)
         self.device = self.loaded.device
         self.autocast = _autocast_dtype(config, self.device)
         self.prompts = TrainingPrompts(self.spec, self.loaded.tokenizer, self.loaded.vocab_size, config)
