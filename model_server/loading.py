@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -304,10 +303,6 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         adapter_digest = digest_directory(adapter_dir)
 
-    if spec.is_generative and model.config.model_type not in DECODER_TYPES:
-        raise ModelLoadError(
-            f"method {spec.method!r} needs a decoder of type {sorted(DECODER_TYPES)}, got {model.config.model_type!r}"
-        )
     window = getattr(model.config, "sliding_window", None)
     if spec.is_generative and window and spec.max_input_tokens + spec.max_refinement_steps > window:
         raise ModelLoadError(f"max_input_tokens + max_refinement_steps exceeds the sliding window ({window})")

@@ -141,10 +141,10 @@ class EmbedResponse:
 
 
 #: fields added after the first version, and their defaults: left out of a message while at them
-_ADDED = {"tolerance": None, "trajectory": False}
+_ADDED = {"tolerance": None, "trajectory": False, "runner": "fast"}
 
 
-def _fields(value: EmbedItem | ItemResult) -> dict:
+def _fields(value: EmbedItem | ItemResult | ModelInfo) -> dict:
     return {k: v for k, v in asdict(value).items() if k not in _ADDED or v != _ADDED[k]}
 
 
@@ -163,3 +163,10 @@ class ModelInfo:
     dtype: str
     device: str
     revision: str
+    #: which path runs the model's passes: "fast", genembed's batched runner (llama, mistral, qwen2, qwen3
+    #: decoders), or "hf", the model's own Hugging Face forward (other families; one-pass encoders)
+    runner: Literal["fast", "hf"] = "fast"
+
+    def to_json(self) -> dict:
+        """The `/info` body, `_ADDED` fields left out at their defaults (an older gateway reads it)."""
+        return _fields(self)

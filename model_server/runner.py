@@ -7,7 +7,8 @@ replaced by the last one) so a decode step attends over a view of the pool with 
 Prefill packs the new prompts end to end, so projections and MLPs never see padding.
 
 The weights are Hugging Face's own modules (projections, norms, MLP, rotary embedding); only
-the batching around them lives here. Supports llama, mistral, qwen2 and qwen3 layouts.
+the batching around them lives here. Supports llama, mistral, qwen2 and qwen3 layouts (`FAMILIES`);
+other families run on `hf_runner.HFRunner`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+#: `config.model_type`s whose layout this runner implements
+FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def lm_logits(causal_lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head over final states as the family's own `forward` applies it: MiniCPM divides the
+    states by hidden_size / dim_model_base first, Gemma 2 soft-caps the logits. Soft tokens and
+    sampled thoughts must see the logits Hugging Face gives, whichever runner made the states."""
+    config = causal_lm.config
+    base = getattr(config, "dim_model_base", None)
+    if base:
+        hidden = hidden / (config.hidden_size / base)
+    logits = causal_lm.get_output_embeddings()(hidden)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -60,6 +77,8 @@ class PrefillGroup:
 
 class DecoderRunner:
     """Owns the KV pool; `forward` steps running slots and adds new ones, `remove` frees one."""
+
+    kind = "fast"
 
     def __init__(self, causal_lm: torch.nn.Module, max_seqs: int, eager_attention: bool = False) -> None:
         self.lm = causal_lm
@@ -230,4 +249,4 @@ class DecoderRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of selected rows only: callers gather the last positions first."""
         with torch.inference_mode():
-            return self.lm.get_output_embeddings()(hidden)
+            return lm_logits(self.lm, hidden)

@@ -49,6 +49,7 @@ class EmbeddingWorker:
             dtype=str(loaded.dtype).removeprefix("torch."),
             device=str(loaded.device),
             revision=loaded.revision,
+            runner=self.method.runner_kind,
         )
 
     def _prepare(self, items: list[EmbedItem]) -> tuple[list[ItemResult], list[PreparedInput | None]]:

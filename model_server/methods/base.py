@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -10,9 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from model_server.hf_runner import HFRunner
 from model_server.loading import LoadedModel
 from model_server.prompts import PreparedInput, PromptBuilder
-from model_server.runner import DecoderRunner
+from model_server.runner import FAMILIES, DecoderRunner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +74,11 @@ class EngineMethod(ABC):
         self.loaded = loaded
         self.prompts = PromptBuilder(loaded.spec, loaded.tokenizer, loaded.vocab_size)
 
+    @property
+    def runner_kind(self) -> str:
+        """Which path computes the passes (`/info`): "hf", the model's own forward, unless a runner says otherwise."""
+        return "hf"
+
     @abstractmethod
     def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
         """One forward pass: the next step of every running sequence (in slot order) and the
@@ -114,9 +123,19 @@ class DecoderMethod(EngineMethod):
 
     def __init__(self, loaded: LoadedModel, max_seqs: int) -> None:
         super().__init__(loaded)
-        eager = loaded.spec.attn_implementation == "eager"
-        self.runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager)
+        family = loaded.model.config.model_type
+        self.runner: DecoderRunner | HFRunner
+        if family in FAMILIES:
+            eager = loaded.spec.attn_implementation == "eager"
+            self.runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager)
+        else:
+            self.runner = HFRunner(loaded.model)
+        log.info("%s (%s): %s runs on the %s runner", loaded.spec.id, family, loaded.spec.method, self.runner.kind)
         self.embeddings = loaded.model.get_input_embeddings()
+
+    @property
+    def runner_kind(self) -> str:
+        return self.runner.kind
 
     def prompt_embeddings(self, seqs: list[Sequence]) -> list[torch.Tensor]:
         device = self.loaded.device

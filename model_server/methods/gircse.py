@@ -17,13 +17,15 @@ import torch
 
 from model_server.loading import LoadedModel
 from model_server.methods.base import DecoderMethod, Sequence
+from model_server.runner import lm_logits
 
 
 def soft_tokens(causal_lm: torch.nn.Module, last_hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     """The soft-token step, shared by serving and the ICR trainer so the two cannot drift: final
-    hidden states [N, H] -> next input embeddings [N, H]. The softmax runs in fp32, or wider when
-    the logits are (fp64 exactness tests); the LM head sees only the rows given."""
-    logits = causal_lm.get_output_embeddings()(last_hidden)
+    hidden states [N, H] -> next input embeddings [N, H]. E is the raw input matrix (MiniCPM's
+    embedding scale not applied, as in the reference's `softmax @ weight`). The softmax runs in
+    fp32, or wider when the logits are (fp64 exactness tests); the LM head sees only the rows given."""
+    logits = lm_logits(causal_lm, last_hidden)
     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     weight = causal_lm.get_input_embeddings().weight
     return probs.to(weight.dtype) @ weight
