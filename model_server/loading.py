@@ -1,8 +1,8 @@
 """Turn a ModelSpec into loaded weights, a tokenizer and a revision.
 
 Backbones come as local directories, hub ids, GGUF files or `pkg://` resources shipped inside a
-Python package; adapters as peft directories, on disk or `pkg://` (the trained default ships in this
-package). GGUF is de-quantized once into a safetensors cache (under a file lock, so two workers never
+Python package; adapters as peft directories, on disk, hub ids or `pkg://` (the trained default ships in
+this package). GGUF is de-quantized once into a safetensors cache (under a file lock, so two workers never
 convert at once) because loading GGUF costs ~10x more than loading safetensors.
 """
 
@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 PKG_SCHEME = "pkg://"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+# Besides weights and JSON configs, what else decides a model's outputs: remote code, sentencepiece tokenizers.
+CODE_SUFFIXES = (".py", ".model")
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -91,10 +94,10 @@ def _digest_file(path: Path) -> str:
 
 
 def digest_directory(directory: Path) -> str:
-    """Digest of the files that decide the outputs: weights and configs, not READMEs."""
+    """Digest of the files that decide the outputs: weights, configs, tokenizers and code, not READMEs."""
     parts = []
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.suffix == ".json"):
+        if path.is_file() and path.suffix in (*WEIGHT_SUFFIXES, *CODE_SUFFIXES, ".json"):
             parts.append(f"{path.relative_to(directory)}={_digest_file(path)}")
     if not parts:
         raise ModelLoadError(f"{directory} holds no weights or config files")
@@ -124,6 +127,8 @@ def compute_revision(spec: ModelSpec, backbone_digest: str, adapter_digest: str 
             }
         ),
     }
+    if spec.deliberation_tokens:  # only where set, so other methods' revisions stay as they were
+        material["deliberation_tokens"] = spec.deliberation_tokens
     return hashlib.blake2b(json.dumps(material, sort_keys=True).encode(), digest_size=6).hexdigest()
 
 
@@ -147,7 +152,12 @@ def _resolve_pkg(resource: str, install_hint: str | None = None) -> Path:
     return path
 
 
-def _resolve_hub(repo: str) -> Path:
+def _is_hub_id(name: str) -> bool:
+    """`owner/name[@revision]`, not a path (a path that exists is taken as one before this is asked)."""
+    return not name.startswith((".", "/", "~")) and name.partition("@")[0].count("/") == 1
+
+
+def _resolve_hub(repo: str, what: str = "backbone") -> Path:
     """Download (or find in the local HF cache) a hub snapshot; honours HF_HUB_OFFLINE."""
     from huggingface_hub import snapshot_download
 
@@ -155,7 +165,12 @@ def _resolve_hub(repo: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision or None))
     except Exception as exc:  # the hub client raises many types; all mean "cannot get it"
-        raise ModelLoadError(f"cannot fetch {repo!r} from the model hub or its local cache: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot fetch the {what} {repo!r} from the Hugging Face hub or its local cache ({exc}). "
+            f"It downloads on first use: give this machine network access (and unset HF_HUB_OFFLINE), set "
+            f"HF_TOKEN if the repository is gated, or download it elsewhere (`huggingface-cli download {repo_id}`) "
+            f"and name its local directory in the spec instead."
+        ) from exc
 
 
 def resolve_backbone(spec: ModelSpec) -> Backbone:
@@ -164,7 +179,7 @@ def resolve_backbone(spec: ModelSpec) -> Backbone:
     else:
         path = Path(spec.backbone).expanduser()
         if not path.exists():
-            if spec.backbone.startswith((".", "/", "~")) or spec.backbone.count("/") != 1:
+            if not _is_hub_id(spec.backbone):
                 raise ModelLoadError(f"backbone {spec.backbone!r} does not exist")
             path = _resolve_hub(spec.backbone)
     if path.is_file():
@@ -176,11 +191,15 @@ def resolve_backbone(spec: ModelSpec) -> Backbone:
 
 
 def resolve_adapter(spec: ModelSpec) -> Path | None:
-    """The spec's peft adapter directory: a path, or `pkg://` for one shipped as package data."""
+    """The spec's peft adapter directory: a path, a hub id, or `pkg://` for one shipped as package data."""
     if not spec.adapter:
         return None
-    pkg = spec.adapter.startswith(PKG_SCHEME)
-    directory = _resolve_pkg(spec.adapter) if pkg else Path(spec.adapter).expanduser()
+    if spec.adapter.startswith(PKG_SCHEME):
+        directory = _resolve_pkg(spec.adapter)
+    else:
+        directory = Path(spec.adapter).expanduser()
+        if not directory.exists() and _is_hub_id(spec.adapter):
+            directory = _resolve_hub(spec.adapter, "adapter")
     if not (directory / "adapter_config.json").is_file():
         raise ModelLoadError(f"adapter {directory} is not a peft adapter directory (no adapter_config.json)")
     return directory
@@ -231,12 +250,13 @@ def resolve_device(spec: ModelSpec) -> torch.device:
 
 
 def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
-    """bf16 on GPUs; fp32 for generative methods on CPU, whose recursion amplifies bf16 rounding."""
+    """bf16 on GPUs; on CPU fp32 for decoder methods (the generative recursion amplifies bf16 rounding)
+    and bf16 for pooled models and cross-encoders where the CPU has native bf16."""
     if spec.dtype != "auto":
         return DTYPES[spec.dtype]
     if device.type == "cuda":
         return torch.bfloat16
-    if not spec.is_generative and cpu_has_native_bf16():
+    if spec.method in ("pooled", "cross_encoder") and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 
@@ -269,6 +289,28 @@ def add_special_tokens(model: torch.nn.Module, tokenizer, tokens: tuple[str, ...
     return missing
 
 
+def merge_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """Merge a peft LoRA into the weights: serving then costs exactly what the plain backbone costs.
+
+    An adapter trained on a model with a head (`*ForCausalLM`: modules under `model.`) also fits the bare
+    base model that pooled and debater models load (DEBATER's own adapters were trained on that one): the
+    prefix is dropped. A LoRA module left without its trained weights is an error (peft only warns): it
+    would serve the untrained backbone's vectors silently.
+    """
+    from peft import PeftModel
+
+    bare = model.base_model is model  # type: ignore[attr-defined]
+    mapping = {rf"^{model.base_model_prefix}\.": ""} if bare else None  # type: ignore[attr-defined]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), key_mapping=mapping)
+    for warning in caught:
+        if "missing adapter keys" in str(warning.message):
+            raise ModelLoadError(f"adapter {adapter_dir} does not fit {type(model).__name__}: {warning.message}")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return peft_model.merge_and_unload()
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -277,7 +319,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     dtype = resolve_dtype(spec, device)
     # The decoder runner calls SDPA itself (flash kernels on CUDA); this choice is for one-pass encoders.
     attention = "eager" if spec.attn_implementation == "eager" else "sdpa"
-    common = {"dtype": dtype, "attn_implementation": attention}
+    # trust_remote_code runs the repository's own Python (MiniCPM-2B ships its model that way): the spec opts in.
+    remote = {"trust_remote_code": spec.trust_remote_code}
+    common = {"dtype": dtype, "attn_implementation": attention, **remote}
     if spec.method == "cross_encoder":
         # A checkpoint without a classification head gets a fresh one: seeded, so every worker
         # of the same spec scores alike (and the revision, which covers the weights, still holds).
@@ -288,8 +332,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     elif spec.is_generative:
         model = AutoModelForCausalLM.from_pretrained(str(backbone.directory), **common)
     else:
+        # Pooled models and DEBATER: the base model's final states, as DEBATER's code loads it (AutoModel),
+        # so adapters trained on that module tree apply.
         model = AutoModel.from_pretrained(str(backbone.directory), **common)
-    tokenizer = AutoTokenizer.from_pretrained(str(backbone.directory))
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone.directory), **remote)
     added = add_special_tokens(model, tokenizer, spec.special_tokens)
     if added:
         log.info("added tokens %s to %s (embeddings: the mean of the existing rows)", added, spec.id)
@@ -297,10 +343,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     adapter_digest = None
     adapter_dir = resolve_adapter(spec)
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        # Merged into the base weights: serving then costs exactly what the plain backbone costs.
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        model = merge_adapter(model, adapter_dir)
         adapter_digest = digest_directory(adapter_dir)
 
     window = getattr(model.config, "sliding_window", None)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from model_server import protocol
 from model_server.protocol import EmbedItem, ItemError
-from model_server.specs import DEBATER_TOKENS, O1_EMB_TOKEN, TEXT_SLOT, ModelSpec
+from model_server.specs import O1_EMB_TOKEN, TEXT_SLOT, ModelSpec
 
 #: the o1 thought sampler's seed when a request names none: the same request, the same vector
 DEFAULT_SEED = 0
@@ -38,11 +38,17 @@ class ItemRejected(ValueError):
         self.error = ItemError(code=code, message=message, param=param)
 
 
-def format_prompt(spec: ModelSpec, input_type: str, instruction: str | None) -> tuple[str, str]:
-    """(prefix, suffix) around the body for this input type and instruction."""
+def format_prompt(spec: ModelSpec, input_type: str, instruction: str | None, steps: int = 0) -> tuple[str, str]:
+    """(prefix, suffix) around the body for this input type, instruction and K. An empty instruction takes
+    the space after it along (DEBATER's `{instruction} {text}` is then the bare text, as in its code); a
+    debater document's suffix ends with its first K deliberation tokens, tokenized with the rest."""
     template = spec.templates.for_type(input_type)  # type: ignore[arg-type]
-    filled = template.replace("{instruction}", spec.default_instruction if instruction is None else instruction)
-    prefix, _, suffix = filled.partition(TEXT_SLOT)
+    instruction = spec.default_instruction if instruction is None else instruction
+    if not instruction:
+        template = template.replace("{instruction} ", "")
+    prefix, _, suffix = template.replace("{instruction}", instruction).partition(TEXT_SLOT)
+    if spec.method == "debater" and input_type == "document":
+        suffix += "".join(spec.deliberation_tokens[:steps])
     return prefix, suffix
 
 
@@ -53,8 +59,18 @@ class PromptBuilder:
         self.vocab_size = vocab_size
         self._special_head, self._special_tail = self._special_frame() if spec.add_special_tokens else ([], [])
         self._specials = len(self._special_head) + len(self._special_tail)
-        if spec.method in ("o1", "debater") and tokenizer.eos_token_id is None:
-            raise ValueError(f"method {spec.method!r} needs a tokenizer with an EOS token")
+        if spec.method == "o1" and tokenizer.eos_token_id is None:
+            raise ValueError("method 'o1' needs a tokenizer with an EOS token")
+        if spec.method == "debater":
+            self._check_deliberation()
+
+    def _check_deliberation(self) -> None:
+        """The vector and the trajectory are the last K states: the deliberation tokens must end a document's
+        ids, one token each (a tokenizer that appends EOS, or splits a token, would shift them)."""
+        tokens = self.spec.deliberation_tokens
+        ids = self._encode("probe" + format_prompt(self.spec, "document", None, len(tokens))[1])
+        if ids[-len(tokens) :] != self.tokenizer.convert_tokens_to_ids(tokens):
+            raise ValueError(f"the deliberation tokens {tokens} do not end a document's token ids one token each")
 
     def check_steps(self, steps: int | None) -> int:
         spec = self.spec
@@ -81,7 +97,7 @@ class PromptBuilder:
             raise ItemRejected(protocol.INVALID_INPUT, "text_pair is only for cross_encoder models", "input")
         seed, samples = self._sampling(item, steps)
         tail, steps, reserve = self._tail(item.input_type, steps)
-        prefix, suffix = format_prompt(self.spec, item.input_type, item.instruction)
+        prefix, suffix = format_prompt(self.spec, item.input_type, item.instruction, steps)
         if item.text is not None:
             if not item.text:
                 raise ItemRejected(protocol.EMPTY_INPUT, "input must not be an empty string", "input")
@@ -142,12 +158,12 @@ class PromptBuilder:
         return seed, samples if stochastic else 1
 
     def _tail(self, input_type: str, steps: int) -> tuple[list[int], int, int]:
-        """The method's token ids after the template (never truncated), the decode steps left and
+        """The method's token ids after the template (never truncated), the steps this input takes and
         the KV positions reserved beyond them.
 
         o1: documents end with `<emb>`; a query's thought (K decode steps) is followed by EOS and
-        `<emb>` (2 more), or with K = 0 both join the prompt. debater: documents end with the first
-        K deliberation tokens (one pass: the steps only reserve their positions), queries with EOS.
+        `<emb>` (2 more), or with K = 0 both join the prompt. debater: a document's K deliberation
+        tokens end its template (`format_prompt`), all in one pass; queries deliberate not (K = 0).
         """
         method, eos = self.spec.method, self.tokenizer.eos_token_id
         if method == "o1":
@@ -155,10 +171,8 @@ class PromptBuilder:
             if input_type == "document":
                 return [emb], 0, 0
             return ([], steps, 2) if steps else ([eos, emb], 0, 0)
-        if method == "debater":
-            if input_type == "document":
-                return self.tokenizer.convert_tokens_to_ids(list(DEBATER_TOKENS[:steps])), steps, 0
-            return [eos], 0, 0
+        if method == "debater" and input_type == "query":
+            return [], 0, 0
         return [], steps, 0
 
     def _pair(self, item: EmbedItem) -> PreparedInput:

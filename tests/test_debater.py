@@ -1,4 +1,4 @@
-"""DEBATER through the worker equals the research definition on the real backbone (float64)."""
+"""DEBATER through the worker equals the research code's computation on the real backbone (float64)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ from tests.models import cosine
 
 QUERY = "What is the boiling point of water?"
 DOCUMENT = "Water boils at 100 degrees Celsius at sea level."
-COD = [f"[CoD{i}]" for i in range(1, 9)]
+# Written out here, not taken from the method: the reference's strings (OpenBMB/DEBATER, llm2vec_models.py).
+RESERVED = [f"<reserved_{i}>" for i in range(12, 20)]
+ASK = " Use eight words to represent the above text in multiple aspects: "
+INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query:"
 
 
 @pytest.fixture(scope="module")
@@ -38,23 +41,25 @@ def worker(loaded):
 @torch.no_grad()
 def last_state(model, ids: list[int]):
     """The final-layer state of the last token, L2-normalised: the slow, obvious way."""
-    state = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1].double()
+    state = model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1].double()
     return (state / state.norm()).numpy()
 
 
 def _ids(loaded, text: str) -> list[int]:
-    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return loaded.tokenizer(text)["input_ids"]  # the tokenizer's default special tokens, as the reference
 
 
 def test_float64_matches_from_scratch(loaded, worker):
-    # Written out here, not taken from the prompt code: `{instruction} {query}` EOS, and the
-    # document body followed by its first K deliberation tokens.
-    cod = loaded.tokenizer.convert_tokens_to_ids(COD)
-    assert cod == list(range(49152, 49160))
+    reserved = loaded.tokenizer.convert_tokens_to_ids(RESERVED)
+    assert reserved == list(range(49152, 49160))  # SmolLM2 lacks them: added at load
     cases = [
-        (EmbedItem(text=QUERY), [*_ids(loaded, f"Query: {QUERY}"), loaded.tokenizer.eos_token_id]),
+        (EmbedItem(text=QUERY), _ids(loaded, f"{INSTRUCTION} {QUERY}</s>")),
+        (EmbedItem(text=QUERY, instruction=""), _ids(loaded, f"{QUERY}</s>")),
         *(
-            (EmbedItem(text=DOCUMENT, input_type="document", steps=k), _ids(loaded, f"Document: {DOCUMENT}") + cod[:k])
+            (
+                EmbedItem(text=DOCUMENT, input_type="document", steps=k),
+                _ids(loaded, DOCUMENT + ASK + "".join(RESERVED[:k])),
+            )
             for k in (8, 3, 1)
         ),
     ]
@@ -62,15 +67,15 @@ def test_float64_matches_from_scratch(loaded, worker):
     for row, (_, ids) in enumerate(cases):
         assert response.results[row].prompt_tokens == len(ids)
         assert 1 - cosine(response.vectors[row], last_state(loaded.model, ids)) <= 1e-10
-    assert [r.steps for r in response.results] == [0, 8, 3, 1]
-    assert 1 - cosine(response.vectors[1], response.vectors[2]) > 1e-6  # K changes the vector
+    assert [r.steps for r in response.results] == [0, 0, 8, 3, 1]
+    assert 1 - cosine(response.vectors[2], response.vectors[3]) > 1e-6  # K changes the vector
 
 
 def test_k_selects_the_deliberation_tokens(loaded, worker):
-    cod = loaded.tokenizer.convert_tokens_to_ids(COD)
+    reserved = loaded.tokenizer.convert_tokens_to_ids(RESERVED)
     for k in range(1, 9):
         ids = worker.method.prompts.prepare(EmbedItem(text=DOCUMENT, input_type="document", steps=k)).token_ids
-        assert ids[-k:] == cod[:k] and not set(ids[:-k]) & set(cod)
+        assert ids[-k:] == reserved[:k] and not set(ids[:-k]) & set(reserved)
     for k in (0, 9):
         with pytest.raises(ItemRejected) as caught:
             worker.method.prompts.prepare(EmbedItem(text=DOCUMENT, input_type="document", steps=k))
@@ -78,25 +83,26 @@ def test_k_selects_the_deliberation_tokens(loaded, worker):
 
 
 def test_long_document_is_cut_in_the_body_never_the_suffix(loaded):
-    spec = loaded.spec.model_copy(update={"max_input_tokens": 24})
+    spec = loaded.spec.model_copy(update={"max_input_tokens": 40})
     worker = EmbeddingWorker(dataclasses.replace(loaded, spec=spec), EngineLimits())
     worker.engine.start()
-    cod = loaded.tokenizer.convert_tokens_to_ids(COD)
+    suffix = _ids(loaded, ASK + "".join(RESERVED))[-21:]  # " Use … aspects: " and the 8 reserved tokens
+    assert suffix[-8:] == loaded.tokenizer.convert_tokens_to_ids(RESERVED)
     body = " ".join([DOCUMENT] * 10)
     try:
-        head = _ids(loaded, "Document: ")
-        for item, body_ids in (
-            (EmbedItem(text=body, input_type="document", steps=8), _ids(loaded, "Document: " + body)[:16]),
-            (EmbedItem(token_ids=_ids(loaded, body), input_type="document", steps=8), head + _ids(loaded, body)),
+        for item in (
+            EmbedItem(text=body, input_type="document", steps=8),
+            EmbedItem(token_ids=_ids(loaded, body), input_type="document", steps=8),
         ):
             prepared = worker.method.prompts.prepare(item)
             ids = prepared.token_ids
-            assert prepared.truncated and ids == body_ids[:16] + cod
+            assert prepared.truncated and len(ids) == 40
+            assert ids[-21:] == suffix and ids[:19] == _ids(loaded, body)[:19]
         response = asyncio.run(worker.embed(EmbedRequest(items=[item])))
         assert response.results[0].truncated
         assert 1 - cosine(response.vectors[0], last_state(loaded.model, ids)) <= 1e-10
         refused = PromptBuilder(spec, loaded.tokenizer, loaded.vocab_size)
-        with pytest.raises(ItemRejected, match="24"):
+        with pytest.raises(ItemRejected, match="40"):
             refused.prepare(EmbedItem(text=body, input_type="document", truncate=False))
     finally:
         worker.stop()

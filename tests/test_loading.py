@@ -41,14 +41,14 @@ def test_builtin_specs_and_spec_files(tmp_path):
     assert spec.backbone == str(tmp_path / "weights")
     assert spec.templates.query == "Q: {text}"
     yaml_file = tmp_path / "m.yaml"
-    yaml_file.write_text("id: y\nbackbone: /x\nmethod: pooled\nmax_refinement_steps: 0\ndefault_refinement_steps: 0\n")
+    yaml_file.write_text("id: y\nbackbone: /x\nmethod: pooled\n")
     assert load_spec(str(yaml_file)).method == "pooled"
     with pytest.raises(ValueError, match="unknown model spec"):
         load_spec("no-such-model")
     with pytest.raises(ValueError, match="exactly once"):
         ModelSpec(id="x", backbone="/x", templates={"query": "no slot"})
     with pytest.raises(ValueError, match="no refinement steps"):
-        ModelSpec(id="x", backbone="/x", method="pooled")
+        ModelSpec(id="x", backbone="/x", method="pooled", max_refinement_steps=3)
 
 
 def test_gguf_converted_once_and_reused():

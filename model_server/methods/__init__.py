@@ -22,7 +22,7 @@ def build_method(loaded: LoadedModel, max_seqs: int) -> EngineMethod:
     if loaded.spec.method == "o1":
         return O1Method(loaded, max_seqs)
     if loaded.spec.method == "debater":
-        return DebaterMethod(loaded, max_seqs)
+        return DebaterMethod(loaded)
     if loaded.spec.method == "cross_encoder":
         return CrossEncoderMethod(loaded)
     return PooledMethod(loaded)

@@ -1,25 +1,28 @@
-"""DEBATER (arXiv 2502.12974): a document thinks through a chain of deliberation tokens.
+"""DEBATER (arXiv 2502.12974; OpenBMB/DEBATER): a document thinks through a chain of deliberation tokens.
 
-A document is its body followed by the first K deliberation tokens `[CoD1]..[CoDK]` (K =
-`refinement_steps`, 1..8; the prompt builder truncates the body, never them); its embedding is
-the last deliberation token's final-layer (post-norm) state; the trajectory (every deliberation
-token's state, for max-sim users) comes from the same pass. A query is `{instruction} {query}`
-followed by EOS; its embedding is the EOS state. Both take a single forward pass: the research
-model was trained so that the deliberation happens inside it, with no generation.
+As the reference's code formats them: a document is `{text} Use eight words to represent the above text
+in multiple aspects: ` followed by the first K deliberation tokens (K = `refinement_steps`; MiniCPM's
+`<reserved_12>`..`<reserved_19>` by default), a query `{instruction} {query}</s>`; both tokenized whole
+with the tokenizer's own special tokens (BOS). One forward pass of the model's own Hugging Face
+implementation over a left-padded batch, as the reference runs it (so MiniCPM, remote code or
+`minicpm3`, serves): the vector is the last token's final-layer state; a document's trajectory (every
+deliberation token's state, the reference's M-token pooling for max-sim) comes from the same pass.
 """
 
 from __future__ import annotations
 
 import torch
 
-from model_server.methods.base import DecoderMethod, Sequence
+from model_server.methods.base import Sequence
+from model_server.methods.pooled import PooledMethod
 
 
-class DebaterMethod(DecoderMethod):
-    @torch.inference_mode()
-    def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
-        # Every sequence finishes in its (packed, unpadded) prefill: nothing is ever running.
-        _, prefilled = self.runner.forward(None, self.prompt_embeddings(admitted), [s.kv_tokens for s in admitted])
-        for seq, states in zip(admitted, prefilled, strict=True):
+class DebaterMethod(PooledMethod):
+    padding_side = "left"
+
+    def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
+        states = output.last_hidden_state
+        states = states.to(torch.promote_types(states.dtype, torch.float32))
+        for seq, rows in zip(seqs, states, strict=True):
             # The state of deliberation token i is what K = i would give (causal attention): the trajectory.
-            self.finish(seq, states[-1], trajectory=states[len(states) - seq.steps :] if seq.steps else None)
+            self.finish(seq, rows[-1], trajectory=rows[len(rows) - seq.steps :] if seq.steps else None)

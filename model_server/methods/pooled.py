@@ -1,10 +1,14 @@
-"""One-pass encoders: ordinary embedding models (mean / CLS / last-token pooling) and cross-encoders.
+"""One-pass encoders through the model's own Hugging Face forward: ordinary embedding models (mean / CLS /
+last-token pooling), cross-encoders and (methods/debater.py) DEBATER, so any architecture the installed
+transformers (or a model repository's remote code) knows serves.
 
 Their sequences finish in their first pass. A padded batch makes every row pay for the widest
 one, so admitted inputs are sorted by length and split into groups whose padding stays small.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -13,12 +17,14 @@ from model_server.runner import group_by_length
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Pool [B, T, H] states under a right-padded [B, T] mask into [B, H] (fp32 or wider)."""
+    """Pool [B, T, H] states under a [B, T] mask (padded on either side) into [B, H] (fp32 or wider)."""
     wide = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+    rows = torch.arange(len(wide), device=wide.device)
     if how == "cls":
-        return wide[:, 0]
+        return wide[rows, mask.argmax(dim=1)]  # the first real position
     if how == "last":
-        return wide[torch.arange(len(wide)), mask.sum(dim=1) - 1]
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        return wide[rows, (mask * positions).argmax(dim=1)]  # the last real position
     weights = mask.unsqueeze(-1).to(wide.dtype)
     return (wide * weights).sum(dim=1) / weights.sum(dim=1)
 
@@ -30,6 +36,9 @@ def length_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
 
 class PooledMethod(EngineMethod):
     stateful = False
+    #: right: an encoder's positions start at its first token; left (decoders pooled at their last token,
+    #: as the research code pads): every row's last token sits at the end, with position ids from the mask
+    padding_side: Literal["left", "right"] = "right"
 
     @torch.inference_mode()
     def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
@@ -45,13 +54,16 @@ class PooledMethod(EngineMethod):
         types = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, seq in enumerate(seqs):
             n = seq.prompt_tokens
-            ids[row, :n] = torch.tensor(seq.prepared.token_ids)
-            mask[row, :n] = 1
+            span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            ids[row, span] = torch.tensor(seq.prepared.token_ids)
+            mask[row, span] = 1
             if seq.prepared.token_type_ids is not None:
-                types[row, :n] = torch.tensor(seq.prepared.token_type_ids)
+                types[row, span] = torch.tensor(seq.prepared.token_type_ids)
         batch = {"input_ids": ids, "attention_mask": mask}
         if any(s.prepared.token_type_ids is not None for s in seqs):
             batch["token_type_ids"] = types
+        if self.padding_side == "left":  # each row's positions count from its first real token
+            batch["position_ids"] = (mask.cumsum(dim=1) - 1).clamp_min(0)
         return {k: v.to(self.loaded.device) for k, v in batch.items()}
 
     def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
