@@ -62,6 +62,11 @@ class Teacher(_Strict):
     labels: dict[str, float] | None = Field(default=None, description="labels: gold score per document id")
     max_concurrency: int | None = Field(default=None, gt=0, le=256, description="llm: judge calls in flight")
     timeout_s: float | None = Field(default=None, gt=0, le=600, description="llm: deadline of one judge call")
+    instruction: str | None = Field(
+        default=None,
+        description="llm: the task the judge is told to judge by (default: the request's instruction); an empty "
+        "string tells none, as the paper's code does on search tasks",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> Teacher:
@@ -69,6 +74,8 @@ class Teacher(_Strict):
             raise ValueError("teacher.labels is required for the labels teacher")
         if self.type != "labels" and self.labels is not None:
             raise ValueError("teacher.labels is only for the labels teacher")
+        if self.type != "llm" and self.instruction is not None:
+            raise ValueError("teacher.instruction is only for the llm teacher")
         if self.type in ("cross_encoder", "embedder") and not self.model:
             raise ValueError(f"teacher.model is required for the {self.type} teacher: a model this gateway serves")
         return self

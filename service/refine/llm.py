@@ -1,5 +1,9 @@
 """An OpenAI-compatible chat-completions client for the LLM judge and HyDE (vLLM, LiteLLM, llama.cpp, OpenAI).
 
+The judge and HyDE requests are the ones the paper's code sends (IBM/task-aware-embedding-refinement,
+`generative_llms.py`: `LLMJudgeYesNoProbs`, `OpenAIStyleMixin`, `generate_hypothetical_documents`), so teacher
+scores and hypothetical passages are the paper's; docs/refine.md lists what still differs.
+
 Every call has its own timeout and a bounded number of retries, and only for what a retry can fix (timeouts,
 connection failures, 408/429/5xx); a failure comes back as a `CallError` value for the caller to report per
 document, never as an exception that would lose the other documents' scores.
@@ -18,17 +22,35 @@ import httpx
 
 T = TypeVar("T")
 
-# Part of the score cache key: change it whenever the prompt or the parsing changes.
-JUDGE_PROMPT_VERSION = "yesno-v1"
-_JUDGE_TOKENS_CHECKED = 2  # the answer may start with a space, a quote or "Answer:" before yes/no
-_JUDGE_TOP_LOGPROBS = 10
+# Part of the score cache key: change it whenever the prompt, the call parameters or the parsing change.
+JUDGE_PROMPT_VERSION = "ibm-yesno-v1"
+
+# The paper's prompts, verbatim (data, not code): generative_llms.py, LLMJudgeYesNoProbs.__init__ and
+# generate_hypothetical_documents. The task sentence ends in a space; the judge prompt has no space after "(Yes/No):".
+_JUDGE_HEAD = "Here is a user query and a document. Is this document relevant for this query? "
+_JUDGE_TASK = "Judge the relevance according to the following task: {instruction} "
+_JUDGE_TAIL = (
+    "Answer with only yes/no, without any preceding tokens. Query: {query}\nDocument: {document}\nRelevant? (Yes/No):"
+)
+_HYDE_TEMPLATE = (
+    "Write a representative document passage that would be relevant to the following query. "
+    "The passage should capture key concepts and terminology that relevant documents would contain.\n\n"
+    "Query: {query}\n\n"
+    "Passage:"
+)
+# The paper's judge call (LLMJudgeYesNoProbs.get_relevance_scores): 5 new tokens, the top 5 alternatives of each,
+# no temperature (the server's default); the score reads the first 2 positions and is rounded to 5 decimals.
+_JUDGE_MAX_TOKENS = 5
+_JUDGE_TOP_LOGPROBS = 5
+_JUDGE_TOKENS_CHECKED = 2
+_JUDGE_SCORE_DECIMALS = 5
 _MIN_YES_NO_MASS = 1e-4  # below it the judge did not answer yes/no at all
-_MAX_DOCUMENT_CHARS = 8000  # ~2k tokens: keeps one prompt inside a small judge's context
+_MAX_INPUT_CHARS = 500_000  # the paper's MAX_INPUT_CHARS: the document is cut so that the prompt stays within it
+# The paper's regexes: "Yes", " yes", "YES.", "Ġyes" (byte-level BPE), "▁Yes" (sentencepiece) — not "yesterday".
+_YES = re.compile(r"(\W|Ġ|_)*yes(\W|Ġ|_)*", re.IGNORECASE)
+_NO = re.compile(r"(\W|Ġ|_)*no(\W|Ġ|_)*", re.IGNORECASE)
 _RETRY_BACKOFF_S = 0.25
 _RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
-# "Yes", " yes", "YES.", "▁Yes" (sentencepiece), "Ġyes" (byte-level BPE) — but not "yesterday" or "nothing".
-_YES = re.compile(r"[\W_Ġ▁]*yes[\W_]*", re.IGNORECASE)
-_NO = re.compile(r"[\W_Ġ▁]*no[\W_]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -40,48 +62,59 @@ class CallError:
 
 
 def judge_prompt(query: str, document: str, instruction: str | None) -> str:
-    task = f"The search task: {instruction}\n" if instruction else ""
-    return (
-        "You judge search results. Decide whether the document is relevant to the query.\n"
-        f"{task}"
-        f"Query: {query}\n"
-        f"Document: {document[:_MAX_DOCUMENT_CHARS]}\n"
-        "Is the document relevant to the query? Answer with a single word: yes or no."
-    )
+    """The paper's yes/no question; `instruction` (the task to judge by) is left out when empty, as there."""
+    task = _JUDGE_TASK.format(instruction=instruction) if instruction else ""
+    # The paper cuts the document so that the template (its two "{}" included) plus query and document stay
+    # within _MAX_INPUT_CHARS; a prompt the judge's context cannot hold is that document's error, not a score.
+    template_chars = len(_JUDGE_HEAD + task + _JUDGE_TAIL.format(query="", document="")) + len("{}{}")
+    document = document[: max(0, _MAX_INPUT_CHARS - template_chars - len(query))]
+    return _JUDGE_HEAD + task + _JUDGE_TAIL.format(query=query, document=document)
 
 
-def hyde_prompt(query: str, instruction: str | None) -> str:
-    task = f" The search task: {instruction}" if instruction else ""
-    return (
-        "Write a short passage that answers the query below, in the style of a document a search engine would "
-        f"return for it, with the terms such a document would use.{task}\n"
-        f"Query: {query}\n"
-        "Passage:"
+def hyde_prompt(query: str) -> str:
+    """The paper's HyDE request: the query only, no task instruction."""
+    return _HYDE_TEMPLATE.format(query=query)
+
+
+def _chat_payload(model: str, prompt: str, seed: int, **params: Any) -> dict[str, Any]:
+    """One user message, as the paper sends it; Qwen3 judges are asked not to think first, as there (their
+    thinking would fill the few new tokens the score reads)."""
+    payload: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}], "seed": seed}
+    if "qwen" in model.lower():
+        payload["chat_template_kwargs"] = {"enable_thinking": False}
+    return payload | params
+
+
+def judge_payload(model: str, query: str, document: str, instruction: str | None, seed: int) -> dict[str, Any]:
+    """The paper's judge call: max_tokens 5, logprobs with the top 5 alternatives, the server's own temperature."""
+    prompt = judge_prompt(query, document, instruction)
+    return _chat_payload(
+        model, prompt, seed, max_tokens=_JUDGE_MAX_TOKENS, logprobs=True, top_logprobs=_JUDGE_TOP_LOGPROBS
     )
 
 
 def yes_no_score(response: dict[str, Any]) -> float:
-    """P(yes) / (P(yes) + P(no)), summed over the yes/no spellings among the alternatives of the first tokens
-    (the first position that holds any). Raises ValueError when none of them is a yes or a no."""
+    """P(yes) / (P(yes) + P(no)) as the paper computes it: at the first of the first two generated positions whose
+    top alternatives hold any yes/no spelling with more than 1e-4 probability, summed per class, rounded to 5
+    decimals. Raises ValueError when there is none (the paper's "ERR")."""
     try:
         positions = response["choices"][0]["logprobs"]["content"] or []
     except (KeyError, IndexError, TypeError) as exc:
         raise ValueError("the response holds no logprobs (does the server support `logprobs`?)") from exc
     for position in positions[:_JUDGE_TOKENS_CHECKED]:
-        alternatives = position.get("top_logprobs") or [position]
         yes = no = 0.0
-        for alt in alternatives:
+        for alt in position.get("top_logprobs") or []:
             token, logprob = alt.get("token"), alt.get("logprob")
-            if not isinstance(token, str) or not isinstance(logprob, int | float) or not math.isfinite(logprob):
+            if not isinstance(token, str) or not isinstance(logprob, int | float) or math.isnan(logprob):
                 continue
             if _YES.fullmatch(token):
                 yes += math.exp(logprob)
             elif _NO.fullmatch(token):
                 no += math.exp(logprob)
         if yes + no > _MIN_YES_NO_MASS:
-            return yes / (yes + no)
+            return round(yes / (yes + no), _JUDGE_SCORE_DECIMALS)
     seen = [p.get("token") for p in positions[:_JUDGE_TOKENS_CHECKED]]
-    raise ValueError(f"no yes/no among the first tokens' alternatives (the judge wrote {seen!r})")
+    raise ValueError(f"no yes/no among the first tokens' top_logprobs (the judge wrote {seen!r})")
 
 
 class ChatClient:
@@ -90,6 +123,10 @@ class ChatClient:
     def __init__(self, base_url: str, api_key: str | None, max_retries: int) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
+        # As in the paper's code: OpenAI's own API takes `max_completion_tokens` (its newer models refuse `max_tokens`).
+        self._limit_field = (
+            "max_completion_tokens" if httpx.URL(self.base_url).host == "api.openai.com" else "max_tokens"
+        )
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         # Each call's own deadline bounds it (asyncio.timeout below); the pool is sized by the callers' semaphores.
         self._http = httpx.AsyncClient(
@@ -100,6 +137,8 @@ class ChatClient:
         self, payload: dict[str, Any], timeout_s: float, parse: Callable[[dict[str, Any]], T]
     ) -> T | CallError:
         """POST /chat/completions and `parse` the JSON (ValueError: a bad response), retrying transient failures."""
+        if "max_tokens" in payload:
+            payload = {(self._limit_field if k == "max_tokens" else k): v for k, v in payload.items()}
         error = CallError("unreachable", "not tried")
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -144,17 +183,10 @@ async def judge(
     gate = asyncio.Semaphore(concurrency)
 
     async def one(document: str) -> float | CallError:
-        payload = {
-            "model": model,
-            "messages": [{"role": "user", "content": judge_prompt(query, document, instruction)}],
-            "max_tokens": _JUDGE_TOKENS_CHECKED,
-            "temperature": 0,
-            "logprobs": True,
-            "top_logprobs": _JUDGE_TOP_LOGPROBS,
-            "seed": seed,
-        }
         async with gate:
-            return await client.complete(payload, timeout_s, yes_no_score)
+            return await client.complete(
+                judge_payload(model, query, document, instruction, seed), timeout_s, yes_no_score
+            )
 
     tasks = [asyncio.ensure_future(one(d)) for d in documents]
     if not tasks:
@@ -168,31 +200,20 @@ async def judge(
 
 
 async def write_passage(
-    client: ChatClient,
-    model: str,
-    query: str,
-    instruction: str | None,
-    seed: int,
-    temperature: float,
-    max_tokens: int,
-    timeout_s: float,
+    client: ChatClient, model: str, query: str, seed: int, temperature: float, max_tokens: int, timeout_s: float
 ) -> str | CallError:
-    """HyDE: a hypothetical document for the query, sampled with `seed`."""
-    payload = {
-        "model": model,
-        "messages": [{"role": "user", "content": hyde_prompt(query, instruction)}],
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "seed": seed,
-    }
+    """HyDE: the paper's request for a hypothetical document (its defaults: temperature 0.7, 256 tokens), sampled
+    with `seed`."""
+    payload = _chat_payload(model, hyde_prompt(query), seed, max_tokens=max_tokens, temperature=temperature)
     return await client.complete(payload, timeout_s, _message_text)
 
 
 def _message_text(response: dict[str, Any]) -> str:
+    """The passage as written (the paper embeds it unstripped); an empty one is an error."""
     try:
         text = response["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError) as exc:
         raise ValueError("the response holds no message") from exc
     if not isinstance(text, str) or not text.strip():
         raise ValueError("the LLM wrote an empty passage")
-    return text.strip()
+    return text

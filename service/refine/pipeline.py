@@ -238,7 +238,6 @@ class Refiner:
             chat,
             model,
             body.query,
-            body.instruction,
             body.sampling.seed,
             body.hyde.temperature,
             body.hyde.max_tokens,

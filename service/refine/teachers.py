@@ -134,7 +134,8 @@ class Teachers:
         budget_s: float,
     ) -> TeacherScores:
         chat, model = self.chat_model(teacher.model, "the llm teacher")
-        keys = [_score_key(model, llm.JUDGE_PROMPT_VERSION, query, instruction, _text_digest(d)) for d in documents]
+        task = (instruction if teacher.instruction is None else teacher.instruction) or None
+        keys = [_score_key(model, llm.JUDGE_PROMPT_VERSION, query, task, _text_digest(d)) for d in documents]
         scores, _ = await self.cache.get(keys)
         todo = [i for i, s in enumerate(scores) if s is None]
         result = TeacherScores(scores, cache_hits=len(documents) - len(todo), calls=len(todo))
@@ -142,7 +143,7 @@ class Teachers:
             chat,
             model,
             query,
-            instruction,
+            task,
             [documents[i] for i in todo],
             teacher.max_concurrency or self.settings.teacher_max_concurrency,
             teacher.timeout_s or self.settings.teacher_timeout_s,
