@@ -23,7 +23,7 @@ def _package(frame) -> str:
     return frame.f_globals.get("__name__", "").partition(".")[0]
 
 
-def _blaming_our_caller(message, category=None, stacklevel=1, source=None):
+def _blaming_our_caller(message, category=None, stacklevel=1, source=None, **kwargs):  # kwargs: 3.12+
     kind = category if category is not None else getattr(message, "__class__", UserWarning)
     if isinstance(kind, type) and issubclass(kind, DeprecationWarning | FutureWarning):
         frame, level = sys._getframe(1), 2  # level 2: the caller of this function
@@ -31,8 +31,8 @@ def _blaming_our_caller(message, category=None, stacklevel=1, source=None):
         while frame is not None and (_package(frame) == library or frame.f_globals.get("__name__") in DISPATCH):
             frame, level = frame.f_back, level + 1
         if frame is not None and frame.f_code.co_filename.startswith(OURS) and level > stacklevel + 1:
-            return _warn(message, category, stacklevel=level, source=source)
-    return _warn(message, category, stacklevel=stacklevel + 1, source=source)
+            return _warn(message, category, stacklevel=level, source=source, **kwargs)
+    return _warn(message, category, stacklevel=stacklevel + 1, source=source, **kwargs)
 
 
 def pytest_configure(config) -> None:
