@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -104,7 +103,7 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
         worker = ready_worker()
         if worker is None:
             return _error(503, str(state["error"] or "loading"))
-        return JSONResponse(asdict(worker.info()))
+        return JSONResponse(worker.info().to_json())
 
     @app.get("/metrics")
     async def prometheus() -> Response:

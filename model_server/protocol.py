@@ -141,7 +141,7 @@ class EmbedResponse:
 
 
 #: fields added after the first version, and their defaults: left out of a message while at them
-_ADDED = {"tolerance": None, "trajectory": False, "runner": "fast"}
+_ADDED = {"tolerance": None, "trajectory": False, "runner": "fast", "calibration": []}
 
 
 def _fields(value: EmbedItem | ItemResult | ModelInfo) -> dict:
@@ -166,6 +166,9 @@ class ModelInfo:
     #: which path runs the model's passes: "fast", genembed's batched runner (llama, mistral, qwen2, qwen3
     #: decoders), or "hf", the model's own Hugging Face forward (other families; one-pass encoders)
     runner: Literal["fast", "hf"] = "fast"
+    #: timed warm-up calls, [calls, inputs, prompt tokens, steps, seconds] each: the first periods of the
+    #: gateway's admission cost model (service/admission.py)
+    calibration: list[list[float]] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """The `/info` body, `_ADDED` fields left out at their defaults (an older gateway reads it)."""

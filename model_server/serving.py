@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from model_server.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 
+#: the most steps a calibration call runs (an o1 budget of 128 thought tokens would make warm-up slow)
+_CALIBRATION_STEPS = 5
+
 
 class EmbeddingWorker:
     def __init__(self, loaded: LoadedModel, limits: EngineLimits, metrics: WorkerMetrics | None = None) -> None:
@@ -26,6 +30,7 @@ class EmbeddingWorker:
         self.metrics = metrics or WorkerMetrics()
         self.method = build_method(loaded, limits.max_running_seqs)
         self.engine = Engine(self.method, limits, self.metrics)
+        self.calibration: list[list[float]] = []  # timed warm-up calls: see warmup()
         spec = loaded.spec
         self.metrics.info.labels(spec.id, spec.method, loaded.revision, str(loaded.dtype)).set(1)
 
@@ -50,6 +55,7 @@ class EmbeddingWorker:
             device=str(loaded.device),
             revision=loaded.revision,
             runner=self.method.runner_kind,
+            calibration=self.calibration,
         )
 
     def _prepare(self, items: list[EmbedItem]) -> tuple[list[ItemResult], list[PreparedInput | None]]:
@@ -114,13 +120,30 @@ class EmbeddingWorker:
         return EmbedResponse(dimension=dim, results=results, vectors=array)
 
     async def warmup(self) -> None:
-        """One pass of each kind, so the first real request does not pay for lazy initialisation."""
+        """One pass of each kind, so the first real request does not pay for lazy initialisation; then a few
+        batched calls whose timings seed the gateway's admission cost model (`ModelInfo.calibration`), so a
+        fresh gateway estimates bursts from batched work instead of refusing blindly or accepting blindly."""
         spec = self.loaded.spec
-        pair = "warm up" if spec.method == "cross_encoder" else None  # a cross-encoder scores pairs
-        items = [EmbedItem(text="warm up", text_pair=pair, input_type="query", steps=spec.default_refinement_steps)]
-        response = await self.embed(EmbedRequest(items=items))
-        if response.results[0].error:
-            raise RuntimeError(f"warm-up failed: {response.results[0].error.message}")
+        steps = min(max(spec.default_refinement_steps, spec.min_refinement_steps), _CALIBRATION_STEPS)
+        await self._timed_call(1, steps)
+        most = self.engine.limits.max_waiting_seqs  # a call of more would be refused
+        shapes = [(1, steps), (min(4, most), steps), (min(8, most), steps), (min(8, most), spec.min_refinement_steps)]
+        self.calibration = [await self._timed_call(items, k) for items, k in shapes]
+
+    async def _timed_call(self, items: int, steps: int) -> list[float]:
+        """[calls, inputs, prompt tokens, steps, seconds] of one call of `items` distinct inputs at `steps`."""
+        pair = "warm up" if self.loaded.spec.method == "cross_encoder" else None  # a cross-encoder scores pairs
+        batch = [
+            EmbedItem(text=f"warm up {i}: a sentence to time", text_pair=pair, input_type="query", steps=steps)
+            for i in range(items)
+        ]
+        started = time.perf_counter()
+        response = await self.embed(EmbedRequest(items=batch))
+        seconds = time.perf_counter() - started
+        if (error := next((r.error for r in response.results if r.error), None)) is not None:
+            raise RuntimeError(f"warm-up failed: {error.message}")
+        tokens = sum(r.prompt_tokens for r in response.results)
+        return [1.0, float(items), float(tokens), float(sum(r.steps for r in response.results)), seconds]
 
     def stop(self) -> None:
         self.engine.stop()

@@ -9,8 +9,9 @@ modelled as
 the most recent periods. Separating the per-call overhead is what keeps a light warm-up from poisoning the
 estimate: one input alone is mostly overhead, and a plain "work per second" learned from it makes any later
 burst look like minutes of work. The fit is used only once several periods of *batched* calls (more than one
-input a call on average) are in the window; before that there is no estimate, and admission relies on its
-bounds alone.
+input a call) are in the window. Until then the estimate comes from the workers' calibration: each times a few
+batched calls at warm-up and publishes them (`ModelInfo.calibration`), so a fresh gateway starts with a fit;
+without either there is no estimate, and admission relies on its bounds alone.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class CostModel:
         self._periods: deque[tuple[Work, float]] = deque(maxlen=window)
         self._min_batched = min_batched
         self._min_period_s = min_period_s
-        self._coef: np.ndarray | None = None
+        self._coef: np.ndarray | None = None  # fitted on this gateway's own periods
+        self._prior: np.ndarray | None = None  # fitted on the workers' calibration, used until there is a fit
         # the busy period being measured
         self._in_flight = 0
         self._mark = 0.0
@@ -65,13 +67,22 @@ class CostModel:
     @property
     def coefficients(self) -> tuple[float, float, float] | None:
         """(seconds per call, per token, per step), or None before the first usable fit."""
-        return None if self._coef is None else (float(self._coef[0]), float(self._coef[1]), float(self._coef[2]))
+        coef = self._coef if self._coef is not None else self._prior
+        return None if coef is None else (float(coef[0]), float(coef[1]), float(coef[2]))
 
     def seconds(self, work: Work) -> float | None:
         """Estimated worker time for `work`, or None while nothing batched has been measured."""
-        if self._coef is None:
-            return None
-        return float(work.features() @ self._coef)
+        coef = self._coef if self._coef is not None else self._prior
+        return None if coef is None else float(work.features() @ coef)
+
+    def seed(self, periods: list[list[float]]) -> None:
+        """A prior from periods measured elsewhere (a worker's timed warm-up calls: `ModelInfo.calibration`),
+        used until this gateway's own periods give a fit: warm-up ran alone, so it is not mixed with them."""
+        measured = [
+            (Work(calls, int(items), int(tokens), int(steps)), seconds)
+            for calls, items, tokens, steps, seconds in periods
+        ]
+        self._prior = _fit(measured, self._min_batched)
 
     def call_started(self, now: float) -> None:
         if self._in_flight == 0:
@@ -90,17 +101,18 @@ class CostModel:
         if self._busy_s >= self._min_period_s or (self._in_flight == 0 and self._busy_s > 0):
             self._periods.append((self._done, self._busy_s))
             self._busy_s, self._done = 0.0, NO_WORK
-            self._fit()
+            fitted = _fit(list(self._periods), self._min_batched)
+            if fitted is not None:
+                self._coef = fitted
 
-    def _fit(self) -> None:
-        batched = sum(1 for work, _ in self._periods if work.items > work.calls)
-        if batched < self._min_batched:
-            return
-        x = np.stack([work.features() for work, _ in self._periods])
-        y = np.array([seconds for _, seconds in self._periods])
-        coef = _nonnegative_least_squares(x, y)
-        if coef[1] > 0 or coef[2] > 0:  # some per-input cost: otherwise the fit says nothing about bursts
-            self._coef = coef
+
+def _fit(periods: list[tuple[Work, float]], min_batched: int) -> np.ndarray | None:
+    """Coefficients from `periods`, or None unless `min_batched` of them had several inputs a call."""
+    if sum(1 for work, _ in periods if work.items > work.calls) < min_batched:
+        return None
+    x = np.stack([work.features() for work, _ in periods])
+    coef = _nonnegative_least_squares(x, np.array([seconds for _, seconds in periods]))
+    return coef if coef.any() else None
 
 
 def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -152,6 +152,7 @@ class Coalescer:
         self._room = asyncio.Event()  # set when a call ends
         self._wakeup = asyncio.Event()
         self.cost_model = CostModel()
+        self._seeded = False  # with the workers' calibration
         self._dispatcher: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -262,6 +263,10 @@ class Coalescer:
         if not fresh or not pending:
             return None  # an idle model never refuses
         total = self._pending_work(sum((work for work, _ in fresh), NO_WORK))
+        info = self.workers.info
+        if not self._seeded and info is not None:
+            self.cost_model.seed(info.calibration)
+            self._seeded = True
         wait_s = self.cost_model.seconds(total)
         if total.items > limits.max_queued_items:
             return f"{pending} inputs are already queued, the bound is {limits.max_queued_items}", wait_s

@@ -43,7 +43,10 @@ class GatewaySettings(BaseSettings):
         default=262144, gt=0, description="work units queued or in flight per model: prompt tokens + steps x step cost"
     )
     admission_deadline_share: float = Field(
-        default=0.7, gt=0, le=1, description="refuse when the estimated work ahead exceeds this share of the deadline"
+        default=0.7,
+        gt=0,
+        description="refuse when the estimated work ahead exceeds this share of the deadline (above 1: queue work "
+        "expected to miss it, which then gets 503 queue_timeout)",
     )
     retry_after_max_s: int = Field(default=30, gt=0, description="cap of Retry-After on 429/503 from overload")
 
