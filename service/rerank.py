@@ -25,7 +25,7 @@ from service.refine.teachers import Teachers
 from service.settings import GatewaySettings
 
 RerankTeacher = Literal["cross_encoder", "embedder", "llm"]
-_JUDGE_SEED = 0  # the judge runs at temperature 0; the seed only pins servers that sample anyway
+_JUDGE_SEED = 0  # the paper's call leaves the temperature to the server: the seed pins its sampling
 
 
 class _Strict(BaseModel):

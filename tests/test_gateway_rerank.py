@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse
-from service.refine.llm import judge_prompt, yes_no_score
+from service.refine.llm import judge_payload, yes_no_score
 from tests.gateway_fixtures import gateway_process
 from tests.llama import JUDGE_MODEL, llama_server
 from tests.procs import api_error, worker_process
@@ -114,15 +114,7 @@ def test_llm_judge_scores_like_the_judge_itself(gateway, judge):
     result = rerank(gateway, model=JUDGE_MODEL, documents=docs)  # the judge model's name selects the judge
     direct = []
     for doc in docs:
-        payload = {
-            "model": JUDGE_MODEL,
-            "messages": [{"role": "user", "content": judge_prompt(QUERY, doc, None)}],
-            "max_tokens": 2,
-            "temperature": 0,
-            "logprobs": True,
-            "top_logprobs": 10,
-            "seed": 0,
-        }
+        payload = judge_payload(JUDGE_MODEL, QUERY, doc, None, seed=0)  # the paper's call, rerank's seed
         response = httpx.post(f"{judge}/chat/completions", json=payload, timeout=120)
         direct.append(yes_no_score(response.json()))
     scores = [r["relevance_score"] for r in result["results"]]
