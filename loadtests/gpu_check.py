@@ -115,10 +115,11 @@ def prepare(dest: Path, parts: int) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version"]
     cmd += ["3.12", "--implementation", "cp", *(f"--platform={p}" for p in platforms), "-d", str(wheels), *WHEELS]
     subprocess.run(cmd, check=True)
-    exclude = Path(subprocess.check_output(["git", "rev-parse", "--git-path", "info/exclude"], cwd=REPO, text=True))
-    exclude = exclude if exclude.is_absolute() else REPO / exclude
+    git_path = subprocess.check_output(["git", "rev-parse", "--git-path", "info/exclude"], cwd=REPO, text=True)
+    exclude = REPO / git_path.strip()  # an absolute path stays as it is
+    exclude.parent.mkdir(parents=True, exist_ok=True)
     entry = f"/{dest.resolve().relative_to(REPO)}/"
-    if entry not in exclude.read_text().split():
+    if not exclude.is_file() or entry not in exclude.read_text().split():
         with exclude.open("a") as handle:
             handle.write(f"{entry}\n")
     sizes = {p.name: round(p.stat().st_size / 2**20, 1) for p in sorted(dest.rglob("*")) if p.is_file()}
@@ -271,7 +272,8 @@ def run(args: argparse.Namespace) -> None:
         sections["speed_smollm2_shaped_random"] = {"shapes": shapes, "rows": rows, "why": how}
         save()
 
-    shapes = dict(QWEN25_05B, num_hidden_layers=2) if args.quick else QWEN25_05B
+    # quick: 2 layers and the default vocabulary (the lm_head over 152k rows dominates a CPU run)
+    shapes = dict(QWEN25_05B, num_hidden_layers=2, vocab_size=49152) if args.quick else QWEN25_05B
     print(f"== speed: random Qwen2.5-0.5B-shaped model ({shapes['num_hidden_layers']} layers)")
     directory = random_backbone(workdir, "qwen25-05b-shaped", shapes, tokenizer_dir, args.device)
     path = spec_file(
@@ -292,7 +294,7 @@ def main() -> None:
     prep.add_argument("--parts", type=int, default=3, help="each part travels in its own device call")
     go = sub.add_parser("run", help="measure and write JSON")
     go.add_argument("--device", default="cuda")
-    go.add_argument("--quick", action="store_true", help="tiny sizes (2-layer random models): checks the code path")
+    go.add_argument("--quick", action="store_true", help="tiny sizes (2-layer random models): a code-path check")
     go.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="speed section dtypes")
     go.add_argument("--requests", type=int, default=256, help="per speed load (quick: 16)")
     go.add_argument("--default-backbone", default=None, help="GGUF file or model directory of the default model")

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import resource
+import signal
 import sys
 import tempfile
 import threading
@@ -460,13 +461,15 @@ def main() -> None:
     parser.add_argument("--capacity-seconds", type=float, default=None, help="per model (default 20, quick 8)")
     parser.add_argument("--capacity-concurrency", type=int, default=32)
     parser.add_argument("--max-requests", type=int, default=20000, help="cap of one open-loop schedule")
-    parser.add_argument("--target-requests", type=int, default=None, help="K=5 target check (default 256, quick 128)")
+    parser.add_argument("--target-requests", type=int, default=None, help="K=5 target check (default 256, quick 64)")
     parser.add_argument("--skip-target", action="store_true", help="skip the lock-step comparison")
     parser.add_argument("--ready-timeout", type=float, default=600)
     args = parser.parse_args()
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the served processes are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     seconds = args.seconds or (10 if args.quick else 60)
     cap_seconds = args.capacity_seconds or (8 if args.quick else 20)
-    target_requests = args.target_requests or (128 if args.quick else 256)
+    target_requests = args.target_requests or (64 if args.quick else 256)
     out = args.out or REPO / "loadtests" / "results" / "load-cpu"
     out.parent.mkdir(parents=True, exist_ok=True)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # thousands of requests may be outstanding at 4x
@@ -484,8 +487,10 @@ def main() -> None:
     results: list[ScenarioResult] = []
 
     def record(r: ScenarioResult) -> None:
+        """Print the row and rewrite the JSON, so a run cut short keeps what it measured."""
         results.append(r)
         print_row(r)
+        out.with_suffix(".json").write_text(json.dumps({**report, "scenarios": [asdict(x) for x in results]}, indent=2))
 
     print(f"machine: {report['machine']}, load average {report['load_average_1_5_15m']['start']}")
     with serve(logs, args.ready_timeout) as (url, pid):
