@@ -11,7 +11,18 @@ bash scripts/setup.sh
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -e '.[test,quality,otel]'
-"$PY" -c "import llama_cpp.server" 2>/dev/null || "${PIP[@]}" 'llama-cpp-python[server]==0.3.36'
+# llama.cpp is built for a portable x86-64 (AVX-512, no AMX): a native build on a CPU that advertises AMX faults on
+# VMs that do not enable its tile registers (every chat completion crashed here). The wheel is kept in its own cache
+# (pip's cache would hand back a native build made earlier), so only the first run compiles.
+LLAMA_WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/genembed/llama-wheels
+if ! "$PY" -c "import llama_cpp.server" 2>/dev/null; then
+  if ! ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" \
+      "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir -w "$LLAMA_WHEELS" \
+      llama-cpp-python==0.3.36
+  fi
+  "${PIP[@]}" "$(ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl)[server]"
+fi
 "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gensim') is None)" ||
   "${PIP[@]}" --no-deps gensim==4.4.0
 
