@@ -10,11 +10,10 @@ KV, sliding windows) stay inside the family's own modules.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import DynamicCache
 
+from model_server.hf_compat import cache_kwarg
 from model_server.runner import lm_logits
 
 
@@ -26,9 +25,6 @@ class HFRunner:
     def __init__(self, causal_lm: torch.nn.Module) -> None:
         self.lm = causal_lm
         self.decoder = causal_lm.get_decoder()
-        # transformers renames the cache argument (`past_key_values` -> `cache`); pass whichever this one takes.
-        parameters = inspect.signature(self.decoder.forward).parameters
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self.caches: list[DynamicCache] = []
         self.lengths: list[int] = []
 
@@ -48,9 +44,8 @@ class HFRunner:
     def _run(self, inputs: torch.Tensor, cache: DynamicCache, start: int) -> torch.Tensor:
         """Final-layer states [n, H] of inputs [n, H] appended to a cache holding `start` positions."""
         positions = torch.arange(start, start + len(inputs), device=inputs.device)[None]
-        kwargs = {self._cache_arg: cache}
         return self.decoder(
-            inputs_embeds=inputs[None], position_ids=positions, use_cache=True, **kwargs
+            inputs_embeds=inputs[None], position_ids=positions, use_cache=True, **cache_kwarg(self.decoder, cache)
         ).last_hidden_state[0]
 
     @torch.inference_mode()
