@@ -1,4 +1,5 @@
-"""Templates, tokenization, truncation and validation of one input: the worker's side of an item.
+"""Templates, tokenization, truncation and validation of one input: the worker's side of an item (the request
+rules themselves live in rules.py, which the gateway checks too).
 
 The one place that turns an EmbedItem into token ids, so serving and training format text the
 same way. Truncation cuts the body (the caller's text), never the template around it.
@@ -6,36 +7,28 @@ same way. Truncation cuts the body (the caller's text), never the template aroun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from model_server import protocol
-from model_server.protocol import EmbedItem, ItemError
+from model_server import protocol, rules
+from model_server.protocol import EmbedItem
+from model_server.rules import ItemRejected
 from model_server.specs import O1_EMB_TOKEN, TEXT_SLOT, ModelSpec
-
-#: the o1 thought sampler's seed when a request names none: the same request, the same vector
-DEFAULT_SEED = 0
 
 
 @dataclass
 class PreparedInput:
+    """An input ready for the engine: what the engine and every method read. A method's own request options
+    (o1's seed, gircse's tolerance) stay on `item`, for that method alone to read."""
+
     token_ids: list[int]
     steps: int
     truncated: bool
     token_type_ids: list[int] | None = None  # segment ids of a (query, document) pair
     reserve: int = 0  # KV positions beyond prompt + steps (o1: the EOS and <emb> after a thought)
-    seed: int = DEFAULT_SEED  # o1: the thought sampler's seed
-    samples: int = 1  # o1: thoughts run for this input, each its own sequence, averaged
-    sample: int = 0  # o1: which of them this sequence is
-    tolerance: float | None = None  # gircse: stop once a step moves the embedding by less (1 - cos)
     trajectory: bool = False  # keep the embedding after every step
-
-
-class ItemRejected(ValueError):
-    """A per-item validation failure; carries the error the client will see."""
-
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.error = ItemError(code=code, message=message, param=param)
+    samples: int = 1  # sequences this input runs as, their vectors combined (o1: its sampled thoughts)
+    sample: int = 0  # which of them this sequence is
+    item: EmbedItem = field(default_factory=EmbedItem)  # the validated request item
 
 
 def format_prompt(spec: ModelSpec, input_type: str, instruction: str | None, steps: int = 0) -> tuple[str, str]:
@@ -72,30 +65,18 @@ class PromptBuilder:
         if ids[-len(tokens) :] != self.tokenizer.convert_tokens_to_ids(tokens):
             raise ValueError(f"the deliberation tokens {tokens} do not end a document's token ids one token each")
 
-    def check_steps(self, steps: int | None) -> int:
-        spec = self.spec
-        k = spec.default_refinement_steps if steps is None else steps
-        if not spec.min_refinement_steps <= k <= spec.max_refinement_steps:
-            raise ItemRejected(
-                protocol.STEPS_OUT_OF_RANGE,
-                f"refinement_steps={k} is outside the range model {spec.id!r} accepts: "
-                f"{spec.min_refinement_steps}..{spec.max_refinement_steps}",
-                "refinement_steps",
-            )
-        return k
-
     def prepare(self, item: EmbedItem) -> PreparedInput:
         if (item.text is None) == (item.token_ids is None):
             raise ItemRejected(protocol.INVALID_INPUT, "give exactly one of text or token ids", "input")
         if item.input_type not in ("query", "document"):
             raise ItemRejected(protocol.INVALID_INPUT, "input_type must be 'query' or 'document'", "input_type")
-        steps = self.check_steps(item.steps)
-        self._check_step_options(item)
+        steps = rules.check_steps(self.spec.id, self.spec, item.steps)
+        rules.check_step_options(self.spec.id, self.spec.method, item.tolerance, item.trajectory)
         if self.spec.method == "cross_encoder":
             return self._pair(item)
         if item.text_pair is not None:
             raise ItemRejected(protocol.INVALID_INPUT, "text_pair is only for cross_encoder models", "input")
-        seed, samples = self._sampling(item, steps)
+        samples = self._samples(item, steps)
         tail, steps, reserve = self._tail(item.input_type, steps)
         prefix, suffix = format_prompt(self.spec, item.input_type, item.instruction, steps)
         if item.text is not None:
@@ -109,53 +90,20 @@ class PromptBuilder:
             steps=steps,
             truncated=truncated,
             reserve=reserve,
-            seed=seed,
-            samples=samples,
-            tolerance=item.tolerance,
             trajectory=item.trajectory,
+            samples=samples,
+            item=item,
         )
 
-    def _check_step_options(self, item: EmbedItem) -> None:
-        """Early exit needs an embedding after every step, which only gircse has before its last one; an
-        o1 thought has an embedding only once it ends."""
-        method = self.spec.method
-        if item.tolerance is not None:
-            if method != "gircse":
-                raise ItemRejected(
-                    protocol.INVALID_INPUT,
-                    f"refinement_steps 'auto' is only for gircse models; model {self.spec.id!r} is {method}",
-                    "refinement_steps",
-                )
-            if not 0 <= item.tolerance < float("inf"):
-                raise ItemRejected(
-                    protocol.INVALID_INPUT, "refinement_tolerance must be a finite number >= 0", "refinement_tolerance"
-                )
-        if item.trajectory and method == "o1":
-            raise ItemRejected(
-                protocol.INVALID_INPUT,
-                "return_trajectory is not available for o1 models: a thought has an embedding only at its end",
-                "return_trajectory",
-            )
-
-    def _sampling(self, item: EmbedItem, steps: int) -> tuple[int, int]:
-        """(seed, samples) of an o1 query; one sample wherever nothing is random."""
+    def _samples(self, item: EmbedItem, steps: int) -> int:
+        """The sequences an input runs as: an o1 query's sampled thoughts; one wherever nothing is random."""
         spec = self.spec
+        rules.check_sampling(spec.id, spec, item.seed, item.samples)
         if spec.method != "o1":
-            if item.samples is not None:
-                raise ItemRejected(protocol.INVALID_INPUT, "samples is only for o1 models", "samples")
-            return DEFAULT_SEED, 1
-        seed = DEFAULT_SEED if item.seed is None else item.seed
-        if seed < 0:
-            raise ItemRejected(protocol.INVALID_INPUT, "seed must be a non-negative integer", "seed")
+            return 1
         samples = spec.thought_samples if item.samples is None else item.samples
-        if not 1 <= samples <= spec.max_thought_samples:
-            raise ItemRejected(
-                protocol.INVALID_INPUT,
-                f"samples={samples} is outside the range model {spec.id!r} accepts: 1..{spec.max_thought_samples}",
-                "samples",
-            )
         stochastic = item.input_type == "query" and steps > 0 and spec.thought_temperature > 0
-        return seed, samples if stochastic else 1
+        return samples if stochastic else 1
 
     def _tail(self, input_type: str, steps: int) -> tuple[list[int], int, int]:
         """The method's token ids after the template (never truncated), the steps this input takes and
@@ -235,13 +183,7 @@ class PromptBuilder:
     ) -> tuple[list[int], bool]:
         if not body:
             raise ItemRejected(protocol.EMPTY_INPUT, "input must not be an empty token list", "input")
-        bad = next((t for t in body if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ItemRejected(
-                protocol.TOKEN_OUT_OF_VOCAB,
-                f"token id {bad} is outside the vocabulary of model {self.spec.id!r} (0..{self.vocab_size - 1})",
-                "input",
-            )
+        rules.check_token_ids(self.spec.id, body, self.vocab_size)
         tok = self.tokenizer
         head = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         after = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []

@@ -141,7 +141,7 @@ class EmbedResponse:
 
 
 #: fields added after the first version, and their defaults: left out of a message while at them
-_ADDED = {"tolerance": None, "trajectory": False, "runner": "fast", "calibration": []}
+_ADDED = {"tolerance": None, "trajectory": False, "runner": "fast", "calibration": [], "max_thought_samples": None}
 
 
 def _fields(value: EmbedItem | ItemResult | ModelInfo) -> dict:
@@ -169,6 +169,9 @@ class ModelInfo:
     #: timed warm-up calls, [calls, inputs, prompt tokens, steps, seconds] each: the first periods of the
     #: gateway's admission cost model (service/admission.py)
     calibration: list[list[float]] = field(default_factory=list)
+    #: o1: the most thoughts a request may sample per input (`samples`), so the gateway checks the range the worker
+    #: does (model_server/rules.py); None for other methods, and from a worker older than the field
+    max_thought_samples: int | None = None
 
     def to_json(self) -> dict:
         """The `/info` body, `_ADDED` fields left out at their defaults (an older gateway reads it)."""

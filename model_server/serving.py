@@ -14,8 +14,9 @@ from model_server.engine import Engine, EngineLimits, EngineStopped
 from model_server.loading import LoadedModel, load_model
 from model_server.methods import build_method
 from model_server.metrics import WorkerMetrics
-from model_server.prompts import ItemRejected, PreparedInput
+from model_server.prompts import PreparedInput
 from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse, ItemError, ItemResult, ModelInfo
+from model_server.rules import ItemRejected
 from model_server.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class EmbeddingWorker:
             revision=loaded.revision,
             runner=self.method.runner_kind,
             calibration=self.calibration,
+            max_thought_samples=spec.max_thought_samples if spec.method == "o1" else None,
         )
 
     def _prepare(self, items: list[EmbedItem]) -> tuple[list[ItemResult], list[PreparedInput | None]]:
@@ -111,7 +113,7 @@ class EmbeddingWorker:
                 if embedded.trajectory is not None:
                     result.trajectory = len(embedded.trajectory)
                     vectors.extend(embedded.trajectory)
-                if p.tolerance is not None:
+                if p.item.tolerance is not None:
                     self.metrics.steps_saved.inc(p.steps - embedded.steps)
         for result in results:
             self.metrics.items.labels("error" if result.error else "ok").inc()

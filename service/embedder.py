@@ -14,16 +14,9 @@ from typing import Literal
 
 import numpy as np
 
-from model_server import tracing
-from model_server.protocol import (
-    INTERNAL_ERROR,
-    STEPS_OUT_OF_RANGE,
-    TOKEN_OUT_OF_VOCAB,
-    EmbedItem,
-    InputType,
-    ItemError,
-    ModelInfo,
-)
+from model_server import rules, tracing
+from model_server.protocol import INTERNAL_ERROR, INVALID_INPUT, EmbedItem, InputType, ItemError, ModelInfo
+from model_server.rules import ItemRejected
 from service.cache import CachedEmbedding, EmbeddingCache, cache_key
 from service.coalescer import Coalescer, CoalescerLimits, WorkItem
 from service.limits import meter_tokens
@@ -36,7 +29,7 @@ from service.workers import WorkerPool
 DEFAULT_TOLERANCE = 1e-3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EmbedOptions:
     # None: the model's default; (lowest, highest): the most the load allows within the range
     refinement_steps: int | Literal["auto"] | tuple[int, int] | None = None
@@ -163,46 +156,32 @@ class Embedder:
 
     @staticmethod
     def _items(model: str, info: ModelInfo, inputs: list[str | list[int]], options: EmbedOptions) -> list[EmbedItem]:
-        """Resolve K and reject what the worker would (early: no queue place, no worker round trip)."""
+        """Resolve K and check the request by the worker's own rules (model_server/rules.py) against the model's
+        /info card, early: no queue place, no worker round trip."""
         tolerance = None
+        steps: int | None
         if options.refinement_steps == "auto":
-            if info.method != "gircse":
-                raise InvalidRequest(
-                    f"refinement_steps 'auto' is only for gircse models; model {model!r} is {info.method}",
-                    param="refinement_steps",
-                )
             steps, tolerance = info.max_refinement_steps, options.tolerance
-        elif options.refinement_steps is None:
-            steps = info.default_refinement_steps
         elif isinstance(options.refinement_steps, tuple):
             lowest, steps = options.refinement_steps
             if lowest < info.min_refinement_steps:
-                steps = lowest  # reported as out of range below
+                steps = lowest  # reported as out of range
         else:
             steps = options.refinement_steps
-        if options.trajectory and info.method == "o1":
-            raise InvalidRequest(
-                "return_trajectory is not available for o1 models: a thought has an embedding only at its end",
-                param="return_trajectory",
-            )
-        if not info.min_refinement_steps <= steps <= info.max_refinement_steps:
-            raise InvalidRequest(
-                f"refinement_steps={steps} is outside the range model {model!r} accepts: "
-                f"{info.min_refinement_steps}..{info.max_refinement_steps}",
-                param="refinement_steps",
-                code=STEPS_OUT_OF_RANGE,
-            )
+        try:
+            rules.check_step_options(model, info.method, tolerance, options.trajectory)
+            steps = rules.check_steps(model, info, steps)
+            rules.check_sampling(model, info, options.seed, options.samples)
+        except ItemRejected as rejected:
+            raise _rejected(rejected.error) from None
         items = []
         for i, value in enumerate(inputs):
             text = value if isinstance(value, str) else None
-            if text is None and (min(value) < 0 or max(value) >= info.vocab_size):
-                bad = next(t for t in value if not 0 <= t < info.vocab_size)
-                raise InvalidRequest(
-                    f"input[{i}]: token id {bad} is outside the vocabulary of model {model!r} "
-                    f"(0..{info.vocab_size - 1})",
-                    param="input",
-                    code=TOKEN_OUT_OF_VOCAB,
-                )
+            if not isinstance(value, str):
+                try:
+                    rules.check_token_ids(model, value, info.vocab_size)
+                except ItemRejected as rejected:
+                    raise _rejected(rejected.error, f"input[{i}]: ") from None
             items.append(
                 EmbedItem(
                     text=text,
@@ -218,6 +197,14 @@ class Embedder:
                 )
             )
         return items
+
+
+def _rejected(error: ItemError, where: str = "") -> InvalidRequest:
+    """A rule the request breaks, found before any worker saw it: the worker's message and code, except that its
+    generic `invalid_input` is the gateway's `invalid_request` (the request is wrong, not one input)."""
+    return InvalidRequest(
+        where + error.message, param=error.param, code=None if error.code == INVALID_INPUT else error.code
+    )
 
 
 def _item_error(index: int, count: int, error: ItemError) -> ApiError:

@@ -31,16 +31,13 @@ class Embedded:
 
 @dataclass(eq=False)
 class Sequence:
-    """One input in flight: its prompt, its step budget and the state carried between steps."""
+    """One input in flight: what the engine schedules by (its prompt, its step budget, its KV positions), its
+    future and result, and the method's own state carried between steps."""
 
     prepared: PreparedInput
     future: Future = field(default_factory=Future)
-    steps_done: int = 0
-    pending: torch.Tensor | None = None  # next input embedding [H]
-    state_sum: torch.Tensor | None = None  # running sum of step states, at least fp32
-    trajectory: list[torch.Tensor] | None = None  # embeddings after each step so far, when asked for
     result: Embedded | None = None  # set by the method when the sequence is finished
-    state: Any = None  # a method's own per-sequence state (o1: its thought so far)
+    state: Any = None  # the method's own per-sequence state (gircse: `Refinement`, o1: `Thought`)
 
     @property
     def prompt_tokens(self) -> int:

@@ -12,6 +12,7 @@ With a tolerance (`refinement_steps: "auto"`) a sequence leaves the batch after 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,17 @@ def soft_tokens(causal_lm: torch.nn.Module, last_hidden: torch.Tensor, temperatu
     return probs.to(weight.dtype) @ weight
 
 
+@dataclass
+class Refinement:
+    """A sequence's soft-token state between steps (`Sequence.state`)."""
+
+    total: torch.Tensor  # running sum of step states, at least fp32
+    tolerance: float | None  # `refinement_steps: "auto"`: leave once a step moves the embedding by less (1 - cos)
+    trajectory: list[torch.Tensor] | None  # embeddings after each step so far, when asked for
+    pending: torch.Tensor | None = None  # next input embedding [H]
+    steps_done: int = 0
+
+
 class GircseMethod(DecoderMethod):
     def __init__(self, loaded: LoadedModel, max_seqs: int) -> None:
         super().__init__(loaded, max_seqs)
@@ -41,49 +53,50 @@ class GircseMethod(DecoderMethod):
     @torch.inference_mode()
     def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
         device = self.loaded.device
+        refinements: list[Refinement] = [s.state for s in running]
         decoded, prefilled = self.runner.forward(
-            torch.stack([s.pending for s in running]) if running else None,
+            torch.stack([r.pending for r in refinements]) if running else None,
             self.prompt_embeddings(admitted),
             [s.kv_tokens for s in admitted],
         )
         # Rows that need a next soft token: one lm_head + softmax + @E for all of them together.
-        need_next: list[tuple[Sequence, torch.Tensor]] = []
-        for seq, states in zip(admitted, prefilled, strict=True):
+        need_next: list[tuple[Refinement, torch.Tensor]] = []
+        for seq, hidden in zip(admitted, prefilled, strict=True):
             if seq.steps == 0:
-                self.finish(seq, states.to(self.sum_dtype).mean(dim=0), steps=0)
+                self.finish(seq, hidden.to(self.sum_dtype).mean(dim=0), steps=0)
             else:
-                seq.state_sum = torch.zeros(states.shape[-1], dtype=self.sum_dtype, device=device)
-                seq.trajectory = [] if seq.prepared.trajectory else None
-                need_next.append((seq, states[-1]))
+                total = torch.zeros(hidden.shape[-1], dtype=self.sum_dtype, device=device)
+                seq.state = Refinement(total, seq.prepared.item.tolerance, [] if seq.prepared.trajectory else None)
+                need_next.append((seq.state, hidden[-1]))
         if running:
-            previous = torch.stack([s.state_sum for s in running])
+            previous = torch.stack([r.total for r in refinements])
             sums = previous + decoded.to(self.sum_dtype)
-            drifts = self._drifts(running, sums, previous)
-            for seq, state, total, drift in zip(running, decoded, sums, drifts, strict=True):
-                seq.state_sum = total
-                seq.steps_done += 1
-                if seq.trajectory is not None:
-                    seq.trajectory.append(total / seq.steps_done)
-                if seq.steps_done == seq.steps or drift < (seq.prepared.tolerance or 0):
-                    trajectory = torch.stack(seq.trajectory) if seq.trajectory is not None else None
+            drifts = self._drifts(refinements, sums, previous)
+            for seq, r, hidden, total, drift in zip(running, refinements, decoded, sums, drifts, strict=True):
+                r.total = total
+                r.steps_done += 1
+                if r.trajectory is not None:
+                    r.trajectory.append(total / r.steps_done)
+                if r.steps_done == seq.steps or drift < (r.tolerance or 0):
+                    trajectory = torch.stack(r.trajectory) if r.trajectory is not None else None
                     # no lm_head on the final step
-                    self.finish(seq, total / seq.steps_done, steps=seq.steps_done, trajectory=trajectory)
+                    self.finish(seq, total / r.steps_done, steps=r.steps_done, trajectory=trajectory)
                 else:
-                    need_next.append((seq, state))
+                    need_next.append((r, hidden))
         if need_next:
-            nexts = soft_tokens(self.loaded.model, torch.stack([state for _, state in need_next]), self.temperature)
-            for (seq, _), nxt in zip(need_next, nexts, strict=True):
-                seq.pending = nxt
+            nexts = soft_tokens(self.loaded.model, torch.stack([hidden for _, hidden in need_next]), self.temperature)
+            for (r, _), nxt in zip(need_next, nexts, strict=True):
+                r.pending = nxt
 
     @staticmethod
-    def _drifts(running: list[Sequence], sums: torch.Tensor, previous: torch.Tensor) -> list[float]:
+    def _drifts(refinements: list[Refinement], sums: torch.Tensor, previous: torch.Tensor) -> list[float]:
         """Per running sequence, 1 - cos between its embedding after this step and after the one before
         (`refinement_steps: "auto"`, clamped at 0 so a tolerance of 0 runs every step); infinite where no
         tolerance is set, and on the first step, which has no step before it."""
-        if all(s.prepared.tolerance is None for s in running):
-            return [math.inf] * len(running)
+        if all(r.tolerance is None for r in refinements):
+            return [math.inf] * len(refinements)
         drift = (1 - torch.nn.functional.cosine_similarity(sums, previous, dim=-1)).clamp_min(0)
         return [
-            d if s.steps_done > 0 and s.prepared.tolerance is not None else math.inf
-            for s, d in zip(running, drift.tolist(), strict=True)
+            d if r.steps_done > 0 and r.tolerance is not None else math.inf
+            for r, d in zip(refinements, drift.tolist(), strict=True)
         ]

@@ -25,10 +25,13 @@ from model_server.loading import LoadedModel
 from model_server.methods.base import DecoderMethod, Sequence
 from model_server.specs import O1_EMB_TOKEN
 
+#: the thought sampler's seed when a request names none: the same request, the same vector
+DEFAULT_SEED = 0
+
 
 @dataclass
 class Thought:
-    """A query's generation state: what it sampled and what the next passes feed."""
+    """A query's generation state between steps (`Sequence.state`): what it sampled and what the next passes feed."""
 
     rng: np.random.Generator
     tokens: list[int] = field(default_factory=list)  # sampled so far (a final EOS included)
@@ -60,7 +63,8 @@ class O1Method(DecoderMethod):
             if seq.steps == 0:  # a document or K = 0: the prompt already ends with <emb>
                 self.finish(seq, states[-1])
             else:
-                seq.state = Thought(np.random.default_rng([seq.prepared.seed, seq.prepared.sample]))
+                seed = DEFAULT_SEED if seq.prepared.item.seed is None else seq.prepared.item.seed
+                seq.state = Thought(np.random.default_rng([seed, seq.prepared.sample]))
                 to_sample.append((seq, states[-1]))
         for seq, state in zip(running, decoded if decoded is not None else [], strict=True):
             thought: Thought = seq.state
