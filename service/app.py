@@ -6,20 +6,20 @@ Every error leaves in OpenAI's shape, FastAPI's own 404/405/422 included (422 be
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,23 +29,25 @@ from model_server.logs import request_id_var
 from model_server.protocol import REQUEST_ID_HEADER
 from service.auth import ApiKeys, load_api_keys
 from service.cache import build_cache
+from service.disconnect import ClientDisconnected, unless_disconnected
 from service.embedder import DEFAULT_TOLERANCE, Embedder, EmbedOptions
+from service.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unavailable
 from service.limits import KeyLimiter
 from service.metrics import GatewayMetrics
 from service.openai_api import (
-    ApiError,
     EmbeddingRequest,
     EmbeddingResponse,
-    InvalidRequest,
     ModelCard,
     ModelList,
-    PayloadTooLarge,
     StepRange,
-    Unavailable,
     error_response,
+    error_responses,
+    http_error,
     render_embeddings,
 )
+from service.refine.corpora import Corpora
 from service.refine.routes import refine_router
+from service.refine.teachers import Teachers
 from service.rerank import rerank_router
 from service.settings import GatewaySettings
 from service.workers import WorkerGroup, WorkerPool
@@ -55,11 +57,15 @@ _access_log = logging.getLogger("genembed.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _PROBES = frozenset({"/health", "/ready", "/metrics"})  # logged at DEBUG: a line per probe is noise
-T = TypeVar("T")
 
 
-class ClientDisconnected(Exception):
-    """The caller went away before its answer was ready."""
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready", "draining"]
+    workers: dict[str, bool] = Field(description="per model: whether a worker takes requests")
 
 
 class RequestContext:
@@ -131,26 +137,6 @@ class RequestContext:
                     )
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first (its queued and running inputs are freed)."""
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()  # its coalescer wait releases the inputs as the cancellation lands
-    if not task.done():
-        raise ClientDisconnected
-    return task.result()
-
-
 def _validation_error(errors: Sequence[Any]) -> InvalidRequest:
     """The first pydantic error as one OpenAI-style message naming the field."""
     error: dict[str, Any] = errors[0]
@@ -190,6 +176,24 @@ def _model_card(name: str, group: WorkerGroup) -> ModelCard:
     )
 
 
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The document as the API behaves: /v1/embeddings' body (parsed from the raw bytes, so FastAPI does not see
+    it), and no 422 anywhere (validation errors are 400s, documented per route)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        request = EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(request.pop("$defs", {}))
+        body = {"required": True, "content": {"application/json": {"schema": request}}}
+        schema["paths"]["/v1/embeddings"]["post"]["requestBody"] = body
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            operation["responses"].pop("422", None)
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
     """Raises ValueError on bad worker entries or an unreadable keys file."""
     metrics = GatewayMetrics()
@@ -197,12 +201,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     drain = Drain(settings.drain_grace_s)  # the CLI's DrainingServer runs it on SIGTERM
     cache = build_cache(settings, metrics)
     embedder = Embedder(pool, cache, settings, metrics)
+    teachers = Teachers(settings, embedder)  # one judge client for refine-query and rerank
+    corpora = Corpora(settings, embedder)
     auth = ApiKeys(load_api_keys(settings))
     authorized = [Depends(KeyLimiter(metrics).dependency(auth))]  # the key, then its rate limits and usage
     metrics_auth = [Depends(auth)] if settings.metrics_require_auth else []
     if settings.otel:
         tracing.setup("genembed-gateway")
-    request_schema = EmbeddingRequest.model_json_schema()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -210,6 +215,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         embedder.start()
         yield
         await embedder.aclose()
+        await teachers.aclose()
+        await corpora.aclose()
         await pool.aclose()
         await cache.aclose()
         tracing.shutdown()
@@ -219,6 +226,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="OpenAI-compatible embeddings for generative embedding models",
         lifespan=lifespan,
     )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.drain = drain
 
     def shutting_down(message: str) -> Response:
@@ -230,22 +238,24 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(DrainMiddleware, drain=drain, reject=shutting_down, exempt=("/health", "/ready", "/metrics"))
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> Response:
-        metrics.rejections.labels(exc.code or exc.type).inc()
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> Response:
+        metrics.rejections.labels(exc.code or http_error(exc)[1]).inc()
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        return await api_error(request, _validation_error(exc.errors()))
+        return await service_error(request, _validation_error(exc.errors()))
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
+    async def protocol_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 413:
-            return await api_error(request, PayloadTooLarge(str(exc.detail)))
-        error = ApiError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-        error.status, error.type = exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return await api_error(request, error)
+            return await service_error(request, PayloadTooLarge(str(exc.detail)))
+        if exc.status_code == 404:
+            return await service_error(request, NotFound(str(exc.detail)))
+        error = ServiceError(str(exc.detail))  # 405 and the like: HTTP's own, with its status
+        metrics.rejections.labels("invalid_request_error" if exc.status_code < 500 else "server_error").inc()
+        return error_response(error, exc.status_code)
 
     @app.exception_handler(ClientDisconnected)
     async def gone(_: Request, __: ClientDisconnected) -> Response:
@@ -257,7 +267,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         response_model=EmbeddingResponse,
         dependencies=authorized,
         summary="Create embeddings (OpenAI-compatible, with genembed's extensions)",
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}}},
+        responses=error_responses(400, 401, 404, 413, 429, 503, 504),
     )
     async def embeddings(request: Request) -> Response:
         raw = await request.body()
@@ -289,7 +299,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             tolerance=DEFAULT_TOLERANCE if body.refinement_tolerance is None else body.refinement_tolerance,
             trajectory=body.return_trajectory,
         )
-        result = await _unless_disconnected(
+        result = await unless_disconnected(
             request, embedder.embed(body.model, inputs, options, request.state.request_id)
         )
         headers = {
@@ -299,22 +309,32 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         }
         return render_embeddings(result, body, headers)
 
-    app.include_router(refine_router(settings, embedder), dependencies=authorized)
-    app.include_router(rerank_router(settings, embedder), dependencies=authorized)
+    app.include_router(refine_router(settings, embedder, teachers, corpora), dependencies=authorized)
+    app.include_router(rerank_router(settings, embedder, teachers), dependencies=authorized)
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=authorized)
+    @app.get("/v1/models", response_model=ModelList, dependencies=authorized, responses=error_responses(401, 429, 503))
     async def models() -> ModelList:
         return ModelList(data=[_model_card(name, g) for name, g in pool.groups.items()])
 
-    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=authorized)
+    @app.get(
+        "/v1/models/{model:path}",
+        response_model=ModelCard,
+        dependencies=authorized,
+        responses=error_responses(401, 404, 429, 503),
+    )
     async def model(model: str) -> ModelCard:
         return _model_card(model, pool.get(model))
 
-    @app.get("/health", summary="liveness: the gateway process answers")
-    async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+    @app.get("/health", response_model=Health, summary="liveness: the gateway process answers")
+    async def health() -> Health:
+        return Health()
 
-    @app.get("/ready", summary="readiness: every model has a ready worker, and not draining")
+    @app.get(
+        "/ready",
+        response_model=Readiness,
+        summary="readiness: every model has a ready worker, and not draining",
+        responses={503: {"model": Readiness, "description": "a model has no ready worker, or the gateway drains"}},
+    )
     async def ready() -> JSONResponse:
         workers = {name: g.ready for name, g in pool.groups.items()}
         if drain.draining:
@@ -322,7 +342,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         status = 200 if all(workers.values()) else 503
         return JSONResponse({"status": "ready" if status == 200 else "not ready", "workers": workers}, status)
 
-    @app.get("/metrics", dependencies=metrics_auth)
+    @app.get(
+        "/metrics",
+        dependencies=metrics_auth,
+        response_class=Response,
+        summary="Prometheus metrics (text exposition format)",
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "the metrics"},
+            **(error_responses(401) if settings.metrics_require_auth else {}),
+        },
+    )
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -30,7 +30,7 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from service.openai_api import Unauthorized
+from service.errors import Unauthorized
 from service.settings import GatewaySettings
 
 _bearer = HTTPBearer(auto_error=False, description="an API key from GENEMBED_API_KEYS or the keys file")
@@ -88,9 +88,7 @@ class ApiKeys:
     def __init__(self, keys: list[ApiKey]) -> None:
         self._digests = [(_digest(k.key.get_secret_value()), k) for k in keys]
 
-    def __call__(
-        self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-    ) -> ApiKey | None:
+    def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ApiKey | None:
         if not self._digests:
             return None
         if credentials is None:

@@ -83,6 +83,8 @@ def cache_key(info: ModelInfo, item: EmbedItem) -> bytes:
             item.seed,
             item.samples,
             body,
+            # A cross-encoder's pair: its document, too (appended only then, so other keys stay as they were).
+            *([item.text_pair] if item.text_pair is not None else []),
         ]
     )
     return _KEY_PREFIX + hashlib.blake2b(identity, digest_size=20).digest()

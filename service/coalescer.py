@@ -41,8 +41,8 @@ from model_server import tracing
 from model_server.logs import request_id_var
 from model_server.protocol import EmbedItem, EmbedRequest, ItemError
 from service.admission import NO_WORK, CostModel, Work, calls_for
+from service.errors import DeadlineExceeded, Overloaded, QueueTimeout, ServiceError
 from service.metrics import GatewayMetrics
-from service.openai_api import ApiError, DeadlineExceeded, Overloaded, QueueTimeout
 from service.settings import GatewaySettings
 from service.workers import WorkerGroup
 
@@ -168,7 +168,7 @@ class Coalescer:
 
     async def embed(self, work: list[WorkItem], deadline: float, request_id: str) -> Coalesced:
         """Results for `work` in order; `deadline` is in loop time. Raises Overloaded, QueueTimeout,
-        DeadlineExceeded or the ApiError of a failed worker call."""
+        DeadlineExceeded or the ServiceError of a failed worker call."""
         if not self.workers.ready:
             raise self.workers.unavailable()
         loop = asyncio.get_running_loop()
@@ -278,7 +278,8 @@ class Coalescer:
         allowed = limits.deadline_s * limits.deadline_share
         if wait_s is not None and wait_s > allowed:
             return (
-                f"about {wait_s:.1f} s of work would be ahead, more than the {limits.deadline_s:g} s deadline allows",
+                f"about {wait_s:.1f} s of work would be ahead, more than the {allowed:.1f} s that its "
+                f"{limits.deadline_s:g} s deadline allows",
                 wait_s - allowed,
             )
         return None
@@ -392,8 +393,10 @@ class Coalescer:
             with tracing.span("worker.call", kind="client", parent=parent, links=others, attributes=attributes):
                 response = await self.workers.embed(request, max(s.deadline for s in batch))
             if len(response.results) != len(batch):
-                raise ApiError(f"the worker for model {self.model!r} answered {len(response.results)} of {len(batch)}")
-        except ApiError as exc:
+                raise ServiceError(
+                    f"the worker for model {self.model!r} answered {len(response.results)} of {len(batch)}"
+                )
+        except ServiceError as exc:
             for slot in batch:
                 slot.future.set_exception(exc)
             return exc.code or "error"
@@ -420,7 +423,7 @@ class Coalescer:
         for slot in batch:
             slot.finished_at = now
             if not slot.future.done():
-                slot.future.set_exception(ApiError(f"the worker call for model {self.model!r} failed"))
+                slot.future.set_exception(ServiceError(f"the worker call for model {self.model!r} failed"))
             if slot.active:
                 self._retire(slot)
         done = Work(1, len(batch), sum(s.work.tokens for s in batch), sum(s.work.steps for s in batch))

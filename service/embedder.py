@@ -19,9 +19,9 @@ from model_server.protocol import INTERNAL_ERROR, INVALID_INPUT, EmbedItem, Inpu
 from model_server.rules import ItemRejected
 from service.cache import CachedEmbedding, EmbeddingCache, cache_key
 from service.coalescer import Coalescer, CoalescerLimits, WorkItem
+from service.errors import InvalidRequest, ServiceError
 from service.limits import meter_tokens
 from service.metrics import GatewayMetrics
-from service.openai_api import ApiError, InvalidRequest
 from service.settings import GatewaySettings
 from service.workers import WorkerPool
 
@@ -51,6 +51,13 @@ class Embeddings:
     compute_s: float
     steps: list[int] = field(default_factory=list)  # per input, the refinement steps that ran
     trajectories: list[np.ndarray] | None = None  # per input [steps, D], when asked for
+
+
+@dataclass
+class PairScores:
+    scores: list[float | ItemError]  # per pair: the relevance logit, or why the worker refused it
+    prompt_tokens: int  # cache hits count theirs
+    cache_hits: int
 
 
 class Embedder:
@@ -91,54 +98,102 @@ class Embedder:
         info = self.model_info(model)
         items = self._items(model, info, inputs, options)
         keys = [cache_key(info, item) for item in items]
-        with tracing.span("cache.lookup", attributes={"genembed.items": len(keys)}) as span:
-            found = await self.cache.get_many(keys)
-            tracing.set_attributes(span, {"genembed.cache.hits": sum(f is not None for f in found)})
-        # A vector cut by truncation must not answer a request that forbids truncation.
-        results = [c if c is not None and (options.truncate or not c.truncated) else None for c in found]
+        results = await self._cached(keys, options.truncate)
         misses = [i for i, r in enumerate(results) if r is None]
-        self.metrics.cache_items.labels("hit").inc(len(items) - len(misses))
-        self.metrics.cache_items.labels("miss").inc(len(misses))
-        queue_s = compute_s = 0.0
         if misses and isinstance(options.refinement_steps, tuple):
             self._shed_steps(model, items, keys, misses, *options.refinement_steps)
-        if misses:
-            work = [WorkItem(keys[i], items[i]) for i in misses]
-            coalesced = await self.coalescers[model].embed(work, deadline, request_id)
-            queue_s, compute_s = coalesced.queue_s, coalesced.compute_s
-            fresh: dict[bytes, CachedEmbedding] = {}
-            failure: ApiError | None = None
-            for i, outcome in zip(misses, coalesced.outcomes, strict=True):
-                if outcome.error is not None:
-                    failure = failure or _item_error(i, len(items), outcome.error)
-                    continue
-                results[i] = fresh[keys[i]] = CachedEmbedding(
-                    outcome.vector, outcome.prompt_tokens, outcome.truncated, outcome.steps, outcome.trajectory
-                )
-            if fresh:
-                task = asyncio.create_task(self.cache.put_many(fresh))
-                self._writes.add(task)
-                task.add_done_callback(self._writes.discard)
-            if failure is not None:
-                raise failure
-        prompt_tokens = sum(r.prompt_tokens for r in results)
-        meter_tokens(prompt_tokens)
-        self.metrics.input_tokens.labels(model).inc(prompt_tokens)
-        for result in results:
+        computed, queue_s, compute_s = await self._compute(model, keys, items, misses, deadline, request_id)
+        failure: ServiceError | None = None
+        for i, outcome in zip(misses, computed, strict=True):
+            if isinstance(outcome, ItemError):
+                failure = failure or _item_error(i, len(items), outcome)
+            results[i] = outcome
+        if failure is not None:
+            raise failure
+        done = [r for r in results if isinstance(r, CachedEmbedding)]  # all of them: a failure raised above
+        prompt_tokens = self._charge(model, done)
+        for result in done:
             self.metrics.refinement_steps.labels(model).observe(result.steps)
         trajectories = None
         if options.trajectory:  # K = 0 has none: an empty one
             empty = np.zeros((0, info.dimension), np.float32)
-            trajectories = [r.trajectory if r.trajectory is not None else empty for r in results]
+            trajectories = [r.trajectory if r.trajectory is not None else empty for r in done]
         return Embeddings(
-            vectors=np.stack([r.vector for r in results]),
-            steps=[r.steps for r in results],
+            vectors=np.stack([r.vector for r in done]),
+            steps=[r.steps for r in done],
             trajectories=trajectories,
             prompt_tokens=prompt_tokens,
             cache="miss" if len(misses) == len(items) else "partial" if misses else "hit",
             queue_s=queue_s,
             compute_s=compute_s,
         )
+
+    async def score_pairs(
+        self, model: str, query: str, documents: list[str], request_id: str, budget_s: float
+    ) -> PairScores:
+        """A cross_encoder model's relevance of each (query, document) pair, served as `embed` serves inputs (cache,
+        batching, admission, deadline, tokens charged to the caller's key); the deadline is `budget_s` or the
+        request timeout, whichever is sooner. A pair the worker refused comes back as its error, for the caller
+        to report per document."""
+        deadline = asyncio.get_running_loop().time() + min(budget_s, self._timeout_s)
+        info = self.model_info(model)
+        items = [EmbedItem(text=query, text_pair=document, steps=0) for document in documents]
+        keys = [cache_key(info, item) for item in items]
+        results = await self._cached(keys, truncate=True)
+        misses = [i for i, r in enumerate(results) if r is None]
+        computed, _, _ = await self._compute(model, keys, items, misses, deadline, request_id)
+        for i, outcome in zip(misses, computed, strict=True):
+            results[i] = outcome
+        done = [r for r in results if isinstance(r, CachedEmbedding)]
+        # Raw logits; with several labels the last is taken as "relevant".
+        scores = [r if isinstance(r, ItemError) else float(r.vector[-1]) for r in results if r is not None]
+        return PairScores(scores, self._charge(model, done), cache_hits=len(items) - len(misses))
+
+    async def _cached(self, keys: list[bytes], truncate: bool) -> list[CachedEmbedding | ItemError | None]:
+        """The cache's entry per key (None: compute it)."""
+        with tracing.span("cache.lookup", attributes={"genembed.items": len(keys)}) as span:
+            found = await self.cache.get_many(keys)
+            tracing.set_attributes(span, {"genembed.cache.hits": sum(f is not None for f in found)})
+        # A vector cut by truncation must not answer a request that forbids truncation.
+        results: list[CachedEmbedding | ItemError | None] = [
+            c if c is not None and (truncate or not c.truncated) else None for c in found
+        ]
+        misses = sum(r is None for r in results)
+        self.metrics.cache_items.labels("hit").inc(len(keys) - misses)
+        self.metrics.cache_items.labels("miss").inc(misses)
+        return results
+
+    async def _compute(
+        self, model: str, keys: list[bytes], items: list[EmbedItem], misses: list[int], deadline: float, request_id: str
+    ) -> tuple[list[CachedEmbedding | ItemError], float, float]:
+        """The `misses` through the model's coalescer: per miss its result or the worker's error, the queue and
+        compute seconds. Results are stored in the cache after the response."""
+        if not misses:
+            return [], 0.0, 0.0
+        work = [WorkItem(keys[i], items[i]) for i in misses]
+        coalesced = await self.coalescers[model].embed(work, deadline, request_id)
+        computed: list[CachedEmbedding | ItemError] = []
+        fresh: dict[bytes, CachedEmbedding] = {}
+        for i, outcome in zip(misses, coalesced.outcomes, strict=True):
+            if outcome.error is not None or outcome.vector is None:
+                computed.append(outcome.error or ItemError(INTERNAL_ERROR, "the worker sent no vector"))
+                continue
+            fresh[keys[i]] = CachedEmbedding(
+                outcome.vector, outcome.prompt_tokens, outcome.truncated, outcome.steps, outcome.trajectory
+            )
+            computed.append(fresh[keys[i]])
+        if fresh:
+            task = asyncio.create_task(self.cache.put_many(fresh))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+        return computed, coalesced.queue_s, coalesced.compute_s
+
+    def _charge(self, model: str, results: list[CachedEmbedding]) -> int:
+        """Their prompt tokens (cache hits count), charged to the request's key and counted; returns them."""
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        meter_tokens(prompt_tokens)
+        self.metrics.input_tokens.labels(model).inc(prompt_tokens)
+        return prompt_tokens
 
     def _shed_steps(
         self, model: str, items: list[EmbedItem], keys: list[bytes], misses: list[int], lowest: int, highest: int
@@ -207,8 +262,8 @@ def _rejected(error: ItemError, where: str = "") -> InvalidRequest:
     )
 
 
-def _item_error(index: int, count: int, error: ItemError) -> ApiError:
+def _item_error(index: int, count: int, error: ItemError) -> ServiceError:
     message = f"input[{index}]: {error.message}" if count > 1 else error.message
     if error.code == INTERNAL_ERROR:
-        return ApiError(message, code=error.code)
+        return ServiceError(message, code=error.code)
     return InvalidRequest(message, param=error.param, code=error.code)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 
 from service.auth import ApiKey, ApiKeys
+from service.errors import RateLimited
 from service.metrics import GatewayMetrics
-from service.openai_api import RateLimited
 
 
 @dataclass

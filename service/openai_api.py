@@ -1,14 +1,15 @@
 """The OpenAI-compatible surface: request/response models, the error shape, and response rendering.
 
-Errors are exceptions carrying their HTTP status and OpenAI fields, so any layer (coalescer,
-worker client, routes) can raise the one the caller must see; `error_response` renders them as
-`{"error": {"message", "type", "param", "code"}}`.
+This is the app's edge for errors: `service.errors` says what went wrong, and `HTTP_ERRORS` is the one place
+that says how HTTP shows it (status and OpenAI error type); `error_response` renders any of them as
+`{"error": {"message", "type", "param", "code"}}` with `Retry-After` when the error says when to retry, and
+`error_responses` documents the same in the OpenAPI document.
 """
 
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import orjson
@@ -16,6 +17,20 @@ from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model_server.protocol import InputType
+from service.errors import (
+    Conflict,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    QueueTimeout,
+    RateLimited,
+    ServiceError,
+    TeacherFailed,
+    Unauthorized,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from service.embedder import Embeddings
@@ -25,70 +40,73 @@ EncodingFormat = Literal["float", "base64"]
 
 # -- errors ---------------------------------------------------------------------------------------
 
-
-class ApiError(Exception):
-    """An error the caller sees; subclasses fix status, type and default code. This base is a 500."""
-
-    status = 500
-    type = "server_error"
-    code: str | None = None
-
-    def __init__(
-        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code or self.code
-        self.retry_after = retry_after
-
-
-class InvalidRequest(ApiError):
-    status, type, code = 400, "invalid_request_error", "invalid_request"
+#: Each kind of failure as HTTP shows it: (status, OpenAI error type); a subclass takes its nearest listed base.
+HTTP_ERRORS: dict[type[ServiceError], tuple[int, str]] = {
+    InvalidRequest: (400, "invalid_request_error"),
+    Unauthorized: (401, "invalid_request_error"),
+    NotFound: (404, "invalid_request_error"),
+    Conflict: (409, "invalid_request_error"),
+    PayloadTooLarge: (413, "invalid_request_error"),
+    Overloaded: (429, "rate_limit_error"),
+    RateLimited: (429, "rate_limit_error"),
+    ServiceError: (500, "server_error"),
+    TeacherFailed: (502, "server_error"),
+    Unavailable: (503, "server_error"),
+    QueueTimeout: (503, "server_error"),
+    DeadlineExceeded: (504, "server_error"),
+}
 
 
-class Unauthorized(ApiError):
-    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+def http_error(error: ServiceError) -> tuple[int, str]:
+    """The status and OpenAI error type of `error`."""
+    return next(HTTP_ERRORS[kind] for kind in type(error).__mro__ if kind in HTTP_ERRORS)
 
 
-class ModelNotFound(ApiError):
-    status, type, code = 404, "invalid_request_error", "model_not_found"
+def error_response(error: ServiceError, status: int | None = None) -> Response:
+    """`error` in OpenAI's shape; `status` only for HTTP's own protocol errors (405), typed by their class."""
+    if status is None:
+        status, kind = http_error(error)
+    else:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-class PayloadTooLarge(ApiError):
-    status, type, code = 413, "invalid_request_error", "payload_too_large"
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error")
+    param: str | None = Field(description="the request field at fault, when one is")
+    code: str | None = Field(description="what went wrong, e.g. model_not_found, overloaded, queue_timeout")
 
 
-class Overloaded(ApiError):
-    """Retrying later can succeed; `retry_after` (seconds) becomes the Retry-After header."""
+class ErrorResponse(BaseModel):
+    """Every error's body, as OpenAI's API sends it."""
 
-    status, type, code = 429, "rate_limit_error", "overloaded"
-
-
-class RateLimited(ApiError):
-    """The API key's requests or tokens per minute are spent; `retry_after` says when enough is back."""
-
-    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+    error: ErrorDetail
 
 
-class Unavailable(ApiError):
-    status, type, code = 503, "server_error", "worker_unavailable"
+_ERROR_DOCS = {
+    400: "invalid request: malformed JSON, a wrong field, an input or a range the model refuses",
+    401: "missing or incorrect API key (when the gateway has keys)",
+    404: "no such model, corpus or route",
+    409: "conflicts with stored state (an existing corpus or id, another model revision)",
+    413: "body or input count over the gateway's limit",
+    429: "overloaded, or the API key's rate limit is spent: retry after Retry-After seconds",
+    502: "the teacher failed on too many documents",
+    503: "no worker (or store) available, draining, or still queued at the deadline: retry after Retry-After",
+    504: "the deadline passed while the work was running",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
-class QueueTimeout(ApiError):
-    """Accepted, but still queued when the deadline passed: the model is busier than admission estimated."""
-
-    status, type, code = 503, "server_error", "queue_timeout"
-
-
-class DeadlineExceeded(ApiError):
-    status, type, code = 504, "server_error", "deadline_exceeded"
-
-
-def error_response(exc: ApiError) -> Response:
-    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return Response(orjson.dumps(body), status_code=exc.status, media_type="application/json", headers=headers)
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: the error statuses it can return, each in OpenAI's shape (Retry-After on 429/503)."""
+    return {
+        status: {"model": ErrorResponse, "description": _ERROR_DOCS[status]}
+        | ({"headers": _RETRY_AFTER} if status in (429, 503) else {})
+        for status in sorted(statuses)
+    }
 
 
 # -- /v1/embeddings ---------------------------------------------------------------------------------

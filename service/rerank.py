@@ -10,16 +10,16 @@ could not score fails the request (502, or 504 when it timed out).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.disconnect import unless_disconnected
 from service.embedder import Embedder
-from service.openai_api import DeadlineExceeded, InvalidRequest, ModelNotFound, Usage
+from service.errors import DeadlineExceeded, InvalidRequest, ModelNotFound
+from service.openai_api import Usage, error_responses
 from service.refine.api import Teacher
 from service.refine.teachers import Teachers
 from service.settings import GatewaySettings
@@ -39,7 +39,7 @@ class RerankText(_Strict):
 class RerankRequest(_Strict):
     model: str = Field(
         description="a cross_encoder or embedding model served by this gateway, or the judge model "
-        "(GENEMBED_JUDGE_MODEL; any model of the judge's server with `teacher: \"llm\"`)"
+        '(GENEMBED_JUDGE_MODEL; any model of the judge\'s server with `teacher: "llm"`)'
     )
     query: str = Field(min_length=1)
     documents: list[Annotated[str, Field(min_length=1)] | RerankText] = Field(
@@ -146,27 +146,21 @@ class Reranker:
         )
 
 
-def rerank_router(settings: GatewaySettings, embedder: Embedder) -> APIRouter:
-    """The route, with a lifespan that closes its judge client (merged into the app's)."""
-    teachers = Teachers(settings, embedder)
+def rerank_router(settings: GatewaySettings, embedder: Embedder, teachers: Teachers) -> APIRouter:
+    """The route, scoring with the app's shared teachers."""
     reranker = Reranker(settings, embedder, teachers)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        await teachers.aclose()
-
-    router = APIRouter(lifespan=lifespan, tags=["rerank"])
+    router = APIRouter(tags=["rerank"])
 
     @router.post(
         "/v1/rerank",
         response_model=RerankResponse,
         response_model_exclude_none=True,
         summary="Order documents by relevance to a query (Cohere/Jina shape)",
+        responses=error_responses(400, 401, 404, 413, 429, 502, 503, 504),
     )
     async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
         teacher = reranker.teacher(body)
         request.state.model = body.model  # known by now: the duration histogram's label stays bounded
-        return await reranker.rerank(body, teacher, request.state.request_id)
+        return await unless_disconnected(request, reranker.rerank(body, teacher, request.state.request_id))
 
     return router

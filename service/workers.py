@@ -35,8 +35,8 @@ from model_server.protocol import (
     EmbedResponse,
     ModelInfo,
 )
+from service.errors import DeadlineExceeded, ModelNotFound, Overloaded, ServiceError, Unavailable
 from service.metrics import GatewayMetrics
-from service.openai_api import ApiError, DeadlineExceeded, ModelNotFound, Overloaded, Unavailable
 from service.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class WorkerClient:
         self._accepting = False
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
-        """One /embed call. Raises an ApiError for whole-call failures; Unavailable means the worker failed."""
+        """One /embed call. Raises a ServiceError for whole-call failures; Unavailable means the worker failed."""
         items = len(request.items)
         self._in_flight(items)
         outcome = "error"
@@ -122,7 +122,7 @@ class WorkerClient:
             response = await self._embed(request)
             outcome = "ok"
             return response
-        except ApiError as exc:
+        except ServiceError as exc:
             outcome = exc.code or "error"
             raise
         except asyncio.CancelledError:
@@ -174,11 +174,13 @@ class WorkerClient:
             self.take_out(f"/embed answered 503: {response.text[:200]}")
             raise self.unavailable()
         if response.status_code != 200:
-            raise ApiError(f"the worker for model {self.name!r} answered {response.status_code}: {response.text[:200]}")
+            raise ServiceError(
+                f"the worker for model {self.name!r} answered {response.status_code}: {response.text[:200]}"
+            )
         try:
             return EmbedResponse.decode(response.content)
         except (ValueError, KeyError, TypeError) as exc:
-            raise ApiError(f"the worker for model {self.name!r} sent a malformed response: {exc}") from exc
+            raise ServiceError(f"the worker for model {self.name!r} sent a malformed response: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -13,9 +13,9 @@ import pytest
 from pydantic import SecretStr
 
 from service.auth import ApiKey, load_api_keys
+from service.errors import RateLimited
 from service.limits import KeyLimiter
 from service.metrics import GatewayMetrics
-from service.openai_api import RateLimited
 from service.settings import GatewaySettings
 from tests.gateway_fixtures import gateway_process
 

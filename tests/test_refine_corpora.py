@@ -15,9 +15,10 @@ import redis
 
 from model_server.protocol import ModelInfo
 from service.embedder import Embeddings, EmbedOptions
-from service.openai_api import ApiError
-from service.refine.api import Conflict, CorpusAdd, CorpusCreate, CorpusDocument
-from service.refine.corpora import Corpora, CorpusNotFound
+from service.errors import Conflict, CorpusNotFound, ServiceError
+from service.openai_api import http_error
+from service.refine.api import CorpusAdd, CorpusCreate, CorpusDocument
+from service.refine.corpora import Corpora
 from service.settings import GatewaySettings
 from tests.gateway_fixtures import redis_process
 
@@ -37,7 +38,7 @@ class StubEmbedder:
         assert options.input_type == "document"
         self.batches.append(len(inputs))
         if self.fail_on_batch == len(self.batches):
-            raise ApiError("the worker failed")
+            raise ServiceError("the worker failed")
         return Embeddings(np.stack([vector(t) for t in inputs]), len(inputs), "miss", 0.0, 0.0)
 
 
@@ -110,9 +111,9 @@ def test_conflicts_leave_the_corpus_as_it_was(backend):
         for attempt in (store.add("c", CorpusAdd(documents=docs("y")), "r"), store.load("c", "m")):
             with pytest.raises(Conflict, match="revision rev-1") as raised:
                 await attempt
-            assert raised.value.status == 409 and raised.value.code == "corpus_revision_mismatch"
+            assert http_error(raised.value)[0] == 409 and raised.value.code == "corpus_revision_mismatch"
         embedder.revision = "rev-1"
-        with pytest.raises(ApiError, match="holds vectors of model 'm'"):
+        with pytest.raises(ServiceError, match="holds vectors of model 'm'"):
             await store.load("c", "other")
         assert (await store.load("c", "m")).ids == ["a", "b"]
 
@@ -122,14 +123,14 @@ def test_conflicts_leave_the_corpus_as_it_was(backend):
 def test_a_failed_upload_stores_nothing(backend):
     async def go(store: Corpora, embedder: StubEmbedder) -> None:
         embedder.fail_on_batch = 2
-        with pytest.raises(ApiError, match="the worker failed"):
+        with pytest.raises(ServiceError, match="the worker failed"):
             await store.create(CorpusCreate(id="c", model="m", documents=docs(*"abcde")), "r")
         with pytest.raises(CorpusNotFound):
             await store.meta("c")
         embedder.batches.clear()
         await store.create(CorpusCreate(id="c", model="m", documents=docs("a")), "r")
         embedder.fail_on_batch = 2
-        with pytest.raises(ApiError):
+        with pytest.raises(ServiceError):
             await store.add("c", CorpusAdd(documents=docs(*"bcdef")), "r")
         loaded = await store.load("c", "m")
         assert loaded.ids == ["a"] and len(loaded.meta.chunks) == 1

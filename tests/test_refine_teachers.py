@@ -18,10 +18,10 @@ from fastapi.responses import JSONResponse
 
 from service.cache import MemoryCache
 from service.embedder import Embedder
+from service.errors import DeadlineExceeded, InvalidRequest, TeacherFailed
 from service.metrics import GatewayMetrics
-from service.openai_api import DeadlineExceeded, InvalidRequest
 from service.refine import llm
-from service.refine.api import Teacher, TeacherFailed
+from service.refine.api import Teacher
 from service.refine.llm import CallError, ChatClient, yes_no_score
 from service.refine.teachers import Teachers
 from service.settings import GatewaySettings

@@ -1,4 +1,4 @@
-"""Request and response models of /v1/refine-query and /v1/corpora, and the errors only they raise.
+"""Request and response models of /v1/refine-query and /v1/corpora.
 
 Defaults are the paper's (20 sampled documents, all from the top, seed 42; Adam 100 steps at lr 1e-4, both
 temperatures 1, no normalisation). `normalize: "minmax"` is the ReFIT preset: unless the request sets them,
@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.openai_api import ApiError, EncodingFormat
+from service.openai_api import EncodingFormat, Usage
 from service.refine.optimizer import Normalize, OptimConfig
 
 TeacherType = Literal["llm", "cross_encoder", "embedder", "labels"]
@@ -20,18 +20,6 @@ TeacherType = Literal["llm", "cross_encoder", "embedder", "labels"]
 _ID = Field(min_length=1, max_length=256)
 _MINMAX_TEACHER_TEMPERATURE = 2.0
 _MINMAX_LR = 5e-3
-
-
-class Conflict(ApiError):
-    """The request is valid but contradicts stored state (an existing corpus, another model revision)."""
-
-    status, type, code = 409, "invalid_request_error", "conflict"
-
-
-class TeacherFailed(ApiError):
-    """The teacher (LLM judge, cross-encoder or teacher embedder) failed on too many documents."""
-
-    status, type, code = 502, "server_error", "teacher_failed"
 
 
 class _Strict(BaseModel):
@@ -211,11 +199,6 @@ class Diagnostics(BaseModel):
     hyde_passage: str | None = None
     loss_trajectory: list[float] | None = None
     timings_ms: Timings
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
 
 
 class RefineResponse(BaseModel):

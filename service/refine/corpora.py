@@ -26,8 +26,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
 from service.embedder import Embedder, EmbedOptions
-from service.openai_api import ApiError, InvalidRequest, Unavailable
-from service.refine.api import Conflict, CorpusAdd, CorpusCard, CorpusCreate, CorpusDeleted, CorpusDocument
+from service.errors import Conflict, CorpusNotFound, InvalidRequest, Unavailable
+from service.refine.api import CorpusAdd, CorpusCard, CorpusCreate, CorpusDeleted, CorpusDocument
 from service.settings import GatewaySettings
 
 T = TypeVar("T")
@@ -35,10 +35,6 @@ T = TypeVar("T")
 _KEY = "genembed:corpus:v1:"
 _REDIS_TIMEOUT_S = 10.0
 _PENDING_CHUNK_TTL_S = 24 * 3600
-
-
-class CorpusNotFound(ApiError):
-    status, type, code = 404, "invalid_request_error", "corpus_not_found"
 
 
 @dataclass

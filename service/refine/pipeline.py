@@ -17,14 +17,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from service.embedder import Embedder, EmbedOptions
-from service.openai_api import DeadlineExceeded, InvalidRequest, PayloadTooLarge
+from service.errors import DeadlineExceeded, InvalidRequest, PayloadTooLarge, TeacherFailed
 from service.refine import llm
 from service.refine.api import (
     Diagnostics,
     RankedDocument,
     RefineRequest,
     RefineResponse,
-    TeacherFailed,
     TeacherReport,
     Timings,
     Usage,

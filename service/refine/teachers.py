@@ -3,27 +3,25 @@ embedding model, or the caller's labels.
 
 A document a teacher could not score is reported with its error and left out of the optimisation (never given
 a made-up score). When too many fail the request fails: 504 if they all timed out, 502 otherwise.
-LLM and cross-encoder scores are cached in the gateway's embedding cache (Redis when configured) under their
-own key prefix, as one-value vectors.
+Everything the gateway's own models compute goes through the Embedder (cache, batching, admission, usage): the
+cross-encoder's pairs and the teacher embedder's vectors. LLM judge scores are cached in the gateway's embedding
+cache (Redis when configured) under their own key prefix, as one-value vectors.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 
-from model_server.protocol import EmbedItem
+from model_server.protocol import ItemError
 from service.cache import CachedEmbedding, EmbeddingCache
-from service.coalescer import WorkItem
 from service.embedder import Embedder, EmbedOptions
-from service.limits import meter_tokens
-from service.openai_api import DeadlineExceeded, InvalidRequest
+from service.errors import DeadlineExceeded, InvalidRequest, TeacherFailed
 from service.refine import llm
-from service.refine.api import Teacher, TeacherError, TeacherFailed
+from service.refine.api import Teacher, TeacherError
 from service.refine.llm import CallError, ChatClient
 from service.refine.optimizer import cosines, unit_rows
 from service.settings import GatewaySettings
@@ -51,26 +49,24 @@ def _text_digest(text: str) -> bytes:
 
 
 class ScoreCache:
-    """Teacher scores in the embedding cache: same backend, TTL and fail-open behaviour, another key space."""
+    """Judge scores in the embedding cache: same backend, TTL and fail-open behaviour, another key space."""
 
     def __init__(self, cache: EmbeddingCache) -> None:
         self._cache = cache
 
-    async def get(self, keys: list[bytes]) -> tuple[list[float | None], int]:
-        """The cached score per key (None: missing) and the prompt tokens the found ones took."""
-        found = await self._cache.get_many(keys)
-        tokens = sum(hit.prompt_tokens for hit in found if hit is not None)
-        return [float(hit.vector[0]) if hit is not None else None for hit in found], tokens
+    async def get(self, keys: list[bytes]) -> list[float | None]:
+        """The cached score per key (None: missing)."""
+        return [float(hit.vector[0]) if hit is not None else None for hit in await self._cache.get_many(keys)]
 
-    async def put(self, scores: dict[bytes, tuple[float, int]]) -> None:
-        """Store (score, prompt tokens) per key."""
+    async def put(self, scores: dict[bytes, float]) -> None:
         if scores:
-            entries = {k: CachedEmbedding(np.array([s], np.float32), n, False) for k, (s, n) in scores.items()}
+            entries = {k: CachedEmbedding(np.array([s], np.float32), 0, False) for k, s in scores.items()}
             await self._cache.put_many(entries)
 
 
 class Teachers:
-    """Scores a sample with the teacher a request names; holds the judge client for the gateway's lifetime."""
+    """Scores a sample with the teacher a request names; one per app (refine-query and rerank share it and its
+    judge client), closed with the app."""
 
     def __init__(self, settings: GatewaySettings, embedder: Embedder) -> None:
         self.settings = settings
@@ -136,7 +132,7 @@ class Teachers:
         chat, model = self.chat_model(teacher.model, "the llm teacher")
         task = (instruction if teacher.instruction is None else teacher.instruction) or None
         keys = [_score_key(model, llm.JUDGE_PROMPT_VERSION, query, task, _text_digest(d)) for d in documents]
-        scores, _ = await self.cache.get(keys)
+        scores = await self.cache.get(keys)
         todo = [i for i, s in enumerate(scores) if s is None]
         result = TeacherScores(scores, cache_hits=len(documents) - len(todo), calls=len(todo))
         outcomes = await llm.judge(
@@ -150,13 +146,13 @@ class Teachers:
             seed,
             budget_s,
         )
-        fresh: dict[bytes, tuple[float, int]] = {}
+        fresh: dict[bytes, float] = {}
         for i, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, CallError):
                 result.errors.append(TeacherError(id=ids[i], code=outcome.code, message=outcome.message))
             else:  # float32, as the cache keeps it: a cached answer equals the fresh one
                 result.scores[i] = float(np.float32(outcome))
-                fresh[keys[i]] = (result.scores[i], 0)
+                fresh[keys[i]] = result.scores[i]
         await self.cache.put(fresh)
         return result
 
@@ -167,32 +163,16 @@ class Teachers:
         info = self.embedder.model_info(model)
         if info.method != "cross_encoder":
             raise InvalidRequest(f"model {model!r} is a {info.method} model, not a cross_encoder", param="teacher")
-        keys = [_score_key(info.id, info.revision, query, _text_digest(d)) for d in documents]
-        scores, cached_tokens = await self.cache.get(keys)
-        todo = [i for i, s in enumerate(scores) if s is None]
-        result = TeacherScores(scores, cache_hits=len(documents) - len(todo), prompt_tokens=cached_tokens)
-        if not todo:
-            meter_tokens(result.prompt_tokens)
-            return result
-        # Pairs go straight to the model's coalescer (batching, admission, deadline); the key doubles as the
-        # coalescer's identity, so concurrent requests share identical pairs.
-        work = [WorkItem(keys[i], EmbedItem(text=query, text_pair=documents[i], steps=0)) for i in todo]
-        deadline = asyncio.get_running_loop().time() + min(budget_s, self.settings.request_timeout_s)
-        coalesced = await self.embedder.coalescers[model].embed(work, deadline, request_id)
-        result.calls = len(todo)
-        fresh: dict[bytes, tuple[float, int]] = {}
-        for i, outcome in zip(todo, coalesced.outcomes, strict=True):
-            if outcome.error is not None or outcome.vector is None:
-                message = outcome.error.message if outcome.error else "no score"
-                code = outcome.error.code if outcome.error else "internal_error"
-                result.errors.append(TeacherError(id=ids[i], code=code, message=message))
-            else:
-                # Raw logits; with several labels the last is taken as "relevant".
-                result.scores[i] = float(outcome.vector[-1])
-                fresh[keys[i]] = (result.scores[i], outcome.prompt_tokens)
-                result.prompt_tokens += outcome.prompt_tokens
-        await self.cache.put(fresh)
-        meter_tokens(result.prompt_tokens)  # the caller's key (embedder calls charge themselves)
+        scored = await self.embedder.score_pairs(model, query, documents, request_id, budget_s)
+        result = TeacherScores(
+            [None if isinstance(s, ItemError) else s for s in scored.scores],
+            calls=len(documents) - scored.cache_hits,
+            cache_hits=scored.cache_hits,
+            prompt_tokens=scored.prompt_tokens,
+        )
+        for i, score in enumerate(scored.scores):
+            if isinstance(score, ItemError):
+                result.errors.append(TeacherError(id=ids[i], code=score.code, message=score.message))
         return result
 
     async def _embedder(self, teacher: Teacher, query: str, documents: list[str], request_id: str) -> TeacherScores:
