@@ -9,12 +9,12 @@ that says how HTTP shows it (status and OpenAI error type); `error_response` ren
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import orjson
 from fastapi import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from model_server.protocol import InputType
 from service.errors import (
@@ -127,15 +127,27 @@ class StepRange(BaseModel):
         return self
 
 
+_TEXT = {"type": "string", "minLength": 1}
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# What `_no_empty_inputs` accepts, documented (it answers with its own messages, so pydantic does not enforce it).
+_INPUT_SCHEMA = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "items": _TEXT, "minItems": 1},
+        _TOKENS,
+        {"type": "array", "items": _TOKENS, "minItems": 1},
+    ],
+    "description": "a string, a list of strings, a list of token ids, or a list of token-id lists; none empty",
+}
+
+
 class EmbeddingRequest(BaseModel):
     """OpenAI's fields plus genembed's extensions (`refinement_steps`, `input_type`, `instruction`, `truncate`,
     and for o1 models `seed` and `samples`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        description="a string, a list of strings, a list of token ids, or a list of token-id lists"
-    )
+    input: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_INPUT_SCHEMA)]
     model: str
     encoding_format: EncodingFormat = "float"
     dimensions: int | None = Field(default=None, gt=0, description="truncate, then re-normalise")
