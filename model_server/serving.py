@@ -129,7 +129,7 @@ class EmbeddingWorker:
         steps = min(max(spec.default_refinement_steps, spec.min_refinement_steps), _CALIBRATION_STEPS)
         await self._timed_call(1, steps)
         most = self.engine.limits.max_waiting_seqs  # a call of more would be refused
-        shapes = [(1, steps), (min(4, most), steps), (min(8, most), steps), (min(8, most), spec.min_refinement_steps)]
+        shapes = [(1, steps), (min(8, most), steps), (min(32, most), steps), (min(32, most), spec.min_refinement_steps)]
         self.calibration = [await self._timed_call(items, k) for items, k in shapes]
 
     async def _timed_call(self, items: int, steps: int) -> list[float]:

@@ -9,9 +9,9 @@ modelled as
 the most recent periods. Separating the per-call overhead is what keeps a light warm-up from poisoning the
 estimate: one input alone is mostly overhead, and a plain "work per second" learned from it makes any later
 burst look like minutes of work. The fit is used only once several periods of *batched* calls (more than one
-input a call) are in the window. Until then the estimate comes from the workers' calibration: each times a few
-batched calls at warm-up and publishes them (`ModelInfo.calibration`), so a fresh gateway starts with a fit;
-without either there is no estimate, and admission relies on its bounds alone.
+input a call) are in the window. The workers' calibration is a second fit: each worker times a few batched
+calls at warm-up and publishes them (`ModelInfo.calibration`), so a fresh gateway starts with an estimate; with
+both, the larger estimate counts (see `seconds`). Without either, admission relies on its bounds alone.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class CostModel:
         self._min_batched = min_batched
         self._min_period_s = min_period_s
         self._coef: np.ndarray | None = None  # fitted on this gateway's own periods
-        self._prior: np.ndarray | None = None  # fitted on the workers' calibration, used until there is a fit
+        self._prior: np.ndarray | None = None  # fitted on the workers' calibration
         # the busy period being measured
         self._in_flight = 0
         self._mark = 0.0
@@ -66,18 +66,22 @@ class CostModel:
 
     @property
     def coefficients(self) -> tuple[float, float, float] | None:
-        """(seconds per call, per token, per step), or None before the first usable fit."""
+        """(seconds per call, per token, per step) of this gateway's own fit (else the prior), or None."""
         coef = self._coef if self._coef is not None else self._prior
         return None if coef is None else (float(coef[0]), float(coef[1]), float(coef[2]))
 
     def seconds(self, work: Work) -> float | None:
-        """Estimated worker time for `work`, or None while nothing batched has been measured."""
-        coef = self._coef if self._coef is not None else self._prior
-        return None if coef is None else float(work.features() @ coef)
+        """Estimated worker time for `work`, or None while nothing batched has been measured. With both a prior
+        and an own fit, the larger of their estimates: busy periods attribute work to the period in which its call
+        ended, so the own fit is noisy in how it splits calls, tokens and steps, and it underestimated bursts of a
+        different mix than it was fitted on (measured: a burst of 256 mixed-K queries after single queries); the
+        calibration ran calls one at a time, so it errs on the slow side."""
+        estimates = [float(work.features() @ c) for c in (self._coef, self._prior) if c is not None]
+        return max(estimates) if estimates else None
 
     def seed(self, periods: list[list[float]]) -> None:
-        """A prior from periods measured elsewhere (a worker's timed warm-up calls: `ModelInfo.calibration`),
-        used until this gateway's own periods give a fit: warm-up ran alone, so it is not mixed with them."""
+        """A prior from periods measured elsewhere (a worker's timed warm-up calls: `ModelInfo.calibration`), kept
+        apart from this gateway's own periods (warm-up ran alone, so its periods are not like theirs)."""
         measured = [
             (Work(calls, int(items), int(tokens), int(steps)), seconds)
             for calls, items, tokens, steps, seconds in periods

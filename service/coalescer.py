@@ -428,4 +428,7 @@ class Coalescer:
                 self._retire(slot)
         done = Work(1, len(batch), sum(s.work.tokens for s in batch), sum(s.work.steps for s in batch))
         self.cost_model.call_finished(now, done if outcome == "ok" else None)
+        if (coefficients := self.cost_model.coefficients) is not None:
+            for per, value in zip(("call", "token", "step"), coefficients, strict=True):
+                self.metrics.cost_seconds.labels(self.model, per).set(value)
         self.metrics.worker_call_seconds.labels(self.model, outcome).observe(now - started)

@@ -53,6 +53,12 @@ class GatewayMetrics:
             buckets=_STEPS,
             registry=reg,
         )
+        self.cost_seconds = Gauge(
+            "genembed_gateway_cost_seconds",
+            "Admission cost model: seconds of worker time per call, per prompt token and per step (own fit)",
+            ["model", "per"],
+            registry=reg,
+        )
         self.steps_shed = Counter(
             "genembed_gateway_steps_shed",
             "Refinement steps not granted to inputs that allowed a range (max minus granted), shed under load",

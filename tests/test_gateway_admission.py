@@ -63,6 +63,23 @@ def test_the_fit_separates_call_overhead_from_token_and_step_cost():
     assert model.seconds(Work(8, 256, 256 * 12, 256 * 5)) == pytest.approx(0.4 + 256 * 0.032, rel=0.05)
 
 
+def test_a_workers_calibration_is_a_prior_and_the_larger_estimate_counts():
+    model = CostModel()
+    burst = Work(8, 256, 256 * 12, 256 * 5)
+    # Calibration: calls one at a time, 1, 8 and 32 inputs at K = 5 and 32 at K = 0 (as the worker times them).
+    model.seed(
+        [
+            [w.calls, w.items, w.tokens, w.steps, s]
+            for w, s in (_period(1, n, 12, k) for n, k in ((1, 5), (8, 5), (32, 5), (32, 0)))
+        ]
+    )
+    assert model.seconds(burst) == pytest.approx(0.4 + 256 * 0.032, rel=0.05)
+    # An own fit that puts everything on calls (steady single queries) would call the burst cheap: it does not win.
+    _observe(model, [(Work(1, n, 12 * n, 5 * n), 0.5) for n in (4, 6, 8, 6, 4)])
+    assert model.coefficients[2] == pytest.approx(0, abs=1e-4)  # its per-step cost
+    assert model.seconds(burst) == pytest.approx(0.4 + 256 * 0.032, rel=0.05)
+
+
 def test_failed_calls_are_not_measured():
     model = CostModel()
     _observe(model, [_period(1, 32, 20, 5)] * 3)
