@@ -137,3 +137,12 @@ def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def calls_for(items: int, per_call: int) -> float:
     return math.ceil(items / per_call) if items else 0
+
+
+def step_cap(wait_s: float | None, allowed_s: float, lowest: int, highest: int) -> int:
+    """The most steps a ranged request may take with `wait_s` of work ahead: all of them up to half of what the
+    deadline allows, then linearly fewer, down to `lowest` at the limit (no estimate: all of them)."""
+    if wait_s is None:
+        return highest
+    headroom = min(max((allowed_s - wait_s) / (allowed_s / 2), 0.0), 1.0)
+    return lowest + math.floor((highest - lowest) * headroom)

@@ -40,7 +40,7 @@ import numpy as np
 from model_server import tracing
 from model_server.logs import request_id_var
 from model_server.protocol import EmbedItem, EmbedRequest, ItemError
-from service.admission import NO_WORK, CostModel, Work, calls_for
+from service.admission import NO_WORK, CostModel, Work, calls_for, step_cap
 from service.errors import DeadlineExceeded, Overloaded, QueueTimeout, ServiceError
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
@@ -221,9 +221,13 @@ class Coalescer:
         )
 
     def grant_steps(self, items: list[EmbedItem], lowest: int, highest: int) -> int:
-        """The most steps in lowest..highest with which `items` would be admitted now (`lowest` when none is:
-        the request is then refused by `embed`)."""
-        for steps in range(highest, lowest, -1):
+        """Steps in lowest..highest for `items`: `highest` while the work ahead is under half of what the deadline
+        allows, then proportionally fewer down to `lowest` as it reaches the limit (so ranged requests shed compute
+        while the queue fills, not only once it is full and even one step no longer fits), and never more than are
+        admitted now (`lowest` when none is: the request is then refused by `embed`)."""
+        wait_s = self.cost_model.seconds(self._pending_work()) if self._slots else None
+        allowed = self.limits.deadline_s * self.limits.deadline_share
+        for steps in range(step_cap(wait_s, allowed, lowest, highest), lowest, -1):
             if self._refusal([self._work(dataclasses.replace(item, steps=steps)) for item in items]) is None:
                 return steps
         return lowest

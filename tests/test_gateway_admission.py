@@ -11,7 +11,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from service.admission import CostModel, Work
+from service.admission import CostModel, Work, step_cap
 from tests.gateway_fixtures import gateway_process
 from tests.procs import worker_process
 
@@ -88,6 +88,12 @@ def test_failed_calls_are_not_measured():
     model.call_finished(160.0, None)  # a minute of a failed call says nothing about the cost
     _observe(model, [_period(1, 32, 20, 5)])
     assert model.coefficients == pytest.approx(before, rel=1e-6)
+
+
+def test_step_ranges_shed_as_the_queue_fills():
+    # 21 s allowed (0.7 of 30): full range up to 10.5 s of work ahead, then linearly down to the floor at 21 s.
+    caps = [step_cap(wait, 21.0, 1, 10) for wait in (None, 0.0, 10.5, 12.0, 15.75, 20.0, 21.0, 40.0)]
+    assert caps == [10, 10, 10, 8, 5, 1, 1, 1]
 
 
 # -- gateways over real workers -------------------------------------------------------------------
