@@ -21,7 +21,7 @@ class DebaterMethod(PooledMethod):
     padding_side = "left"
 
     def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
-        states = output.last_hidden_state
+        states = output.last_hidden_state[: len(seqs)]
         states = states.to(torch.promote_types(states.dtype, torch.float32))
         for seq, rows in zip(seqs, states, strict=True):
             # The state of deliberation token i is what K = i would give (causal attention): the trajectory.

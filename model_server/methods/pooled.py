@@ -3,7 +3,11 @@ last-token pooling), cross-encoders and (methods/debater.py) DEBATER, so any arc
 transformers (or a model repository's remote code) knows serves.
 
 Their sequences finish in their first pass. A padded batch makes every row pay for the widest
-one, so admitted inputs are sorted by length and split into groups whose padding stays small.
+one, so admitted inputs are sorted by length and split into groups whose padding stays small. Batches are then
+padded a little more, to a multiple of `WIDTH_BUCKET` tokens and (past 4 rows) `ROW_BUCKET` rows: on the CPU,
+oneDNN caches kernels and buffers per matmul shape (up to 1024 of them), and every new (rows, width) is a new
+shape. Measured on a minilm-l6 worker over 150 batches of 1-128 random-length documents: +1068 MB of RSS with
+exact shapes, +97 MB with buckets, at the same speed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import torch
 
 from model_server.methods.base import EngineMethod, Sequence
 from model_server.runner import group_by_length
+
+WIDTH_BUCKET = 16
+ROW_BUCKET = 8
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -44,14 +51,17 @@ class PooledMethod(EngineMethod):
     def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
         for group in length_groups(admitted):
             batch = self._padded(group)
-            self._finish_group(group, self.loaded.model(**batch), batch["attention_mask"])
+            # `_finish_group` sees the group's own rows; the bucket's filler rows are dropped
+            self._finish_group(group, self.loaded.model(**batch), batch["attention_mask"][: len(group)])
 
     def _padded(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
-        width = max(s.prompt_tokens for s in seqs)
+        width = -(-max(s.prompt_tokens for s in seqs) // WIDTH_BUCKET) * WIDTH_BUCKET
+        rows = len(seqs) if len(seqs) <= 4 else -(-len(seqs) // ROW_BUCKET) * ROW_BUCKET
         pad = self.loaded.tokenizer.pad_token_id or 0
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        types = torch.zeros((len(seqs), width), dtype=torch.long)
+        ids = torch.full((rows, width), pad, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        mask[len(seqs) :, -1] = 1  # filler rows attend to one padding token: no row is all masked
+        types = torch.zeros((rows, width), dtype=torch.long)
         for row, seq in enumerate(seqs):
             n = seq.prompt_tokens
             span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
@@ -67,7 +77,8 @@ class PooledMethod(EngineMethod):
         return {k: v.to(self.loaded.device) for k, v in batch.items()}
 
     def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
-        for seq, vector in zip(seqs, pool(output.last_hidden_state, mask, self.loaded.spec.pooling), strict=True):
+        states = output.last_hidden_state[: len(seqs)]
+        for seq, vector in zip(seqs, pool(states, mask, self.loaded.spec.pooling), strict=True):
             self.finish(seq, vector)
 
 
@@ -75,5 +86,5 @@ class CrossEncoderMethod(PooledMethod):
     """A sequence-classification model scoring (query, document) pairs: raw logits per pair."""
 
     def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
-        for seq, logits in zip(seqs, output.logits, strict=True):
+        for seq, logits in zip(seqs, output.logits[: len(seqs)], strict=True):
             self.finish(seq, logits)
