@@ -20,8 +20,9 @@ Admission (one policy; the worker's own queue bound is only a safety net behind 
   request is refused when the pending work would take longer than `admission_deadline_share` of the deadline.
 Refusals are 429 with a Retry-After from the estimated drain time (capped at `retry_after_max_s`). A request
 still queued when its deadline passes is answered 503 with a Retry-After (one in a worker call: 504).
-A request may allow a range of steps: `grant_steps` gives it the most that the same policy admits, so under
-load compute is shed before requests are.
+A request may allow a range of steps: `grant_steps` gives it all of them while the work ahead is light and
+fewer as the queue fills (never more than the same policy admits), so under load compute is shed before
+requests are.
 """
 
 from __future__ import annotations
@@ -115,9 +116,7 @@ class _Slot:
     key: bytes
     item: EmbedItem
     request_id: str  # of the caller that brought it
-    tokens: int  # estimated prompt tokens
-    work: Work  # as the cost model sees it (steps: K times the sequences the input runs)
-    units: float  # prompt tokens + steps × step_cost_tokens: what `max_queued_work` bounds
+    work: Work  # estimated prompt tokens and steps (K times the sequences the input runs)
     future: asyncio.Future
     created_at: float
     trace: Context | None  # of the caller that brought it: its worker call's parent (or a link)
@@ -147,7 +146,6 @@ class Coalescer:
         self._queue: deque[_Slot] = deque()  # may hold abandoned slots, skipped when taken
         self._queued = 0  # active slots in the queue
         self._pending = NO_WORK  # of active slots
-        self._pending_units = 0.0
         self._calls: set[asyncio.Task] = set()
         self._room = asyncio.Event()  # set when a call ends
         self._wakeup = asyncio.Event()
@@ -182,7 +180,6 @@ class Coalescer:
             self._slots[slot.key] = slot
             self._queue.append(slot)
             self._pending = self._pending + slot.work
-            self._pending_units += slot.units
         self._queued += len(fresh)
         self.metrics.queued_items.labels(self.model).set(len(self._slots))
         self._wakeup.set()
@@ -202,7 +199,7 @@ class Coalescer:
         if failed is not None:
             raise failed
         if still_queued:
-            retry_after = self._retry_after(self.cost_model.seconds(self._pending_work()))
+            retry_after = self._retry_after(self._seconds(self._pending_work()))
             raise QueueTimeout(
                 f"model {self.model!r} is overloaded: {still_queued} of the request's inputs were still queued when "
                 f"its {self.limits.deadline_s:g} s deadline passed; retry after {retry_after} s",
@@ -225,33 +222,43 @@ class Coalescer:
         allows, then proportionally fewer down to `lowest` as it reaches the limit (so ranged requests shed compute
         while the queue fills, not only once it is full and even one step no longer fits), and never more than are
         admitted now (`lowest` when none is: the request is then refused by `embed`)."""
-        wait_s = self.cost_model.seconds(self._pending_work()) if self._slots else None
+        wait_s = self._seconds(self._pending_work()) if self._slots else None
         allowed = self.limits.deadline_s * self.limits.deadline_share
         for steps in range(step_cap(wait_s, allowed, lowest, highest), lowest, -1):
-            if self._refusal([self._work(dataclasses.replace(item, steps=steps)) for item in items]) is None:
+            fresh = sum((self._work(dataclasses.replace(item, steps=steps)) for item in items), NO_WORK)
+            if self._refusal(fresh) is None:
                 return steps
         return lowest
 
-    def _work(self, item: EmbedItem) -> tuple[Work, float]:
-        """(what the cost model charges, the work units `max_queued_work` bounds) of one input."""
+    def _work(self, item: EmbedItem) -> Work:
+        """One input as the cost model charges it: estimated prompt tokens (UTF-8 bytes / 3) and steps."""
         tokens = len(item.token_ids) if item.token_ids is not None else len((item.text or "").encode()) // 3 + 1
         info = self.workers.info
         if info is not None and item.truncate:
             tokens = min(tokens, info.max_input_tokens)
         steps = (item.steps or 0) * (item.samples or 1)
-        return Work(0, 1, tokens, steps), tokens + steps * self.limits.step_cost_tokens
+        return Work(0, 1, tokens, steps)
+
+    def _units(self, work: Work) -> float:
+        """What `max_queued_work` bounds: prompt tokens + steps × `step_cost_tokens`."""
+        return work.tokens + work.steps * self.limits.step_cost_tokens
+
+    def _seconds(self, work: Work) -> float | None:
+        """The cost model's estimate, its prior taken from the workers' calibration once their /info is known."""
+        info = self.workers.info
+        if not self._seeded and info is not None:
+            self.cost_model.seed(info.calibration)
+            self._seeded = True
+        return self.cost_model.seconds(work)
 
     def _new_slot(self, work: WorkItem, request_id: str, now: float) -> _Slot:
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_mark_seen)
-        cost, units = self._work(work.item)
         return _Slot(
             work.key,
             work.item,
             request_id,
-            cost.tokens,
-            cost,
-            units,
+            self._work(work.item),
             future,
             created_at=now,
             trace=tracing.current_context(),
@@ -261,20 +268,16 @@ class Coalescer:
         total = self._pending + extra
         return Work(calls_for(total.items, self.limits.max_items), total.items, total.tokens, total.steps)
 
-    def _refusal(self, fresh: list[tuple[Work, float]]) -> tuple[str, float | None] | None:
+    def _refusal(self, fresh: Work) -> tuple[str, float | None] | None:
         """Why new inputs costing `fresh` must be refused now (and the estimated seconds of work ahead), or None."""
         limits, pending = self.limits, len(self._slots)
-        if not fresh or not pending:
+        if not fresh.items or not pending:
             return None  # an idle model never refuses
-        total = self._pending_work(sum((work for work, _ in fresh), NO_WORK))
-        info = self.workers.info
-        if not self._seeded and info is not None:
-            self.cost_model.seed(info.calibration)
-            self._seeded = True
-        wait_s = self.cost_model.seconds(total)
+        total = self._pending_work(fresh)
+        wait_s = self._seconds(total)
         if total.items > limits.max_queued_items:
             return f"{pending} inputs are already queued, the bound is {limits.max_queued_items}", wait_s
-        units = self._pending_units + sum(u for _, u in fresh)
+        units = self._units(total)
         if units > limits.max_queued_work:
             return f"{units:.0f} work units would be queued, the bound is {limits.max_queued_work:g}", wait_s
         if total.items <= limits.max_items * self._max_calls():
@@ -290,7 +293,7 @@ class Coalescer:
 
     def _admit(self, fresh: list[_Slot]) -> None:
         """Raise Overloaded unless the admission policy (the module's docstring) takes the new inputs."""
-        refusal = self._refusal([(s.work, s.units) for s in fresh])
+        refusal = self._refusal(sum((s.work for s in fresh), NO_WORK))
         if refusal is not None:
             why, wait_s = refusal
             retry_after = self._retry_after(wait_s)
@@ -317,7 +320,6 @@ class Coalescer:
     def _retire(self, slot: _Slot) -> None:
         slot.active = False
         self._pending = self._pending - slot.work
-        self._pending_units -= slot.units
         if self._slots.get(slot.key) is slot:
             del self._slots[slot.key]
         self.metrics.queued_items.labels(self.model).set(len(self._slots))
@@ -359,11 +361,11 @@ class Coalescer:
                 self._queue.popleft()
                 continue
             n = slot.item.samples or 1
-            if batch and (tokens + slot.tokens > self.limits.max_tokens or sequences + n > self.limits.max_items):
+            if batch and (tokens + slot.work.tokens > self.limits.max_tokens or sequences + n > self.limits.max_items):
                 break
             self._queue.popleft()
             batch.append(slot)
-            tokens += slot.tokens
+            tokens += slot.work.tokens
             sequences += n
         self._queued -= len(batch)
         return batch
@@ -430,7 +432,7 @@ class Coalescer:
                 slot.future.set_exception(ServiceError(f"the worker call for model {self.model!r} failed"))
             if slot.active:
                 self._retire(slot)
-        done = Work(1, len(batch), sum(s.work.tokens for s in batch), sum(s.work.steps for s in batch))
+        done = sum((s.work for s in batch), Work(1, 0, 0, 0))  # one call
         self.cost_model.call_finished(now, done if outcome == "ok" else None)
         if (coefficients := self.cost_model.coefficients) is not None:
             for per, value in zip(("call", "token", "step"), coefficients, strict=True):
