@@ -8,6 +8,7 @@ signature says which argument it takes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -17,9 +18,14 @@ import torch
 def cache_kwarg(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """`{name: cache}` under the name `module.forward` takes for its KV cache. Pass a cache you own (e.g.
     `DynamicCache(config=...)`, which the forward fills in place) rather than reading it back from the output,
-    whose attribute was renamed too."""
-    name = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-    return {name: cache}
+    whose attribute was renamed too. The name is looked up once per module class: the fallback runner asks on
+    every sequence of every step."""
+    return {_cache_name(type(module)): cache}
+
+
+@functools.cache
+def _cache_name(module_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(module_class.forward).parameters else "past_key_values"
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
