@@ -1,6 +1,12 @@
 """The gateway <-> worker wire format, shared by both sides (numpy and msgpack only, never torch).
 
-`POST /embed` request body: msgpack map `{"request_id": str | None, "items": [item, ...]}`.
+`POST /embed` request body: msgpack map `{"request_id": str | None, "items": [item, ...]}`, plus
+`deadline_s` (seconds left to the request's deadline when the call left the gateway; absent: none) and
+`priority` (`online`, or `batch`: runs only in the capacity online work leaves, never refused for load).
+A call is one gateway request's inputs: the worker admits it whole or refuses it (429 with Retry-After).
+
+Every /embed answer, refusals included, and `GET /load` carry the worker's backlog in the headers
+`x-genembed-drain-s` (expected seconds until the work it holds is done) and `x-genembed-queued-seqs`.
 
 Response body (content type `application/x-genembed`):
 
@@ -30,6 +36,10 @@ import numpy as np
 CONTENT_TYPE = "application/x-genembed"
 REQUEST_CONTENT_TYPE = "application/msgpack"
 REQUEST_ID_HEADER = "x-request-id"
+DRAIN_HEADER = "x-genembed-drain-s"
+QUEUED_HEADER = "x-genembed-queued-seqs"
+
+Priority = Literal["online", "batch"]
 _HEADER_LEN = struct.Struct("<I")
 
 InputType = Literal["query", "document"]
@@ -41,6 +51,10 @@ INPUT_TOO_LONG = "input_too_long"
 TOKEN_OUT_OF_VOCAB = "token_out_of_vocabulary"
 INVALID_INPUT = "invalid_input"
 INTERNAL_ERROR = "internal_error"
+# Whole-call refusals (JSON body {"detail", "code"}): the call can never finish within its deadline, even on an
+# idle worker (400: fewer inputs or steps, or a step range, would fit), and an item dropped past its deadline.
+EXCEEDS_DEADLINE = "exceeds_deadline"
+DEADLINE_PASSED = "deadline_exceeded"
 
 
 @dataclass
@@ -52,6 +66,7 @@ class EmbedItem:
     default, so a repeated request gives the same vector); other methods ignore `seed`.
     `tolerance` (gircse only) lets a sequence stop before `steps` once another step moves its
     embedding by less than it (1 - cos); `trajectory` asks for the embedding after every step too.
+    `min_steps` makes `min_steps..steps` a range: the worker grants the most steps its queue allows.
     """
 
     text: str | None = None
@@ -65,15 +80,23 @@ class EmbedItem:
     samples: int | None = None
     tolerance: float | None = None
     trajectory: bool = False
+    min_steps: int | None = None
 
 
 @dataclass
 class EmbedRequest:
     items: list[EmbedItem]
     request_id: str | None = None
+    deadline_s: float | None = None  # seconds left to the request's deadline; None: no deadline
+    priority: Priority = "online"
 
     def encode(self) -> bytes:
-        return msgpack.packb({"request_id": self.request_id, "items": [_fields(i) for i in self.items]})
+        body = {"request_id": self.request_id, "items": [_fields(i) for i in self.items]}
+        if self.deadline_s is not None:
+            body["deadline_s"] = self.deadline_s
+        if self.priority != "online":
+            body["priority"] = self.priority
+        return msgpack.packb(body)
 
     @classmethod
     def decode(cls, body: bytes) -> EmbedRequest:
@@ -81,9 +104,15 @@ class EmbedRequest:
         try:
             data = msgpack.unpackb(body)
             items = [EmbedItem(**item) for item in data["items"]]
+            priority = data.get("priority", "online")
+            if priority not in ("online", "batch"):
+                raise ValueError(f"unknown priority {priority!r}")
+            deadline_s = data.get("deadline_s")
+            if deadline_s is not None and not isinstance(deadline_s, int | float):
+                raise ValueError("deadline_s must be a number")
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
             raise ValueError(f"malformed embed request: {exc}") from exc
-        return cls(items=items, request_id=data.get("request_id"))
+        return cls(items=items, request_id=data.get("request_id"), deadline_s=deadline_s, priority=priority)
 
 
 @dataclass
@@ -141,7 +170,7 @@ class EmbedResponse:
 
 
 #: fields added after the first version, and their defaults: left out of a message while at them
-_ADDED = {"tolerance": None, "trajectory": False, "runner": "fast", "calibration": [], "max_thought_samples": None}
+_ADDED = {"tolerance": None, "trajectory": False, "min_steps": None, "runner": "fast", "calibration": [], "max_thought_samples": None}
 
 
 def _fields(value: EmbedItem | ItemResult | ModelInfo) -> dict:
