@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model_server import tracing
+from model_server.auth import require_token
 from model_server.drain import Drain, DrainMiddleware
 from model_server.engine import EngineStopped, QueueFull
 from model_server.logs import request_id_var
@@ -78,6 +79,7 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
         reject=lambda message: _error(503, message, {"Retry-After": "1"}),
         exempt=("/health", "/ready", "/info", "/metrics"),
     )
+    require_token(app, settings.host, [settings.token, settings.rotation_token], metrics.registry)  # outermost
 
     def ready_worker() -> EmbeddingWorker | None:
         worker = state["worker"]

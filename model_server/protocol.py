@@ -38,6 +38,8 @@ REQUEST_CONTENT_TYPE = "application/msgpack"
 REQUEST_ID_HEADER = "x-request-id"
 DRAIN_HEADER = "x-genembed-drain-s"
 QUEUED_HEADER = "x-genembed-queued-seqs"
+# The shared secret the gateway sends on every worker call (model_server/auth.py checks it).
+WORKER_TOKEN_HEADER = "x-genembed-worker-token"
 
 Priority = Literal["online", "batch"]
 _HEADER_LEN = struct.Struct("<I")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_server.engine import EngineLimits
@@ -30,6 +30,22 @@ class WorkerSettings(BaseSettings):
     drain_grace_s: float = Field(default=30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish")
     log_format: LogFormat = Field(default="text", description="text, or json: one object per line")
     otel: bool = Field(default=False, description="OpenTelemetry tracing (the otel extra; OTEL_* configure it)")
+
+    # The gateway's token (model_server/auth.py; docs/deploy.md#who-trusts-whom)
+    token: SecretStr | None = Field(
+        default=None,
+        description="shared secret every call but /health, /ready, /metrics must carry; unset: open on a loopback "
+        "host, refused on any other",
+    )
+    rotation_token: SecretStr | None = Field(
+        default=None, description="accepted besides token while the gateway's token is being changed"
+    )
+
+    @field_validator("token", "rotation_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """An empty variable (compose's `${VAR:-}`, an empty Secret key) means no token, never the empty token."""
+        return None if value == "" else value
 
     def limits(self) -> EngineLimits:
         return EngineLimits(

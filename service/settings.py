@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Self
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model_server.logs import LogFormat
+from model_server.protocol import WORKER_TOKEN_HEADER
 
 
 class GatewaySettings(BaseSettings):
@@ -88,6 +90,41 @@ class GatewaySettings(BaseSettings):
     rerank_timeout_s: float = Field(
         default=120.0, gt=0, description="scoring budget of one request (worker calls also end at request_timeout_s)"
     )
+
+    # Credentials of the parts behind the gateway (docs/deploy.md#who-trusts-whom)
+    worker_token: SecretStr | None = Field(
+        default=None,
+        description="sent to every worker; the same variable (GENEMBED_WORKER_TOKEN) sets the workers' own. "
+        "`genembed serve` makes one when unset",
+    )
+    redis_password: SecretStr | None = Field(
+        default=None, description="Redis AUTH password (from a Secret), joined into redis_url; not also in the URL"
+    )
+
+    @field_validator("worker_token", "redis_password", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """An empty variable (compose's `${VAR:-}`, an empty Secret key) means none, never the empty secret."""
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _redis_password_into_url(self) -> Self:
+        """The URL is plain configuration, the password a Secret: joined here, every Redis client gets one URL."""
+        if self.redis_password is None:
+            return self
+        if not self.redis_url:
+            raise ValueError("GENEMBED_REDIS_PASSWORD is set but GENEMBED_REDIS_URL is not")
+        parts = urlsplit(self.redis_url)
+        if parts.password is not None:
+            raise ValueError("the Redis password is given twice: in GENEMBED_REDIS_URL and GENEMBED_REDIS_PASSWORD")
+        user, _, address = parts.netloc.rpartition("@")
+        password = quote(self.redis_password.get_secret_value(), safe="")
+        self.redis_url = urlunsplit(parts._replace(netloc=f"{user}:{password}@{address}"))
+        return self
+
+    def worker_headers(self) -> dict[str, str]:
+        """Headers of every call to a worker."""
+        return {WORKER_TOKEN_HEADER: self.worker_token.get_secret_value()} if self.worker_token else {}
 
     @field_validator("workers", "api_keys", mode="before")
     @classmethod

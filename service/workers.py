@@ -68,7 +68,7 @@ class WorkerClient:
         # Callers time out on their own deadline; this bound only catches a worker that never answers.
         timeout = httpx.Timeout(settings.request_timeout_s + 5, connect=2.0)
         limits = httpx.Limits(max_connections=settings.max_concurrent_calls + 4, keepalive_expiry=30)
-        self._http = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits)
+        self._http = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=settings.worker_headers())
         self._accepting = False  # takes new calls
         self._down = asyncio.Event()  # set while unreachable; in-flight calls watch it
         self._down.set()
