@@ -6,6 +6,8 @@ the value is the full float32 vector (and trajectory) with its token count and t
 so `dimensions`, encoding and usage are applied after a hit exactly as after a computation.
 The cache is an optimisation, never a dependency: a Redis that fails or is slow is bypassed
 (uncached service, one log line per outage) and retried every `redis_retry_s` until it answers.
+Credentials are the exception at start: a Redis that refuses them will not change its mind, so the gateway
+does not start (`check_redis`); refused later (a rotated password), it is an outage like any other.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from model_server.protocol import EmbedItem, ModelInfo
 from service.metrics import GatewayMetrics
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _VALUE_HEADER = struct.Struct("<IBHH")  # prompt tokens, truncated, steps run, trajectory rows
 _KEY_PREFIX = b"genembed:emb:v2:"
+_START_CHECK_TIMEOUT_S = 5.0  # the start check waits longer than a request would: Redis may be starting too
 T = TypeVar("T")
 
 
@@ -160,13 +163,7 @@ class RedisCache:
         self.metrics = metrics
         self.available = True
         self._retry_at = 0.0
-        # No client-side retries: a failure is an outage to route around, not to wait out.
-        self._redis = aioredis.from_url(
-            url,
-            socket_timeout=self.timeout_s,
-            socket_connect_timeout=self.timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis = _connect(url, self.timeout_s)
 
     async def _guarded(self, op: str, call: Callable[[], Awaitable[T]]) -> T | None:
         """Run `call` unless Redis is in an outage; on failure start one (logged once) and return None."""
@@ -181,7 +178,12 @@ class RedisCache:
             if self.available:
                 self.available = False
                 self.metrics.cache_available.set(0)
-                log.warning("redis at %s unavailable (%r): serving uncached until it answers again", self.url, exc)
+                log.warning(
+                    "redis at %s unavailable (%r%s): serving uncached until it answers again",
+                    self.url,
+                    exc,
+                    ", check GENEMBED_REDIS_PASSWORD" if isinstance(exc, AuthenticationError) else "",
+                )
             return None
         if not self.available:
             self.available = True
@@ -206,6 +208,33 @@ class RedisCache:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _connect(url: str, timeout_s: float) -> aioredis.Redis:
+    # No client-side retries: a failure is an outage to route around, not to wait out.
+    return aioredis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
+
+
+async def check_redis(settings: GatewaySettings) -> None:
+    """At the gateway's start: raises ValueError, naming what to fix, when Redis refuses the credentials; a
+    Redis that does not answer yet only gets a warning (the cache serves around it until it does)."""
+    if not settings.redis_url:
+        return
+    url = _redacted(settings.redis_url)
+    client = _connect(settings.redis_url, _START_CHECK_TIMEOUT_S)
+    try:
+        await client.ping()
+    except AuthenticationError as exc:
+        raise ValueError(
+            f"redis at {url} refused the gateway's credentials ({exc}): set GENEMBED_REDIS_PASSWORD to its "
+            "requirepass (or none when it has none)"
+        ) from exc
+    except (RedisError, OSError) as exc:
+        log.warning("redis at %s does not answer yet (%r): serving uncached until it does", url, exc)
+    finally:
+        await client.aclose()
 
 
 def build_cache(settings: GatewaySettings, metrics: GatewayMetrics) -> EmbeddingCache:

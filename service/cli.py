@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+from pydantic import SecretStr
 
 from model_server.logs import configure_logging
 from model_server.specs import DEFAULT_MODEL
@@ -119,12 +124,14 @@ def _run_gateway(settings: GatewaySettings) -> int:
 
     from model_server.drain import DrainingServer
     from service.app import create_app
+    from service.cache import check_redis
 
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per worker call and probe
     try:
+        asyncio.run(check_redis(settings))  # credentials Redis refuses: no start
         app = create_app(settings)
-    except (ValueError, OSError) as exc:  # bad --worker entries, unreadable keys file
+    except (ValueError, OSError) as exc:  # bad --worker entries, unreadable keys file, Redis refused us
         print(f"genembed gateway: {exc}", file=sys.stderr)
         return 2
     # log_config=None: uvicorn's loggers use ours; the app writes one access line per request, with its id.
@@ -136,7 +143,12 @@ def _run_gateway(settings: GatewaySettings) -> int:
 
 
 def run_gateway(args: argparse.Namespace) -> int:
-    return _run_gateway(_gateway_settings(args))
+    try:
+        settings = _gateway_settings(args)
+    except ValueError as exc:  # pydantic's ValidationError: the settings name what is wrong
+        print(f"genembed gateway: {exc}", file=sys.stderr)
+        return 2
+    return _run_gateway(settings)
 
 
 def _free_port() -> int:
@@ -145,7 +157,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float, headers: dict[str, str]) -> str:
     """Poll the worker's /ready; returns the served model id from /info. Raises RuntimeError."""
     import httpx
 
@@ -155,7 +167,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
             raise RuntimeError(f"the worker for {url} exited with status {proc.returncode}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return httpx.get(f"{url}/info", timeout=5).json()["id"]
+                return httpx.get(f"{url}/info", headers=headers, timeout=5).raise_for_status().json()["id"]
         time.sleep(0.25)
     raise RuntimeError(f"the worker at {url} was not ready after {timeout:g} s")
 
@@ -163,15 +175,16 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> str:
 class _Worker:
     """One `genembed worker` child of `serve`, on a fixed port (the gateway's URL for it never changes)."""
 
-    def __init__(self, cmd: list[str], port: int) -> None:
+    def __init__(self, cmd: list[str], port: int, env: dict[str, str]) -> None:
         self.cmd = [*cmd, "--port", str(port)]
+        self.env = env
         self.url = f"http://127.0.0.1:{port}"
         self.backoff_s = 0.0
         self.restart_at: float | None = None
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd)  # GENEMBED_WORKER_* pass through
+        self.proc = subprocess.Popen(self.cmd, env=self.env)  # GENEMBED_WORKER_* pass through
         self.started_at = time.monotonic()
 
 
@@ -242,13 +255,22 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     supervisor = _Supervisor()
     try:
+        # The workers answer only this gateway: the configured token, else one made for this run (in the
+        # environment, not on a command line other users can read).
+        settings = _gateway_settings(args)
+        settings.worker_token = token = settings.worker_token or SecretStr(secrets.token_urlsafe(32))
+        env = {**os.environ, "GENEMBED_WORKER_TOKEN": token.get_secret_value()}
         for model in args.models or [DEFAULT_MODEL]:
             cmd = [sys.executable, "-m", "service.cli", "worker", "--model", model, "--host", "127.0.0.1"]
             cmd += ["--log-format", args.log_format] if args.log_format else []
-            supervisor.workers += [_Worker(cmd, _free_port()) for _ in range(args.replicas)]
-        named = [f"{_wait_ready(w.url, w.proc, args.ready_timeout)}={w.url}" for w in supervisor.workers]
+            supervisor.workers += [_Worker(cmd, _free_port(), env) for _ in range(args.replicas)]
+        headers = settings.worker_headers()
+        named = [f"{_wait_ready(w.url, w.proc, args.ready_timeout, headers)}={w.url}" for w in supervisor.workers]
         supervisor.watch()
-        return _run_gateway(_gateway_settings(args, workers=named))
+        return _run_gateway(_gateway_settings(args, workers=named, worker_token=token))
+    except ValueError as exc:  # pydantic's ValidationError: the settings name what is wrong
+        print(f"genembed serve: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         print(f"genembed serve: {exc}", file=sys.stderr)
         return 1
