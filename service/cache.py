@@ -162,11 +162,14 @@ class RedisCache:
         self.retry_s = settings.redis_retry_s
         self.metrics = metrics
         self.available = True
+        self._outage: str | None = None  # what the current outage was last logged as
         self._retry_at = 0.0
         self._redis = _connect(url, self.timeout_s)
 
     async def _guarded(self, op: str, call: Callable[[], Awaitable[T]]) -> T | None:
-        """Run `call` unless Redis is in an outage; on failure start one (logged once) and return None."""
+        """Run `call` unless Redis is in an outage; on failure start one and return None. An outage is logged
+        when it starts and when it turns into refused credentials (a restarted Redis with a rotated password
+        first drops the connections, then refuses the new ones)."""
         now = time.monotonic()
         if not self.available and now < self._retry_at:
             return None
@@ -175,18 +178,17 @@ class RedisCache:
         except (RedisError, OSError, TimeoutError) as exc:
             self.metrics.cache_errors.labels(op).inc()
             self._retry_at = now + self.retry_s
-            if self.available:
-                self.available = False
-                self.metrics.cache_available.set(0)
-                log.warning(
-                    "redis at %s unavailable (%r%s): serving uncached until it answers again",
-                    self.url,
-                    exc,
-                    ", check GENEMBED_REDIS_PASSWORD" if isinstance(exc, AuthenticationError) else "",
-                )
+            self.available = False
+            self.metrics.cache_available.set(0)
+            refused = isinstance(exc, AuthenticationError)
+            outage = "refused the gateway's credentials (check GENEMBED_REDIS_PASSWORD)" if refused else "unavailable"
+            if outage != self._outage:
+                self._outage = outage
+                log.warning("redis at %s %s (%r): serving uncached until it answers again", self.url, outage, exc)
             return None
         if not self.available:
             self.available = True
+            self._outage = None
             self.metrics.cache_available.set(1)
             log.info("redis at %s answers again: caching resumed", self.url)
         return result
@@ -227,9 +229,10 @@ async def check_redis(settings: GatewaySettings) -> None:
     try:
         await client.ping()
     except AuthenticationError as exc:
+        sent = "a password that" if urlsplit(settings.redis_url).password else "no password, which"
         raise ValueError(
-            f"redis at {url} refused the gateway's credentials ({exc}): set GENEMBED_REDIS_PASSWORD to its "
-            "requirepass (or none when it has none)"
+            f"redis at {url} refused the gateway's credentials: {sent} it refused ({exc}); set "
+            "GENEMBED_REDIS_PASSWORD to its requirepass"
         ) from exc
     except (RedisError, OSError) as exc:
         log.warning("redis at %s does not answer yet (%r): serving uncached until it does", url, exc)

@@ -30,16 +30,20 @@ def gateway_process(
 
 
 @contextlib.contextmanager
-def redis_process(tmp_dir: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A throw-away redis-server (no persistence); yields (redis:// URL, process)."""
+def redis_process(
+    tmp_dir: Path, port: int | None = None, password: str | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A throw-away redis-server (no persistence; `requirepass password` when given); yields (redis:// URL without
+    the password, process)."""
     port = port or free_port()
     log = open(tmp_dir / f"redis-{port}.log", "ab")  # noqa: SIM115
+    auth = ["--requirepass", password] if password else []
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    client = redis.Redis(port=port, socket_connect_timeout=1)
+    client = redis.Redis(port=port, password=password, socket_connect_timeout=1)
     try:
         deadline = time.monotonic() + 10
         while True:
