@@ -1,5 +1,5 @@
 """The gateway's core without HTTP: check inputs against the worker's /info, serve hits from the cache,
-send the misses through the model's coalescer, and store what comes back.
+send the misses through the model's coalescer (one worker call per request), and store what comes back.
 
 Vectors come out as the worker computed them (full dimension, float32); `dimensions` and the
 encoding are the HTTP layer's business, so the cache holds one entry per input whatever they are.
@@ -15,10 +15,10 @@ from typing import Literal
 import numpy as np
 
 from model_server import rules, tracing
-from model_server.protocol import INTERNAL_ERROR, INVALID_INPUT, EmbedItem, InputType, ItemError, ModelInfo
+from model_server.protocol import INTERNAL_ERROR, INVALID_INPUT, EmbedItem, InputType, ItemError, ModelInfo, Priority
 from model_server.rules import ItemRejected
 from service.cache import CachedEmbedding, EmbeddingCache, cache_key
-from service.coalescer import Coalescer, CoalescerLimits, WorkItem
+from service.coalescer import Coalescer, WorkItem
 from service.errors import InvalidRequest, ServiceError
 from service.limits import meter_tokens
 from service.metrics import GatewayMetrics
@@ -31,7 +31,7 @@ DEFAULT_TOLERANCE = 1e-3
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedOptions:
-    # None: the model's default; (lowest, highest): the most the load allows within the range
+    # None: the model's default; (lowest, highest): the most the worker's load allows within the range
     refinement_steps: int | Literal["auto"] | tuple[int, int] | None = None
     input_type: InputType = "query"
     instruction: str | None = None  # None: the model's default
@@ -40,6 +40,9 @@ class EmbedOptions:
     samples: int | None = None  # o1 thoughts per input; None: the model's default
     tolerance: float = DEFAULT_TOLERANCE  # with "auto": stop once a step moves the embedding by less (1 - cos)
     trajectory: bool = False  # also the embedding after every step
+    # batch: no deadline, runs in what online work leaves, never refused for load (waits instead); the caller
+    # bounds how many it has in flight
+    priority: Priority = "online"
 
 
 @dataclass
@@ -67,14 +70,10 @@ class Embedder:
         self.pool = pool
         self.cache = cache
         self.metrics = metrics
-        limits = CoalescerLimits.from_settings(settings)
-        self.coalescers = {name: Coalescer(name, g, limits, metrics) for name, g in pool.groups.items()}
+        self.coalescers = {name: Coalescer(name, g, settings, metrics) for name, g in pool.groups.items()}
         self._timeout_s = settings.request_timeout_s
+        self._info_wait_s = settings.worker_probe_interval_s
         self._writes: set[asyncio.Task] = set()  # cache stores run after the response
-
-    def start(self) -> None:
-        for coalescer in self.coalescers.values():
-            coalescer.start()
 
     async def aclose(self) -> None:
         await asyncio.gather(*(c.aclose() for c in self.coalescers.values()), *self._writes)
@@ -94,15 +93,19 @@ class Embedder:
     async def embed(
         self, model: str, inputs: list[str | list[int]], options: EmbedOptions, request_id: str
     ) -> Embeddings:
-        deadline = asyncio.get_running_loop().time() + self._timeout_s
-        info = self.model_info(model)
+        """The inputs' vectors. Online: within the request timeout, or a ServiceError (429 when no worker can take
+        the request now). Batch priority: no deadline, never refused for load; it waits, for a worker's first /info
+        too, until answered (the caller bounds how many it runs at once)."""
+        online = options.priority == "online"
+        deadline = asyncio.get_running_loop().time() + self._timeout_s if online else None
+        info = self.model_info(model) if online else await self._wait_for_info(model)
         items = self._items(model, info, inputs, options)
         keys = [cache_key(info, item) for item in items]
         results = await self._cached(keys, options.truncate)
         misses = [i for i, r in enumerate(results) if r is None]
-        if misses and isinstance(options.refinement_steps, tuple):
-            self._shed_steps(model, items, keys, misses, *options.refinement_steps)
-        computed, queue_s, compute_s = await self._compute(model, keys, items, misses, deadline, request_id)
+        computed, queue_s, compute_s = await self._compute(
+            model, info, keys, items, misses, deadline, request_id, options.priority
+        )
         failure: ServiceError | None = None
         for i, outcome in zip(misses, computed, strict=True):
             if isinstance(outcome, ItemError):
@@ -141,7 +144,7 @@ class Embedder:
         keys = [cache_key(info, item) for item in items]
         results = await self._cached(keys, truncate=True)
         misses = [i for i, r in enumerate(results) if r is None]
-        computed, _, _ = await self._compute(model, keys, items, misses, deadline, request_id)
+        computed, _, _ = await self._compute(model, info, keys, items, misses, deadline, request_id, "online")
         for i, outcome in zip(misses, computed, strict=True):
             results[i] = outcome
         done = [r for r in results if isinstance(r, CachedEmbedding)]
@@ -164,29 +167,52 @@ class Embedder:
         return results
 
     async def _compute(
-        self, model: str, keys: list[bytes], items: list[EmbedItem], misses: list[int], deadline: float, request_id: str
+        self,
+        model: str,
+        info: ModelInfo,
+        keys: list[bytes],
+        items: list[EmbedItem],
+        misses: list[int],
+        deadline: float | None,
+        request_id: str,
+        priority: Priority,
     ) -> tuple[list[CachedEmbedding | ItemError], float, float]:
         """The `misses` through the model's coalescer: per miss its result or the worker's error, the queue and
-        compute seconds. Results are stored in the cache after the response."""
+        compute seconds. Results are stored in the cache after the response, a step range's under the steps the
+        worker granted (the key a request for exactly those steps looks up)."""
         if not misses:
             return [], 0.0, 0.0
-        work = [WorkItem(keys[i], items[i]) for i in misses]
-        coalesced = await self.coalescers[model].embed(work, deadline, request_id)
+        work = [WorkItem(_flight_key(keys[i], items[i]), items[i]) for i in misses]
+        coalesced = await self.coalescers[model].embed(work, deadline, request_id, priority)
         computed: list[CachedEmbedding | ItemError] = []
         fresh: dict[bytes, CachedEmbedding] = {}
+        shed = 0
         for i, outcome in zip(misses, coalesced.outcomes, strict=True):
             if outcome.error is not None or outcome.vector is None:
                 computed.append(outcome.error or ItemError(INTERNAL_ERROR, "the worker sent no vector"))
                 continue
-            fresh[keys[i]] = CachedEmbedding(
+            key, item = keys[i], items[i]
+            if item.min_steps is not None:
+                shed += (item.steps or 0) - outcome.steps
+                key = cache_key(info, dataclasses.replace(item, steps=outcome.steps, min_steps=None))
+            fresh[key] = CachedEmbedding(
                 outcome.vector, outcome.prompt_tokens, outcome.truncated, outcome.steps, outcome.trajectory
             )
-            computed.append(fresh[keys[i]])
+            computed.append(fresh[key])
+        if shed:
+            self.metrics.steps_shed.labels(model).inc(shed)
         if fresh:
             task = asyncio.create_task(self.cache.put_many(fresh))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
         return computed, coalesced.queue_s, coalesced.compute_s
+
+    async def _wait_for_info(self, model: str) -> ModelInfo:
+        """The model's /info, waiting (batch priority) while no worker has answered yet."""
+        group = self.pool.get(model)
+        while group.info is None:
+            await asyncio.sleep(self._info_wait_s)
+        return group.info
 
     def _charge(self, model: str, results: list[CachedEmbedding]) -> int:
         """Their prompt tokens (cache hits count), charged to the request's key and counted; returns them."""
@@ -195,25 +221,12 @@ class Embedder:
         self.metrics.input_tokens.labels(model).inc(prompt_tokens)
         return prompt_tokens
 
-    def _shed_steps(
-        self, model: str, items: list[EmbedItem], keys: list[bytes], misses: list[int], lowest: int, highest: int
-    ) -> None:
-        """Give the inputs to compute the most steps in lowest..highest that the model's load admits (shed compute
-        before requests); `items` and `keys` are updated in place. Cache hits keep the steps they were asked at."""
-        granted = self.coalescers[model].grant_steps([items[i] for i in misses], lowest, highest)
-        if granted == highest:
-            return
-        info = self.model_info(model)
-        for i in misses:
-            items[i] = dataclasses.replace(items[i], steps=granted)
-            keys[i] = cache_key(info, items[i])
-        self.metrics.steps_shed.labels(model).inc((highest - granted) * len(misses))
-
     @staticmethod
     def _items(model: str, info: ModelInfo, inputs: list[str | list[int]], options: EmbedOptions) -> list[EmbedItem]:
         """Resolve K and check the request by the worker's own rules (model_server/rules.py) against the model's
         /info card, early: no queue place, no worker round trip."""
         tolerance = None
+        lowest: int | None = None  # a step range's floor: the worker grants lowest..steps
         steps: int | None
         if options.refinement_steps == "auto":
             steps, tolerance = info.max_refinement_steps, options.tolerance
@@ -249,9 +262,16 @@ class Embedder:
                     samples=options.samples,
                     tolerance=tolerance,
                     trajectory=options.trajectory,
+                    min_steps=lowest if lowest != steps else None,
                 )
             )
         return items
+
+
+def _flight_key(key: bytes, item: EmbedItem) -> bytes:
+    """An input's identity in flight: its cache key (at the range's top), and its floor when it allows a range, so a
+    ranged input never shares a computation with a fixed one that must run every step."""
+    return key if item.min_steps is None else key + b"/min=%d" % item.min_steps
 
 
 def _rejected(error: ItemError, where: str = "") -> InvalidRequest:

@@ -28,7 +28,8 @@ class ServiceError(Exception):
 
 
 class InvalidRequest(ServiceError):
-    """The request itself is wrong (a field, a range, an input); the same request never succeeds."""
+    """The request itself is wrong (a field, a range, an input, or more work than fits its deadline even on an idle
+    worker: `exceeds_deadline`); the same request never succeeds."""
 
     code = "invalid_request"
 
@@ -83,14 +84,8 @@ class Unavailable(ServiceError):
     code = "worker_unavailable"
 
 
-class QueueTimeout(ServiceError):
-    """Accepted, but still queued when the deadline passed: the model is busier than admission estimated."""
-
-    code = "queue_timeout"
-
-
 class DeadlineExceeded(ServiceError):
-    """The work was running when its deadline passed."""
+    """Accepted, and not done when its deadline passed (the worker dropped it, or never answered)."""
 
     code = "deadline_exceeded"
 

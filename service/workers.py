@@ -1,7 +1,7 @@
-"""Workers as the gateway sees them: one client per worker address, grouped by model.
+"""Workers as the gateway sees them: one client per worker address, grouped by model, and routing.
 
-A `WorkerClient` is one worker: an httpx client, its /info and its state. It is *ready* once /ready and
-/info answered. A worker that answers with an error (loading, draining: /ready or /embed say 503) is
+A `WorkerClient` is one worker: an httpx client, its /info, its state and its backlog. It is *ready* once /ready
+and /info answered. A worker that answers with an error (loading, draining: /ready or /embed say 503) is
 taken out of rotation while its in-flight calls run on; one that cannot be reached (refused, reset,
 probe timeout) is marked down, and its in-flight calls are aborted at once (503) instead of being left to
 hang until the deadline. The background probe takes either back when /ready answers.
@@ -9,33 +9,47 @@ hang until the deadline. The background probe takes either back when /ready answ
 A `WorkerGroup` is every worker of one model: fixed URLs, and `dns+http://NAME:PORT` names re-resolved
 periodically (a Kubernetes headless Service resolves to every ready pod). Addresses that appear are
 probed before they get work; addresses that vanish leave rotation at once and are closed once their calls
-end. Each call goes to the ready worker with the fewest inputs in flight (ties: the least recently chosen).
-A call that fails because its worker failed (unreachable, 503, down mid-call) is retried once on another
-ready worker while the request's deadline allows: embedding is idempotent, so a retry at worst repeats
-work. 4xx, 429 and timeouts are never retried.
+end.
+
+Routing: admission is the worker's (its engine sees every gateway's work and its own speed); the gateway only
+picks where to ask. Each worker reports its backlog, the seconds it expects to need for the work it holds, on
+every /embed answer (`x-genembed-drain-s`, `x-genembed-queued-seqs`) and on `GET /load`, polled every
+`worker_load_interval_s`. A call goes to the ready worker with the earliest expected finish: its last reported
+drain time, less the time since that report, plus what this gateway has sent it since (sequences times the
+worker's drain seconds per held sequence); ties go to the fewest inputs in flight, then the least recently
+chosen. A worker that refuses (429) or fails (unreachable, 503, down mid-call) is followed by the next best one
+while the request's deadline allows, each worker at most once; when every one refused, the caller gets the
+smallest `Retry-After` seen. Embedding is idempotent, so a retry at worst repeats work. The worker's other
+answers are final: 400 `exceeds_deadline` (the call cannot fit its deadline even on an idle worker), 504 (dropped
+past its deadline), other 4xx.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
 
 from model_server import tracing
 from model_server.protocol import (
+    DRAIN_HEADER,
+    EXCEEDS_DEADLINE,
+    QUEUED_HEADER,
     REQUEST_CONTENT_TYPE,
     REQUEST_ID_HEADER,
     EmbedRequest,
     EmbedResponse,
     ModelInfo,
 )
-from service.errors import DeadlineExceeded, ModelNotFound, Overloaded, ServiceError, Unavailable
+from service.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, Overloaded, ServiceError, Unavailable
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
 
@@ -43,12 +57,38 @@ log = logging.getLogger(__name__)
 
 DNS_PREFIX = "dns+"
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+#: how long past a call's deadline its connection is kept open: the worker answers 504 at its next iteration
+_ANSWER_GRACE_S = 5.0
 
 
 async def resolve_addresses(host: str, port: int) -> list[str]:
     """Every address `host` resolves to (A and AAAA records), in the resolver's order, without repeats."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def sequences(request: EmbedRequest) -> int:
+    """Engine sequences a call holds: an o1 input with n samples is n."""
+    return sum(item.samples or 1 for item in request.items)
+
+
+@dataclass
+class Backlog:
+    """A worker's last report of the work it holds, and what this gateway has sent it since."""
+
+    drain_s: float = 0.0  # expected seconds to finish what it held, as reported
+    at: float = 0.0  # loop time of the report
+    per_seq_s: float = 0.0  # drain seconds per held sequence, from the last report that held any
+    sent_seqs: int = 0  # sequences this gateway sent it since the report
+
+    def report(self, drain_s: float, seqs: int, now: float) -> None:
+        self.drain_s, self.at, self.sent_seqs = max(drain_s, 0.0), now, 0
+        if seqs > 0:
+            self.per_seq_s = self.drain_s / seqs
+
+    def expected_finish(self, now: float) -> float:
+        """Seconds until the worker would be done with what it holds and what was sent since."""
+        return max(self.drain_s - (now - self.at), 0.0) + self.sent_seqs * self.per_seq_s
 
 
 class WorkerClient:
@@ -58,16 +98,19 @@ class WorkerClient:
         self.name = name  # the model clients send
         self.url = url
         self.info: ModelInfo | None = None
-        self.outstanding = 0  # inputs in calls in flight: what routing compares
-        self.last_chosen = 0  # routing tie-break
+        self.outstanding = 0  # inputs in calls in flight: routing's tie-break
+        self.last_chosen = 0  # routing's last tie-break
+        self.backlog = Backlog()
         self.idle = asyncio.Event()  # set while nothing is in flight
         self.idle.set()
         self._metrics = metrics
         self._probe_timeout = settings.worker_probe_timeout_s
         self._retry_after = math.ceil(settings.worker_probe_interval_s)
-        # Callers time out on their own deadline; this bound only catches a worker that never answers.
-        timeout = httpx.Timeout(settings.request_timeout_s + 5, connect=2.0)
-        limits = httpx.Limits(max_connections=settings.max_concurrent_calls + 4, keepalive_expiry=30)
+        self._has_load = True  # GET /load answers (a worker older than it does not)
+        # Each call's own timeout follows its deadline (none for batch calls); connections are bounded by the calls
+        # a model may have in flight, so a call never waits in httpx's pool behind others.
+        timeout = httpx.Timeout(None, connect=2.0)
+        limits = httpx.Limits(max_connections=settings.max_worker_calls, keepalive_expiry=30)
         self._http = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=settings.worker_headers())
         self._accepting = False  # takes new calls
         self._down = asyncio.Event()  # set while unreachable; in-flight calls watch it
@@ -100,6 +143,34 @@ class WorkerClient:
         except (httpx.HTTPStatusError, ValueError, TypeError) as exc:
             self.take_out(f"/info failed: {exc!r}")
 
+    async def poll_load(self) -> None:
+        """Refresh the backlog from `GET /load` (cheap: the worker answers from its counters). Failures are the
+        probe's business; a worker without the endpoint is asked no more."""
+        if not self.ready or not self._has_load:
+            return
+        try:
+            response = await self._http.get("/load", timeout=self._probe_timeout)
+        except httpx.TransportError:
+            return
+        if response.status_code == 404:
+            self._has_load = False
+            log.info("worker %s at %s has no /load: routing on its /embed answers only", self.name, self.url)
+            return
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            if response.status_code == 200:
+                load = response.json()
+                seqs = int(load["queued_seqs"]) + int(load.get("running_seqs", 0))
+                self._report(float(load["drain_s"]), seqs)
+
+    def _report(self, drain_s: float, seqs: int) -> None:
+        self.backlog.report(drain_s, seqs, asyncio.get_running_loop().time())
+        self._metrics.worker_drain_seconds.labels(self.name, self.url).set(self.backlog.drain_s)
+
+    def _report_headers(self, headers: httpx.Headers) -> None:
+        """The backlog every /embed answer carries (absent from an older worker: nothing changes)."""
+        with contextlib.suppress(KeyError, ValueError):
+            self._report(float(headers[DRAIN_HEADER]), int(headers.get(QUEUED_HEADER, "0")))
+
     def take_out(self, reason: str) -> None:
         """No new calls; the ones in flight run on (a loading or draining worker finishes what it has)."""
         if self.ready:
@@ -114,9 +185,11 @@ class WorkerClient:
         self._accepting = False
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
-        """One /embed call. Raises a ServiceError for whole-call failures; Unavailable means the worker failed."""
+        """One /embed call. Raises a ServiceError for whole-call failures: Overloaded (the worker refused it now),
+        Unavailable (the worker failed), InvalidRequest (it can never fit its deadline), DeadlineExceeded."""
         items = len(request.items)
         self._in_flight(items)
+        self.backlog.sent_seqs += sequences(request)
         outcome = "error"
         try:
             response = await self._embed(request)
@@ -146,7 +219,11 @@ class WorkerClient:
         down = self._down
         headers = {"content-type": REQUEST_CONTENT_TYPE, REQUEST_ID_HEADER: request.request_id or ""}
         tracing.inject(headers)  # traceparent: the worker's spans join the trace of the calling span
-        call = asyncio.ensure_future(self._http.post("/embed", content=request.encode(), headers=headers))
+        # The worker answers 504 once the deadline has passed; this bound only catches one that never answers.
+        read = None if request.deadline_s is None else max(request.deadline_s, 0.0) + _ANSWER_GRACE_S
+        timeout = httpx.Timeout(read, connect=2.0)
+        post = self._http.post("/embed", content=request.encode(), headers=headers, timeout=timeout)
+        call = asyncio.ensure_future(post)
         watch = asyncio.ensure_future(down.wait())
         try:
             await asyncio.wait({call, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -165,27 +242,45 @@ class WorkerClient:
         except httpx.TransportError as exc:
             self.mark_down(f"{exc!r}")
             raise self.unavailable() from exc
+        self._report_headers(response.headers)
+        if response.status_code == 200:
+            try:
+                return EmbedResponse.decode(response.content)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ServiceError(f"the worker for model {self.name!r} sent a malformed response: {exc}") from exc
+        detail, code = _detail(response)
         if response.status_code == 429:
+            retry_after = response.headers.get("retry-after", "1")
             raise Overloaded(
-                f"the worker for model {self.name!r} is at capacity",
-                retry_after=int(response.headers.get("retry-after", "1")),
+                f"the worker for model {self.name!r} is at capacity: {detail}",
+                retry_after=max(1, int(retry_after)) if retry_after.isdigit() else 1,
             )
         if response.status_code == 503:
-            self.take_out(f"/embed answered 503: {response.text[:200]}")
+            self.take_out(f"/embed answered 503: {detail}")
             raise self.unavailable()
-        if response.status_code != 200:
-            raise ServiceError(
-                f"the worker for model {self.name!r} answered {response.status_code}: {response.text[:200]}"
-            )
-        try:
-            return EmbedResponse.decode(response.content)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ServiceError(f"the worker for model {self.name!r} sent a malformed response: {exc}") from exc
+        if response.status_code == 400 and code == EXCEEDS_DEADLINE:
+            raise InvalidRequest(detail, code=EXCEEDS_DEADLINE)
+        if response.status_code == 504:
+            raise DeadlineExceeded(detail)
+        raise ServiceError(f"the worker for model {self.name!r} answered {response.status_code}: {detail}")
 
     async def aclose(self) -> None:
         await self._http.aclose()
-        self._metrics.worker_outstanding.remove_by_labels({"model": self.name, "worker": self.url})
-        self._metrics.worker_calls.remove_by_labels({"model": self.name, "worker": self.url})
+        for series in (
+            self._metrics.worker_outstanding,
+            self._metrics.worker_calls,
+            self._metrics.worker_drain_seconds,
+        ):
+            series.remove_by_labels({"model": self.name, "worker": self.url})
+
+
+def _detail(response: httpx.Response) -> tuple[str, str | None]:
+    """A worker's error body, `{"detail", "code"}`, as (message, code); other bodies as their first 200 characters."""
+    try:
+        body = response.json()
+        return str(body["detail"]), body.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return response.text[:200], None
 
 
 class WorkerGroup:
@@ -210,6 +305,7 @@ class WorkerGroup:
         self._last_info: ModelInfo | None = None
         self._chosen = 0
         self._retry_after = math.ceil(settings.worker_probe_interval_s)
+        self._retry_after_max = settings.retry_after_max_s
         for url in urls:
             if url.startswith(DNS_PREFIX):
                 parts = urlsplit(url.removeprefix(DNS_PREFIX))
@@ -243,40 +339,68 @@ class WorkerGroup:
     def unavailable(self) -> Unavailable:
         return Unavailable(f"the worker for model {self.name!r} is unavailable", retry_after=self._retry_after)
 
-    def choose(self, exclude: WorkerClient | None = None) -> WorkerClient | None:
-        """The ready worker with the fewest inputs in flight, the least recently chosen among equals."""
-        ready = [w for w in self.members.values() if w.ready and w is not exclude]
+    def retry_after(self) -> int:
+        """Whole seconds until the least busy ready worker expects to have drained (at least 1, capped)."""
+        now = asyncio.get_running_loop().time()
+        finish = min((w.backlog.expected_finish(now) for w in self.members.values() if w.ready), default=1.0)
+        return min(max(1, math.ceil(finish)), self._retry_after_max)
+
+    def choose(self, exclude: Collection[WorkerClient] = ()) -> WorkerClient | None:
+        """The ready worker with the earliest expected finish (ties: fewest inputs in flight, least recently chosen)."""
+        ready = [w for w in self.members.values() if w.ready and w not in exclude]
         if not ready:
             return None
-        worker = min(ready, key=lambda w: (w.outstanding, w.last_chosen))
+        now = asyncio.get_running_loop().time()
+        worker = min(ready, key=lambda w: (w.backlog.expected_finish(now), w.outstanding, w.last_chosen))
         self._chosen += 1
         worker.last_chosen = self._chosen
         return worker
 
-    async def embed(self, request: EmbedRequest, deadline: float) -> EmbedResponse:
-        """One call on the best worker, retried once on another if that worker failed; `deadline` in loop time."""
-        worker = self.choose()
-        if worker is None:
-            raise self.unavailable()
-        try:
-            return await worker.embed(request)
-        except Unavailable:
-            other = self.choose(exclude=worker)
-            if other is None or asyncio.get_running_loop().time() >= deadline:
-                raise
-            log.warning(
-                "model %s: a call of %d inputs failed on %s; retrying on %s",
-                self.name,
-                len(request.items),
-                worker.url,
-                other.url,
+    async def embed(self, request: EmbedRequest, deadline: float | None) -> EmbedResponse:
+        """One call, on the best worker and then on the next while they refuse or fail and the deadline (loop time;
+        None: no deadline) allows. Every try carries the time then left to the deadline (`deadline_s`)."""
+        loop = asyncio.get_running_loop()
+        tried: list[WorkerClient] = []
+        refusals: list[Overloaded] = []
+        last: ServiceError | None = None
+        while (worker := self.choose(exclude=tried)) is not None:
+            left = None if deadline is None else deadline - loop.time()
+            if last is not None:
+                if left is not None and left <= 0:
+                    break
+                reason = "refused" if isinstance(last, Overloaded) else "failed"
+                log.warning(
+                    "model %s: a call of %d inputs %s on %s; trying %s",
+                    self.name,
+                    len(request.items),
+                    reason,
+                    tried[-1].url,
+                    worker.url,
+                )
+                self._metrics.worker_retries.labels(self.name, reason).inc()
+            tried.append(worker)
+            try:
+                return await worker.embed(dataclasses.replace(request, deadline_s=left))
+            except Overloaded as exc:
+                refusals.append(exc)
+                last = exc
+            except Unavailable as exc:
+                last = exc
+        if refusals:
+            retry_after = min(r.retry_after or 1 for r in refusals)
+            raise Overloaded(
+                f"{refusals[0].message} ({len(refusals)} of {len(tried)} workers tried refused the call); "
+                f"retry after {retry_after} s",
+                retry_after=retry_after,
             )
-            self._metrics.worker_retries.labels(self.name).inc()
-            return await other.embed(request)
+        raise last or self.unavailable()
 
     async def probe(self) -> None:
         await asyncio.gather(*(w.probe() for w in list(self.members.values())))
         self._metrics.workers_ready.labels(self.name).set(self.ready_count)
+
+    async def poll_load(self) -> None:
+        await asyncio.gather(*(w.poll_load() for w in list(self.members.values())))
 
     async def resolve(self) -> None:
         """Re-resolve the dns+ names: new addresses join once probed, vanished ones are drained out.
@@ -343,6 +467,7 @@ class WorkerPool:
             name: WorkerGroup(name, urls, settings, metrics, resolve) for name, urls in settings.worker_urls().items()
         }
         self._probe_interval = settings.worker_probe_interval_s
+        self._load_interval = settings.worker_load_interval_s
         self._dns_interval = settings.worker_dns_interval_s
         self._tasks: list[asyncio.Task] = []
 
@@ -359,6 +484,9 @@ class WorkerPool:
     async def probe(self) -> None:
         await asyncio.gather(*(g.probe() for g in self.groups.values()))
 
+    async def poll_load(self) -> None:
+        await asyncio.gather(*(g.poll_load() for g in self.groups.values()))
+
     async def resolve(self) -> None:
         await asyncio.gather(*(g.resolve() for g in self.groups.values() if g.has_dns))
 
@@ -366,6 +494,7 @@ class WorkerPool:
         await self.resolve()
         await self.probe()
         self._tasks.append(asyncio.create_task(_every(self._probe_interval, self.probe)))
+        self._tasks.append(asyncio.create_task(_every(self._load_interval, self.poll_load)))
         if any(g.has_dns for g in self.groups.values()):
             self._tasks.append(asyncio.create_task(_every(self._dns_interval, self.resolve)))
 

@@ -1,26 +1,49 @@
 """Several workers per model: worker entries, DNS re-resolution (an injected resolver in front of a real worker),
-and two real workers behind one gateway: traffic spreads, a SIGKILLed one costs only retries, it comes back."""
+two real workers behind one gateway (traffic spreads, a SIGKILLed one costs only retries, it comes back), and
+routing by the workers' reported backlog against scripted stand-in workers over real HTTP (the only way to make a
+worker report a chosen drain time): the earliest expected finish wins, a 429 sends the call to the next worker,
+the smallest Retry-After reaches the caller, a 400 exceeds_deadline is final, and batch calls wait out refusals."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import signal
 import socket
 from collections import Counter
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-from model_server.protocol import EmbedItem, EmbedRequest
+from model_server.protocol import (
+    CONTENT_TYPE,
+    DRAIN_HEADER,
+    EXCEEDS_DEADLINE,
+    QUEUED_HEADER,
+    EmbedItem,
+    EmbedRequest,
+    EmbedResponse,
+    ItemResult,
+    ModelInfo,
+)
+from service.coalescer import Coalescer, WorkItem
+from service.errors import InvalidRequest, Overloaded
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
 from service.workers import WorkerGroup, resolve_addresses
 from tests.gateway_fixtures import gateway_process
 from tests.load import MODEL, apoll, body, items_done, poll, post_all, sample, texts
-from tests.procs import genembed, running, worker_process
+from tests.procs import app_in_thread, genembed, running, worker_process
 
 
 def test_worker_entries_group_by_model():
@@ -135,3 +158,150 @@ async def test_two_workers_share_the_load_and_survive_a_kill(minilm_worker, tmp_
                 responses = await post_all(url, [body(f"back {r}", 8) for r in range(24)], concurrency=6)
                 assert Counter(r.status_code for r in responses) == {200: 24}
                 assert items_done(doomed) > before, "the worker that came back got no work"
+
+
+# -- routing against stand-in workers --------------------------------------------------------------------------
+
+INFO = ModelInfo(
+    id="stand-in", method="pooled", dimension=2, min_refinement_steps=0, max_refinement_steps=0,
+    default_refinement_steps=0, max_input_tokens=64, vocab_size=100, dtype="float32", device="cpu", revision="r1",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class StandIn:
+    """A worker that answers /embed as scripted, after `hold` seconds: `refusals` 429s first (Retry-After
+    `retry_after`), or always `status` with `code`; every answer and GET /load report `drain_s`. It records the
+    calls it got."""
+
+    hold: float = 0.0
+    drain_s: float = 0.0
+    queued: int = 0
+    refusals: int = 0
+    retry_after: int = 1
+    status: int = 200
+    code: str | None = None
+    calls: list[EmbedRequest] = dataclasses.field(default_factory=list)
+
+    def backlog(self) -> dict[str, str]:
+        return {DRAIN_HEADER: str(self.drain_s), QUEUED_HEADER: str(self.queued)}
+
+    async def embed(self, request: Request) -> Response:
+        call = EmbedRequest.decode(await request.body())
+        self.calls.append(call)
+        await asyncio.sleep(self.hold)
+        if self.refusals > 0 or self.status == 429:
+            self.refusals -= 1
+            headers = {**self.backlog(), "Retry-After": str(self.retry_after)}
+            return JSONResponse({"detail": "busy", "code": "overloaded"}, 429, headers=headers)
+        if self.status != 200:
+            return JSONResponse({"detail": f"scripted {self.status}", "code": self.code}, self.status, self.backlog())
+        results = [ItemResult(prompt_tokens=1) for _ in call.items]
+        vectors = np.ones((len(call.items), INFO.dimension), np.float32)
+        body = EmbedResponse(INFO.dimension, results, vectors).encode()
+        return Response(body, media_type=CONTENT_TYPE, headers=self.backlog())
+
+    def app(self) -> Starlette:
+        async def ready(_: Request) -> Response:
+            return JSONResponse({"status": "ready"})
+
+        async def info(_: Request) -> Response:
+            return JSONResponse(INFO.to_json())
+
+        async def load(_: Request) -> Response:
+            return JSONResponse({"drain_s": self.drain_s, "queued_seqs": self.queued, "running_seqs": 0})
+
+        routes = [Route("/ready", ready), Route("/info", info), Route("/load", load)]
+        return Starlette(routes=[*routes, Route("/embed", self.embed, methods=["POST"])])
+
+
+@contextlib.asynccontextmanager
+async def stand_in_group(*workers: StandIn, **settings: object) -> AsyncIterator[tuple[WorkerGroup, GatewayMetrics]]:
+    """A WorkerGroup over the stand-ins (in their order), probed and with their /load read."""
+    with contextlib.ExitStack() as stack:
+        urls = [stack.enter_context(app_in_thread(w.app())) for w in workers]
+        config = GatewaySettings(workers=[f"{MODEL}={url}" for url in urls], **settings)
+        metrics = GatewayMetrics()
+        group = WorkerGroup(MODEL, config.worker_urls()[MODEL], config, metrics)
+        try:
+            await group.probe()
+            await group.poll_load()
+            assert group.ready_count == len(workers)
+            yield group, metrics
+        finally:
+            await group.aclose()
+
+
+def request(n: int = 2) -> EmbedRequest:
+    return EmbedRequest([EmbedItem(text=f"input {i}", steps=0) for i in range(n)], "req-1")
+
+
+def retries(metrics: GatewayMetrics, reason: str) -> float:
+    return metrics.registry.get_sample_value(
+        "genembed_gateway_worker_retries_total", {"model": MODEL, "reason": reason}
+    )
+
+
+async def test_calls_go_to_the_worker_expected_to_finish_first():
+    busy, light = StandIn(drain_s=6.0, queued=12, hold=1.0), StandIn(drain_s=0.5, queued=1, hold=1.0)
+    async with stand_in_group(busy, light) as (group, _):
+        deadline = asyncio.get_running_loop().time() + 10
+        await group.embed(request(), deadline)
+        assert (len(busy.calls), len(light.calls)) == (0, 1)  # /load said 6 s against 0.5 s
+        sent = light.calls[0]
+        assert 0 < sent.deadline_s <= 10 and sent.priority == "online"
+        # What this gateway sends counts until the next report: at the light one's 0.5 s per sequence, twelve
+        # sequences in flight there (six calls of two) make it finish later than the busy one.
+        await asyncio.gather(*(group.embed(request(2), deadline) for _ in range(8)))
+        assert len(light.calls) >= 1 + 6 and len(busy.calls) >= 1
+        # A report moves the traffic: now the light one holds 30 s of work and the busy one none.
+        light.drain_s, light.queued, busy.drain_s = 30.0, 60, 0.0
+        await group.poll_load()
+        before = len(busy.calls)
+        await group.embed(request(), deadline)
+        assert len(busy.calls) == before + 1
+
+
+async def test_a_refusal_sends_the_call_to_the_next_worker_and_the_smallest_retry_after_wins():
+    refusing, taking = StandIn(status=429, retry_after=7), StandIn(drain_s=1.0, queued=2)
+    async with stand_in_group(refusing, taking) as (group, metrics):
+        deadline = asyncio.get_running_loop().time() + 10
+        response = await group.embed(request(3), deadline)  # tried on the refusing one first: it reports less
+        assert len(response.results) == 3
+        assert (len(refusing.calls), len(taking.calls)) == (1, 1)
+        assert retries(metrics, "refused") == 1
+        assert taking.calls[0].deadline_s < refusing.calls[0].deadline_s  # the time left when each try left
+
+    slow, soon = StandIn(status=429, retry_after=7), StandIn(status=429, retry_after=3, drain_s=1.0)
+    async with stand_in_group(slow, soon) as (group, _):
+        with pytest.raises(Overloaded) as refused:
+            await group.embed(request(), asyncio.get_running_loop().time() + 10)
+        assert refused.value.retry_after == 3 and "2 of 2 workers tried refused" in refused.value.message
+        assert len(slow.calls) == len(soon.calls) == 1  # each worker once
+
+
+async def test_a_call_that_can_never_fit_its_deadline_is_not_tried_elsewhere():
+    first, second = StandIn(status=400, code=EXCEEDS_DEADLINE), StandIn(drain_s=1.0, queued=1)
+    async with stand_in_group(first, second) as (group, _):
+        with pytest.raises(InvalidRequest) as rejected:
+            await group.embed(request(), asyncio.get_running_loop().time() + 10)
+        assert rejected.value.code == EXCEEDS_DEADLINE and rejected.value.message == "scripted 400"
+        assert (len(first.calls), len(second.calls)) == (1, 0)
+
+
+async def test_batch_calls_wait_out_refusals_and_online_calls_do_not():
+    worker = StandIn(refusals=2, retry_after=1)
+    async with stand_in_group(worker, worker_probe_interval_s=0.2) as (group, metrics):
+        coalescer = Coalescer(MODEL, group, GatewaySettings(workers=[f"{MODEL}=http://unused:1"]), metrics)
+        work = [WorkItem(f"k{i}".encode(), EmbedItem(text=f"batch {i}", steps=0)) for i in range(3)]
+        done = await coalescer.embed(work, None, "batch-1", "batch")
+        assert len(done.outcomes) == 3 and all(o.vector is not None for o in done.outcomes)
+        assert len(worker.calls) == 3  # two refusals waited out, then answered
+        assert all(c.priority == "batch" and c.deadline_s is None for c in worker.calls)
+        assert done.queue_s >= 2  # it waited the two Retry-Afters in the gateway
+
+        worker.refusals = 1
+        with pytest.raises(Overloaded):
+            await coalescer.embed(work, asyncio.get_running_loop().time() + 10, "online-1")
+        assert worker.calls[-1].priority == "online"
+        await coalescer.aclose()
