@@ -212,7 +212,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         await pool.start()
-        embedder.start()
         yield
         await embedder.aclose()
         await teachers.aclose()

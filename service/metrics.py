@@ -25,7 +25,7 @@ class GatewayMetrics:
         )
         self.queue_seconds = Histogram(
             "genembed_gateway_queue_seconds",
-            "Time an input waited in the gateway before its worker call",
+            "Time a request's worker call waited in the gateway before it left (batch priority: for room)",
             ["model"],
             buckets=_SECONDS,
             registry=reg,
@@ -38,10 +38,14 @@ class GatewayMetrics:
             registry=reg,
         )
         self.batch_items = Histogram(
-            "genembed_gateway_batch_items", "Inputs in one worker call", ["model"], buckets=_SIZES, registry=reg
+            "genembed_gateway_batch_items",
+            "Inputs in one worker call (a request's uncached inputs not already in flight)",
+            ["model"],
+            buckets=_SIZES,
+            registry=reg,
         )
         self.queued_items = Gauge(
-            "genembed_gateway_queued_items", "Distinct inputs queued or in flight", ["model"], registry=reg
+            "genembed_gateway_queued_items", "Distinct inputs in worker calls in flight", ["model"], registry=reg
         )
         self.input_tokens = Counter(
             "genembed_gateway_input_tokens", "Prompt tokens of answered inputs", ["model"], registry=reg
@@ -53,15 +57,9 @@ class GatewayMetrics:
             buckets=_STEPS,
             registry=reg,
         )
-        self.cost_seconds = Gauge(
-            "genembed_gateway_cost_seconds",
-            "Admission cost model: seconds of worker time per call, per prompt token and per step (own fit)",
-            ["model", "per"],
-            registry=reg,
-        )
         self.steps_shed = Counter(
             "genembed_gateway_steps_shed",
-            "Refinement steps not granted to inputs that allowed a range (max minus granted), shed under load",
+            "Refinement steps the workers did not grant to inputs that allowed a range (max minus granted)",
             ["model"],
             registry=reg,
         )
@@ -90,7 +88,7 @@ class GatewayMetrics:
         # The fleet: per worker address (`worker` is its URL), and per model.
         self.worker_outstanding = Gauge(
             "genembed_gateway_worker_outstanding_items",
-            "Inputs in calls in flight to one worker (what routing compares)",
+            "Inputs in calls in flight to one worker",
             ["model", "worker"],
             registry=reg,
         )
@@ -102,8 +100,14 @@ class GatewayMetrics:
         )
         self.worker_retries = Counter(
             "genembed_gateway_worker_retries",
-            "Calls retried on another worker after theirs failed",
-            ["model"],
+            "Calls tried on another worker after one refused (429) or failed",
+            ["model", "reason"],
+            registry=reg,
+        )
+        self.worker_drain_seconds = Gauge(
+            "genembed_gateway_worker_drain_seconds",
+            "A worker's expected seconds to drain the work it holds, as it last reported (what routing compares)",
+            ["model", "worker"],
             registry=reg,
         )
         self.workers_ready = Gauge(

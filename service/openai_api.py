@@ -24,7 +24,6 @@ from service.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
-    QueueTimeout,
     RateLimited,
     ServiceError,
     TeacherFailed,
@@ -52,7 +51,6 @@ HTTP_ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     ServiceError: (500, "server_error"),
     TeacherFailed: (502, "server_error"),
     Unavailable: (503, "server_error"),
-    QueueTimeout: (503, "server_error"),
     DeadlineExceeded: (504, "server_error"),
 }
 
@@ -77,7 +75,7 @@ class ErrorDetail(BaseModel):
     message: str
     type: str = Field(description="invalid_request_error, rate_limit_error or server_error")
     param: str | None = Field(description="the request field at fault, when one is")
-    code: str | None = Field(description="what went wrong, e.g. model_not_found, overloaded, queue_timeout")
+    code: str | None = Field(description="what went wrong, e.g. model_not_found, overloaded, exceeds_deadline")
 
 
 class ErrorResponse(BaseModel):
@@ -113,7 +111,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 class StepRange(BaseModel):
-    """`refinement_steps: {"min": 1, "max": 10}`: any K in the range; under load the gateway grants fewer than
+    """`refinement_steps: {"min": 1, "max": 10}`: any K in the range; under load the worker grants fewer than
     `max` (never fewer than `min`) so the request finishes within its deadline instead of being refused."""
 
     model_config = ConfigDict(extra="forbid")

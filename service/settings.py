@@ -38,32 +38,18 @@ class GatewaySettings(BaseSettings):
     max_inputs: int = Field(default=2048, gt=0, description="inputs per request (OpenAI's limit)")
     request_timeout_s: float = Field(default=30.0, gt=0, description="deadline of one request")
 
-    # Admission (docs/gateway.md#admission-and-overload): bounds per model, applied once more than one round of
-    # calls (batch_max_items x max_concurrent_calls x ready workers) is pending; an idle model takes anything.
-    max_queued_items: int = Field(default=4096, gt=0, description="distinct inputs queued or in flight per model")
-    max_queued_work: float = Field(
-        default=262144, gt=0, description="work units queued or in flight per model: prompt tokens + steps x step cost"
-    )
-    admission_deadline_share: float = Field(
-        default=0.7,
-        gt=0,
-        description="refuse when the estimated work ahead exceeds this share of the deadline (above 1: queue work "
-        "expected to miss it, which then gets 503 queue_timeout)",
-    )
-    retry_after_max_s: int = Field(default=30, gt=0, description="cap of Retry-After on 429/503 from overload")
-
-    # Coalescing
-    batch_max_items: int = Field(default=32, gt=0)
-    batch_max_tokens: int = Field(default=8192, gt=0, description="estimated prompt tokens in one worker call")
-    batch_max_wait_ms: float = Field(default=2.0, ge=0)
-    max_concurrent_calls: int = Field(default=4, gt=0, description="worker calls in flight per model")
-    step_cost_tokens: float = Field(
-        default=16.0, ge=0, description="one refinement step in work units (prompt tokens), for max_queued_work"
-    )
+    # Overload (docs/gateway.md#admission-and-overload): the workers admit by their deadlines; these bounds only
+    # protect the gateway itself (memory, sockets), per model, answered 429 past them.
+    max_queued_items: int = Field(default=4096, gt=0, description="distinct inputs in worker calls per model")
+    max_worker_calls: int = Field(default=512, gt=0, description="worker calls in flight per model (one per request)")
+    retry_after_max_s: int = Field(default=30, gt=0, description="cap of the gateway's own Retry-After on 429")
 
     # Workers
     worker_probe_interval_s: float = Field(default=2.0, gt=0)
     worker_probe_timeout_s: float = Field(default=5.0, gt=0)
+    worker_load_interval_s: float = Field(
+        default=0.5, gt=0, description="how often each worker's backlog is read from GET /load (routing)"
+    )
     worker_dns_interval_s: float = Field(default=5.0, gt=0, description="how often dns+http:// names are re-resolved")
     drain_grace_s: float = Field(default=30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish")
 
