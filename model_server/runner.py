@@ -9,6 +9,11 @@ Prefill packs the new prompts end to end, so projections and MLPs never see padd
 The weights are Hugging Face's own modules (projections, norms, MLP, rotary embedding); only
 the batching around them lives here. Supports llama, mistral, qwen2 and qwen3 layouts (`FAMILIES`);
 other families run on `hf_runner.HFRunner`.
+
+On CUDA a step that only decodes can replay a CUDA graph (`DecodeGraphs`): the step's rows are padded to a
+bucket (1, 2, 4, 8, 16, ...) and attend over the pool's whole capacity under a mask, so its shapes and
+addresses stay fixed while the batch changes; the kernels of all layers launch as one graph instead of one
+Python call each. Steps with new prompts, and every step on the CPU, run eagerly.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger(__name__)
 
 #: `config.model_type`s whose layout this runner implements
 FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -48,6 +56,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 #: prompts are grouped for attention while padding stays within this factor of their real tokens
 MAX_PADDING_RATIO = 1.25
+#: the decode batch sizes captured as CUDA graphs: a step of n rows replays the smallest bucket >= n
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def graph_bucket(rows: int) -> int | None:
+    """The padded batch size a decode step of `rows` replays, None past the largest bucket (it runs eagerly)."""
+    return next((b for b in GRAPH_BUCKETS if b >= rows), None)
 
 
 def group_by_length(lengths: list[int]) -> list[list[int]]:
@@ -80,7 +95,9 @@ class DecoderRunner:
 
     kind = "fast"
 
-    def __init__(self, causal_lm: torch.nn.Module, max_seqs: int, eager_attention: bool = False) -> None:
+    def __init__(
+        self, causal_lm: torch.nn.Module, max_seqs: int, eager_attention: bool = False, cuda_graphs: bool = False
+    ) -> None:
         self.lm = causal_lm
         self.decoder = causal_lm.get_decoder()
         config = causal_lm.config
@@ -96,6 +113,9 @@ class DecoderRunner:
         self.keys: list[torch.Tensor] = [self._empty(0, 0)] * n_layers
         self.values: list[torch.Tensor] = [self._empty(0, 0)] * n_layers
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.host_lengths: list[int] = []  # `lengths` on the host: a step's span costs no device sync
+        self.pool_version = 0  # bumped whenever the pool is reallocated (captured graphs hold its addresses)
+        self.graphs = DecodeGraphs(self, capture=True) if cuda_graphs and self.device.type == "cuda" else None
 
     # -- pool bookkeeping ----------------------------------------------------------------------
 
@@ -119,21 +139,25 @@ class DecoderRunner:
                 grown = self._empty(new_rows, new_cap)
                 grown[:used, :, :have_cap] = old[:used]
                 pool[i] = grown
+        self.pool_version += 1
 
     @torch.inference_mode()
     def remove(self, slot: int) -> None:
         """Free `slot`; the last slot's sequence moves into it (callers mirror this swap)."""
         last = self.size - 1
         if slot != last:
-            n = int(self.lengths[last])
+            n = self.host_lengths[last]
             for pool in (self.keys, self.values):
                 for layer in pool:
                     layer[slot, :, :n] = layer[last, :, :n]
             self.lengths[slot] = self.lengths[last]
+            self.host_lengths[slot] = n
         self.lengths = self.lengths[:last]
+        self.host_lengths.pop()
 
     def clear(self) -> None:
         self.lengths = self.lengths[:0]
+        self.host_lengths = []
 
     # -- forward passes -------------------------------------------------------------------------
 
@@ -169,15 +193,17 @@ class DecoderRunner:
             )
         return groups
 
-    def _attend_decode(self, layer: int, q, k, v, positions: torch.Tensor) -> torch.Tensor:
-        """Rows 0..n-1 (one new token each) attend over their slot's cached positions."""
-        n = len(positions)
-        span = int(positions.max()) + 1
+    def _decode_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """[n, 1, 1, span]: which of its slot's first `span` positions each decode row sees (built once a step)."""
+        return (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+
+    def _attend_decode(self, layer: int, q, k, v, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Rows 0..n-1 (one new token each) attend over their slot's cached positions (`visible`)."""
+        n, span = len(positions), visible.shape[-1]
         keys, values = self.keys[layer], self.values[layer]
         rows = torch.arange(n, device=self.device)
         keys[rows, :, positions] = k
         values[rows, :, positions] = v
-        visible = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         # Grouped-query attention without repeating K/V: a kv head's query heads form the query axis.
         grouped = q.view(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
         with self._kernel():
@@ -221,6 +247,12 @@ class DecoderRunner:
         n_dec = 0 if decode_inputs is None else len(decode_inputs)
         if n_dec != self.size:
             raise ValueError(f"decode inputs for {n_dec} sequences, {self.size} are running")
+        graphed = self.graphs is not None and self.graphs.enabled and not prompts
+        if graphed and n_dec and graph_bucket(n_dec) is not None:
+            decoded = self.graphs.step(decode_inputs, self.lengths)
+            self.lengths = self.lengths + 1
+            self.host_lengths = [n + 1 for n in self.host_lengths]
+            return decoded, []
         lengths = [p.shape[0] for p in prompts]
         if prompts:
             self._reserve(self.size + len(prompts), max(capacities))
@@ -228,25 +260,120 @@ class DecoderRunner:
         positions = torch.cat([dec_positions, *(torch.arange(n, device=self.device) for n in lengths)])
         groups = self._prefill_groups(lengths)
         hidden = torch.cat(([] if decode_inputs is None else [decode_inputs]) + prompts)
-        cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden[None], positions[None]))
-        first_slot = self.size
+        visible = self._decode_mask(dec_positions, max(self.host_lengths) + 1) if n_dec else None
+        hidden = self._layers(hidden, positions, n_dec, visible, groups)
+        self.lengths = torch.cat([dec_positions + 1, torch.tensor(lengths, dtype=torch.long, device=self.device)])
+        self.host_lengths = [n + 1 for n in self.host_lengths] + lengths
+        return (hidden[:n_dec] if n_dec else None), list(hidden[n_dec:].split(lengths))
 
+    def _layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        n_dec: int,
+        visible: torch.Tensor | None,
+        groups: list[PrefillGroup],
+    ) -> torch.Tensor:
+        """All layers and the final norm over packed rows: `n_dec` decode rows (attending under `visible`), then
+        the prompts of `groups`, which fill the slots after the running ones."""
+        cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden[None], positions[None]))
+        first_slot = n_dec
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             q, k, v = self._project(attn, layer.input_layernorm(hidden), cos, sin)
             parts = []
             if n_dec:
-                parts.append(self._attend_decode(index, q[:n_dec], k[:n_dec], v[:n_dec], dec_positions))
-            if prompts:
+                parts.append(self._attend_decode(index, q[:n_dec], k[:n_dec], v[:n_dec], positions[:n_dec], visible))
+            if groups:
                 parts.append(self._attend_prefill(index, q[n_dec:], k[n_dec:], v[n_dec:], first_slot, groups))
             hidden = hidden + attn.o_proj(torch.cat(parts) if len(parts) > 1 else parts[0])
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = self.decoder.norm(hidden)
-
-        self.lengths = torch.cat([dec_positions + 1, torch.tensor(lengths, dtype=torch.long, device=self.device)])
-        return (hidden[:n_dec] if n_dec else None), list(hidden[n_dec:].split(lengths))
+        return self.decoder.norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of selected rows only: callers gather the last positions first."""
         with torch.inference_mode():
             return lm_logits(self.lm, hidden)
+
+
+@dataclass
+class _Graph:
+    """A decode step of a fixed padded batch size: its static input, position and output buffers, and the
+    captured graph that reads and writes them (None where nothing is captured: the CPU, tests)."""
+
+    inputs: torch.Tensor  # [bucket, H]
+    positions: torch.Tensor  # [bucket]
+    output: torch.Tensor | None = None  # [bucket, H], written by each replay
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class DecodeGraphs:
+    """Decode steps replayed from CUDA graphs captured per padded batch size (`GRAPH_BUCKETS`).
+
+    A step of n rows is padded to its bucket: the filler rows feed zeros at position 0 into the free slots
+    after the running ones (the pool always has that many rows), and every row attends over the pool's whole
+    capacity under its mask, so neither shapes nor addresses depend on the batch. A grown pool (new addresses)
+    drops the graphs; they are captured again on first use. A capture that fails (a model whose step syncs
+    with the host, such as dynamic rotary scaling) turns the graphs off for good: eager is the fallback.
+    With `capture=False` the same padded step runs eagerly (the CPU, where tests check the padding).
+    """
+
+    def __init__(self, runner: DecoderRunner, capture: bool) -> None:
+        self.runner = runner
+        self.capture = capture
+        self.graphs: dict[int, _Graph] = {}
+        self.version = runner.pool_version
+        self.enabled = True
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def step(self, inputs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final-layer states [n, H] of one decode step of rows [n, H] at `positions` [n] (slots 0..n-1); n > 0."""
+        runner, n = self.runner, len(inputs)
+        bucket = graph_bucket(n)
+        if bucket is None:
+            raise ValueError(f"{n} decode rows exceed the largest graph bucket ({GRAPH_BUCKETS[-1]})")
+        runner._reserve(bucket, 0)  # filler rows write into free slots, which must exist
+        if runner.pool_version != self.version:
+            self.graphs.clear()
+            self.version = runner.pool_version
+        graph = self.graphs.get(bucket)
+        fresh = graph is None
+        if graph is None:
+            hidden = runner.keys[0].new_zeros(bucket, inputs.shape[-1])
+            graph = self.graphs[bucket] = _Graph(hidden, positions.new_zeros(bucket))
+        graph.inputs[:n].copy_(inputs)
+        graph.inputs[n:].zero_()
+        graph.positions[:n].copy_(positions)
+        graph.positions[n:].zero_()
+        if not self.capture:
+            return self._body(graph)[:n]
+        if fresh:
+            self._capture(graph)
+        if graph.graph is None:  # the capture failed: this step (and all later ones) eagerly
+            return self._body(graph)[:n]
+        graph.graph.replay()
+        return graph.output[:n].clone()
+
+    def _body(self, graph: _Graph) -> torch.Tensor:
+        runner = self.runner
+        visible = runner._decode_mask(graph.positions, runner.keys[0].shape[2])
+        return runner._layers(graph.inputs, graph.positions, len(graph.inputs), visible, [])
+
+    def _capture(self, graph: _Graph) -> None:
+        """Capture a bucket's step with the current step's inputs in its buffers. The warm-up runs execute
+        that step for real, which is harmless: a step writes K/V only at its rows' current positions, and
+        the same inputs write the same values again."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._body(graph)
+            torch.cuda.current_stream().wait_stream(side)
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured, pool=self.pool):
+                graph.output = self._body(graph)
+            graph.graph = captured
+        except RuntimeError:
+            log.exception("capturing a decode graph failed: decode steps run eagerly from now on")
+            self.enabled = False

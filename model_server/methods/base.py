@@ -13,7 +13,9 @@ import torch
 
 from model_server.hf_runner import HFRunner
 from model_server.loading import LoadedModel
+from model_server.packed import pack_linears, packing_available
 from model_server.prompts import PreparedInput, PromptBuilder
+from model_server.protocol import Priority
 from model_server.runner import FAMILIES, DecoderRunner
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ class Sequence:
     future: Future = field(default_factory=Future)
     result: Embedded | None = None  # set by the method when the sequence is finished
     state: Any = None  # the method's own per-sequence state (gircse: `Refinement`, o1: `Thought`)
+    deadline: float | None = None  # time.monotonic() after which nobody reads its answer: dropped, not run
+    priority: Priority = "online"  # batch runs only in the capacity online work leaves
+    iterations: int = 0  # engine iterations it has run in (its prefill is the first)
 
     @property
     def prompt_tokens(self) -> int:
@@ -51,6 +56,11 @@ class Sequence:
     def kv_tokens(self) -> int:
         """Positions this sequence will occupy in the KV pool at its largest."""
         return self.prompt_tokens + self.steps + self.prepared.reserve
+
+    @property
+    def decode_iterations(self) -> int:
+        """Iterations after its prefill, for a method whose sequences live on (o1: the thought, EOS and `<emb>`)."""
+        return self.steps + self.prepared.reserve if self.steps else 0
 
     @property
     def finished(self) -> bool:
@@ -120,15 +130,32 @@ class DecoderMethod(EngineMethod):
 
     def __init__(self, loaded: LoadedModel, max_seqs: int) -> None:
         super().__init__(loaded)
-        family = loaded.model.config.model_type
+        spec, family = loaded.spec, loaded.model.config.model_type
         self.runner: DecoderRunner | HFRunner
         if family in FAMILIES:
-            eager = loaded.spec.attn_implementation == "eager"
-            self.runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager)
+            packed = self._pack(loaded)
+            graphs = spec.cuda_graphs and loaded.device.type == "cuda"
+            eager = spec.attn_implementation == "eager"
+            self.runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager, cuda_graphs=graphs)
+            how = f"{'packed' if packed else 'eager'} projections{', CUDA-graph decode steps' if graphs else ''}"
         else:
-            self.runner = HFRunner(loaded.model)
-        log.info("%s (%s): %s runs on the %s runner", loaded.spec.id, family, loaded.spec.method, self.runner.kind)
+            self.runner, how = HFRunner(loaded.model), "the model's own forward"
+        log.info("%s (%s): %s runs on the %s runner (%s)", spec.id, family, spec.method, self.runner.kind, how)
         self.embeddings = loaded.model.get_input_embeddings()
+
+    @staticmethod
+    def _pack(loaded: LoadedModel) -> bool:
+        """Pack the served model's projections and LM head for oneDNN (`spec.linear`; auto: where it runs).
+        In place: this model is served, never trained (the ICR trainer loads its own)."""
+        choice = loaded.spec.linear
+        if choice == "eager":
+            return False
+        if not packing_available(loaded.device, loaded.dtype):
+            if choice == "packed":
+                log.warning("packed projections need a CPU with oneDNN and fp32/bf16 weights: eager instead")
+            return False
+        pack_linears(loaded.model)
+        return True
 
     @property
     def runner_kind(self) -> str:
