@@ -157,6 +157,13 @@ class ModelSpec(BaseModel):
         description="auto/sdpa: torch SDPA (it picks flash kernels on CUDA); eager: its plain math kernel",
     )
     device: str = "auto"
+    # How the decoder runner computes, not what (the revision leaves them out: rounding differs, vectors do not).
+    linear: Literal["auto", "packed", "eager"] = Field(
+        default="auto",
+        description="gircse/o1 on CPU: projections and LM head with weights packed once for oneDNN (auto: "
+        "where fp32/bf16), or eager torch F.linear",
+    )
+    cuda_graphs: bool = Field(default=True, description="gircse/o1 on CUDA: replay decode steps from captured graphs")
 
     @model_validator(mode="before")
     @classmethod
