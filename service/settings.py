@@ -77,6 +77,30 @@ class GatewaySettings(BaseSettings):
         default=120.0, gt=0, description="scoring budget of one request (worker calls also end at request_timeout_s)"
     )
 
+    # Batch API (/v1/files, /v1/batches; docs/batch.md): where files and batch state live, and how batches run
+    batch_dir: Path = Field(
+        default=Path("~/.local/share/genembed/batches"), description="files and batch state, unless a bucket is set"
+    )
+    batch_s3_bucket: str | None = Field(default=None, description="an S3-compatible bucket instead (the s3 extra)")
+    batch_s3_prefix: str = Field(default="genembed/", description="key prefix inside the bucket")
+    batch_s3_endpoint_url: str | None = Field(default=None, description="e.g. http://minio:9000; unset: AWS")
+    batch_s3_region: str | None = None
+    batch_s3_access_key_id: str | None = Field(default=None, description="unset: boto's usual credential chain")
+    batch_s3_secret_access_key: SecretStr | None = None
+    batch_max_lines: int = Field(default=50_000, gt=0, description="requests in one batch input file (OpenAI's cap)")
+    batch_max_in_flight: int = Field(
+        default=8, gt=0, description="batch lines in flight to one model's workers, per gateway"
+    )
+    batch_checkpoint_s: float = Field(
+        default=1.0, gt=0, description="how often a running batch saves its progress and sees a cancel"
+    )
+    batch_part_bytes: int = Field(default=8 << 20, gt=0, description="results buffered before a part is written")
+    batch_lease_s: float = Field(
+        default=30.0, gt=0, description="a gateway that stops renewing its lease on a batch loses it after this"
+    )
+    batch_poll_s: float = Field(default=2.0, gt=0, description="how often a gateway looks for batches to run")
+    batch_retry_max_s: float = Field(default=5.0, gt=0, description="longest wait before a batch line is retried")
+
     # Credentials of the parts behind the gateway (docs/deploy.md#who-trusts-whom)
     worker_token: SecretStr | None = Field(
         default=None,
