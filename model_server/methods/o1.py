@@ -27,6 +27,8 @@ from model_server.specs import O1_EMB_TOKEN
 
 #: the thought sampler's seed when a request names none: the same request, the same vector
 DEFAULT_SEED = 0
+#: the candidates a row's nucleus is looked for in before its whole vocabulary is sorted
+NUCLEUS_TOP_K = 64
 
 
 @dataclass
@@ -90,14 +92,53 @@ class O1Method(DecoderMethod):
             thought.feed.extend([self.emb] if token == self.eos else [self.eos, self.emb])
 
     def sample(self, hidden: torch.Tensor, rngs: list[np.random.Generator]) -> list[int]:
-        """Next tokens of rows [N, H]: greedy at temperature 0, else nucleus sampling by inverse
-        CDF over the probabilities in descending order, one uniform per row from its own rng."""
+        """Next tokens of rows [N, H]: greedy at temperature 0, else `nucleus_sample` with one uniform per
+        row from its own rng. The one host sync of a step: the tokens decide what each sequence feeds next."""
         logits = self.runner.logits(hidden).to(self.wide)
         if self.temperature == 0:
             return logits.argmax(dim=-1).tolist()
-        probs, order = torch.softmax(logits / self.temperature, dim=-1).sort(dim=-1, descending=True)
-        # The nucleus: the most likely tokens until their mass reaches top_p (at least one).
-        kept = torch.where(probs.cumsum(dim=-1) - probs < self.top_p, probs, 0).cumsum(dim=-1)
-        draws = torch.tensor([rng.random() for rng in rngs], dtype=kept.dtype, device=kept.device)
-        index = torch.searchsorted(kept, draws[:, None] * kept[:, -1:], right=True).clamp_max(kept.shape[-1] - 1)
-        return order.gather(-1, index).squeeze(-1).tolist()
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        draws = torch.tensor([rng.random() for rng in rngs], dtype=probs.dtype).to(probs.device, non_blocking=True)
+        return nucleus_sample(probs, self.top_p, draws)
+
+
+def nucleus_sample(probs: torch.Tensor, top_p: float, draws: torch.Tensor, top_k: int = NUCLEUS_TOP_K) -> list[int]:
+    """Tokens drawn from rows of probabilities [N, V] by inverse CDF over the nucleus, with uniforms `draws`
+    [N] in [0, 1). The nucleus: the most likely tokens (ties in token order) until their mass reaches `top_p`,
+    at least one. Each row first looks among its `top_k` most likely tokens, which decide it exactly when the
+    nucleus ends inside them and no token left out ties with one kept; only the other rows sort the whole
+    vocabulary. Either way the token is the one sorting the whole row (stably) gives. One host sync, two when
+    a row needs the whole vocabulary."""
+    vocab = probs.shape[-1]
+    tokens, fits = _invert_cdf(*_descending(*probs.topk(min(top_k, vocab), dim=-1)), top_p, draws)
+    if top_k >= vocab:
+        return tokens.tolist()
+    picked = torch.where(fits, tokens, -1).tolist()
+    flat = [row for row, token in enumerate(picked) if token < 0]  # flat rows (a high temperature)
+    if flat:
+        rows = torch.tensor(flat, device=probs.device)
+        values, index = probs[rows].sort(dim=-1, descending=True, stable=True)
+        for row, token in zip(flat, _invert_cdf(values, index, top_p, draws[rows])[0].tolist(), strict=True):
+            picked[row] = token
+    return picked
+
+
+def _descending(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates [N, C] re-ordered by descending value, equal values by token id (`topk` leaves ties unordered)."""
+    index, by_id = index.sort(dim=-1)
+    values, by_value = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
+    return values, index.gather(-1, by_value)
+
+
+def _invert_cdf(
+    values: torch.Tensor, index: torch.Tensor, top_p: float, draws: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over candidates [N, C] in descending order: the drawn token of each row, and whether the row's nucleus
+    is decided by these candidates (it ends before the last one, which no kept token ties with)."""
+    inside = values.cumsum(dim=-1) - values < top_p  # a prefix of each row: the nucleus among the candidates
+    kept = torch.where(inside, values, 0).cumsum(dim=-1)
+    last = inside.sum(dim=-1, keepdim=True) - 1  # the last kept candidate
+    position = torch.searchsorted(kept, draws[:, None] * kept[:, -1:], right=True)
+    tokens = index.gather(-1, torch.minimum(position, last)).squeeze(-1)
+    # Past the nucleus a candidate is left; none left out can tie with a kept one (it would sort among them).
+    return tokens, values.gather(-1, last)[:, 0] > values[:, -1]
