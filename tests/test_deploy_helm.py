@@ -244,3 +244,46 @@ def test_kubernetes_validate_rejects_an_unknown_field(tmp_path: Path) -> None:
     )
     done = kubernetes_validate(manifest)
     assert done.returncode != 0 and "imagePullPolice" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_workers_scale_on_their_expected_drain_time_when_asked() -> None:
+    """Off by default; on for a model entry, an autoscaling/v2 HPA on the workers' drain-time Pods metric owns that
+    model's replica count (its Deployment sets none) while the other models keep theirs; the gateway's stays on CPU."""
+
+    def render(*flags: str) -> list[dict]:
+        rendered = helm("template", "genembed", str(CHART), "--kube-version", KUBERNETES, *flags)
+        return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+    def scalers(documents: list[dict]) -> dict[str, dict]:
+        return {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "HorizontalPodAutoscaler"}
+
+    def deployments(documents: list[dict]) -> dict[str, dict]:
+        return {d["metadata"]["name"]: d["spec"] for d in documents if d["kind"] == "Deployment"}
+
+    defaults = render()
+    assert set(scalers(defaults)) == {"genembed-gateway"}
+    assert deployments(defaults)["genembed-worker-gircse"]["replicas"] == 1
+
+    documents = render("-f", str(CHART / "ci" / "full-values.yaml"))
+    hpas = scalers(documents)
+    assert set(hpas) == {"genembed-gateway", "genembed-worker-gircse"}
+    assert [m["resource"]["name"] for m in hpas["genembed-gateway"]["metrics"]] == ["cpu"]
+    worker = hpas["genembed-worker-gircse"]
+    assert worker["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "genembed-worker-gircse"}
+    assert (worker["minReplicas"], worker["maxReplicas"]) == (2, 6)
+    assert worker["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": "genembed_worker_expected_drain_seconds"},
+                "target": {"type": "AverageValue", "averageValue": "4"},
+            },
+        }
+    ]
+    assert worker["behavior"]["scaleDown"] == {"stabilizationWindowSeconds": 900}
+    assert "replicas" not in deployments(documents)["genembed-worker-gircse"]
+    assert deployments(documents)["genembed-worker-minilm"]["replicas"] == 1
+
+    values = copy.deepcopy(VALUES)
+    values["workers"]["defaults"]["autoscaling"]["targetDrainSeconds"] = 0
+    assert any("targetDrainSeconds" in str(e.path) for e in validator().iter_errors(values))
