@@ -1,0 +1,116 @@
+"""The engine's step kernels: oneDNN-packed projections against torch's own, and the padded decode step that
+CUDA graphs replay (run here without capture: the padding, buckets and masks are the same code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_server.packed import PackedLinear, pack_linears
+from model_server.protocol import EmbedItem
+from model_server.runner import GRAPH_BUCKETS, DecodeGraphs, graph_bucket
+from model_server.settings import WorkerSettings
+from model_server.specs import load_spec
+from tests.models import cosine, embed_all, gircse_spec, make_tiny_llama, reference_gircse, start_worker
+
+TEXTS = [
+    "What is the boiling point of water at sea level?",
+    "A mixture of hydrogen and oxygen burns with a pale blue flame.",
+    "Rivers carry sediment to the sea",
+]
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear(dtype, tolerance, bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 1536, bias=bias).to(dtype)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        for shape in ((1, 576), (16, 576), (3, 7, 576)):
+            x = torch.randn(shape, dtype=dtype)
+            want = linear(x).float()
+            got = packed(x)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert (got.float() - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_pack_linears_swaps_every_projection_and_the_head_once(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path, num_hidden_layers=2))
+    embedding = model.get_input_embeddings().weight
+    assert pack_linears(model) == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
+    assert pack_linears(model) == 0
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert model.get_input_embeddings().weight is embedding  # the tied embedding matrix stays
+
+
+def test_worker_setting_reaches_the_spec(monkeypatch):
+    monkeypatch.setenv("GENEMBED_WORKER_LINEAR", "eager")
+    monkeypatch.setenv("GENEMBED_WORKER_CUDA_GRAPHS", "false")
+    overrides = WorkerSettings().spec_overrides()
+    assert overrides == {"linear": "eager", "cuda_graphs": False}
+    spec = load_spec("smollm2-gircse", **overrides)
+    assert spec.linear == "eager" and spec.cuda_graphs is False
+    assert load_spec("smollm2-gircse").linear == "auto"
+
+
+@pytest.fixture(scope="module")
+def workers32():
+    workers = {
+        linear: start_worker(load_spec("smollm2-gircse", dtype="float32", linear=linear))
+        for linear in ("packed", "eager")
+    }
+    yield workers
+    for worker in workers.values():
+        worker.stop()
+
+
+def test_gircse_float32_packed_equals_eager(workers32):
+    packed, eager = workers32["packed"], workers32["eager"]
+    assert type(packed.loaded.model.lm_head) is PackedLinear
+    assert type(eager.loaded.model.lm_head) is torch.nn.Linear
+    items = [EmbedItem(text=t, input_type="query", steps=k) for t in TEXTS for k in (0, 1, 5)]
+    for a, b in zip(embed_all(packed, items), embed_all(eager, items), strict=True):
+        assert cosine(a, b) >= 0.99999
+
+
+def test_o1_bfloat16_packed_close_to_eager():
+    vectors = {}
+    for linear in ("packed", "eager"):
+        worker = start_worker(load_spec("smollm2-o1", dtype="bfloat16", linear=linear, thought_temperature=0.0))
+        try:
+            assert (type(worker.loaded.model.lm_head) is PackedLinear) == (linear == "packed")
+            vectors[linear] = embed_all(worker, [EmbedItem(text=t, input_type="query", steps=6) for t in TEXTS])
+        finally:
+            worker.stop()
+    for a, b in zip(vectors["packed"], vectors["eager"], strict=True):
+        assert cosine(a, b) >= 0.99
+
+
+def test_graph_buckets():
+    assert [graph_bucket(n) for n in (1, 2, 3, 5, 9, 17, 33, 65, 256)] == [1, 2, 4, 8, 16, 24, 48, 96, 256]
+    assert graph_bucket(GRAPH_BUCKETS[-1] + 1) is None
+
+
+def test_padded_decode_step_equals_the_reference(tmp_path):
+    # The step CUDA graphs capture, run eagerly: rows padded to buckets, filler rows in free slots, attention
+    # over the pool's whole capacity. Sequences join and leave, so buckets change and the pool grows.
+    worker = start_worker(gircse_spec(make_tiny_llama(tmp_path), dtype="float64"), max_running_seqs=8)
+    runner = worker.method.runner
+    runner.graphs = DecodeGraphs(runner, capture=False)
+    try:
+        cases = [
+            (f"{t} {i}", k)
+            for i, (t, k) in enumerate(zip(TEXTS * 4, [7, 1, 12, 3, 5, 9, 2, 20, 4, 6, 11, 8], strict=True))
+        ]
+        items = [EmbedItem(text=t, input_type="document", steps=k) for t, k in cases]
+        got = embed_all(worker, items)
+        assert len(runner.graphs.graphs) >= 2  # several buckets ran
+        tokenizer, model = worker.loaded.tokenizer, worker.loaded.model
+        for vector, (text, k) in zip(got, cases, strict=True):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert 1 - cosine(vector, reference_gircse(model, ids, k)) <= 1e-10
+    finally:
+        worker.stop()
