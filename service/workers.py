@@ -11,17 +11,17 @@ periodically (a Kubernetes headless Service resolves to every ready pod). Addres
 probed before they get work; addresses that vanish leave rotation at once and are closed once their calls
 end.
 
-Routing: admission is the worker's (its engine sees every gateway's work and its own speed); the gateway only
-picks where to ask. Each worker reports its backlog, the seconds it expects to need for the work it holds, on
-every /embed answer (`x-genembed-drain-s`, `x-genembed-queued-seqs`) and on `GET /load`, polled every
-`worker_load_interval_s`. A call goes to the ready worker with the earliest expected finish: its last reported
-drain time, less the time since that report, plus what this gateway has sent it since (sequences times the
-worker's drain seconds per held sequence); ties go to the fewest inputs in flight, then the least recently
-chosen. A worker that refuses (429) or fails (unreachable, 503, down mid-call) is followed by the next best one
-while the request's deadline allows, each worker at most once; when every one refused, the caller gets the
-smallest `Retry-After` seen. Embedding is idempotent, so a retry at worst repeats work. The worker's other
-answers are final: 400 `exceeds_deadline` (the call cannot fit its deadline even on an idle worker), 504 (dropped
-past its deadline), other 4xx.
+Routing: admission is the worker's (its engine sees every gateway's work and its own speed); the gateway only picks
+where to ask. Each worker reports its backlog, the seconds it expects to need for the work it holds, on every /embed
+answer (`x-genembed-drain-s`, `x-genembed-queued-seqs`) and on `GET /load`, polled every `worker_load_interval_s`. A
+call goes to the ready worker with the earliest expected finish: its last reported drain time, less the time since
+that report, plus what this gateway has sent it since (sequences times the worker's drain seconds per online
+sequence, from its last /load); ties go to the fewest inputs in flight, then the least recently chosen. A worker
+that refuses (429) or fails (unreachable, 503, down mid-call) is followed by the next best one while the request's
+deadline allows, each worker at most once; when every one refused, the caller gets the smallest `Retry-After` seen.
+Embedding is idempotent, so a retry at worst repeats work. The worker's other answers are final: 400
+`exceeds_deadline` (the call cannot fit its deadline even on an idle worker), 504 (dropped past its deadline), other
+4xx.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from model_server import tracing
 from model_server.protocol import (
     DRAIN_HEADER,
     EXCEEDS_DEADLINE,
-    QUEUED_HEADER,
     REQUEST_CONTENT_TYPE,
     REQUEST_ID_HEADER,
     EmbedRequest,
@@ -76,14 +75,16 @@ def sequences(request: EmbedRequest) -> int:
 class Backlog:
     """A worker's last report of the work it holds, and what this gateway has sent it since."""
 
-    drain_s: float = 0.0  # expected seconds to finish what it held, as reported
+    drain_s: float = 0.0  # expected seconds to finish the online work it held (running and waiting), as reported
     at: float = 0.0  # loop time of the report
-    per_seq_s: float = 0.0  # drain seconds per held sequence, from the last report that held any
+    per_seq_s: float = 0.0  # drain seconds per online sequence, from the last /load that held any
     sent_seqs: int = 0  # sequences this gateway sent it since the report
 
-    def report(self, drain_s: float, seqs: int, now: float) -> None:
+    def report(self, drain_s: float, now: float, seqs: int | None = None) -> None:
+        """`seqs`: the online sequences the drain time covers (GET /load says; an /embed answer's headers count
+        batch work too, so they leave the per-sequence cost as it was)."""
         self.drain_s, self.at, self.sent_seqs = max(drain_s, 0.0), now, 0
-        if seqs > 0:
+        if seqs:
             self.per_seq_s = self.drain_s / seqs
 
     def expected_finish(self, now: float) -> float:
@@ -156,20 +157,19 @@ class WorkerClient:
             self._has_load = False
             log.info("worker %s at %s has no /load: routing on its /embed answers only", self.name, self.url)
             return
-        with contextlib.suppress(ValueError, TypeError, KeyError):
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
             if response.status_code == 200:
-                load = response.json()
-                seqs = int(load["queued_seqs"]) + int(load.get("running_seqs", 0))
-                self._report(float(load["drain_s"]), seqs)
+                load = response.json()  # {"drain_s", "queued_seqs" (all held), "running_seqs", "waiting": {...}}
+                self._report(float(load["drain_s"]), int(load["running_seqs"]) + int(load["waiting"]["online"]))
 
-    def _report(self, drain_s: float, seqs: int) -> None:
-        self.backlog.report(drain_s, seqs, asyncio.get_running_loop().time())
+    def _report(self, drain_s: float, seqs: int | None = None) -> None:
+        self.backlog.report(drain_s, asyncio.get_running_loop().time(), seqs)
         self._metrics.worker_drain_seconds.labels(self.name, self.url).set(self.backlog.drain_s)
 
     def _report_headers(self, headers: httpx.Headers) -> None:
         """The backlog every /embed answer carries (absent from an older worker: nothing changes)."""
         with contextlib.suppress(KeyError, ValueError):
-            self._report(float(headers[DRAIN_HEADER]), int(headers.get(QUEUED_HEADER, "0")))
+            self._report(float(headers[DRAIN_HEADER]))
 
     def take_out(self, reason: str) -> None:
         """No new calls; the ones in flight run on (a loading or draining worker finishes what it has)."""

@@ -209,7 +209,10 @@ class StandIn:
             return JSONResponse(INFO.to_json())
 
         async def load(_: Request) -> Response:
-            return JSONResponse({"drain_s": self.drain_s, "queued_seqs": self.queued, "running_seqs": 0})
+            waiting = {"online": self.queued, "batch": 0}
+            return JSONResponse(
+                {"drain_s": self.drain_s, "queued_seqs": self.queued, "running_seqs": 0, "waiting": waiting}
+            )
 
         routes = [Route("/ready", ready), Route("/info", info), Route("/load", load)]
         return Starlette(routes=[*routes, Route("/embed", self.embed, methods=["POST"])])
