@@ -5,12 +5,14 @@ virtual environment), kubernetes-validate from the test extra; without them thes
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -287,3 +289,196 @@ def test_workers_scale_on_their_expected_drain_time_when_asked() -> None:
     values = copy.deepcopy(VALUES)
     values["workers"]["defaults"]["autoscaling"]["targetDrainSeconds"] = 0
     assert any("targetDrainSeconds" in str(e.path) for e in validator().iter_errors(values))
+
+
+# ---------------------------------------------------------------------------------------------
+# NetworkPolicies: who reaches whom, evaluated on the rendered objects with Kubernetes' semantics
+
+NAMESPACE = "default"  # helm template's release namespace
+
+
+def rendered(*flags: str) -> list[dict]:
+    text = helm("template", "genembed", str(CHART), "--kube-version", KUBERNETES, *flags)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (`{}` selects everything)."""
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values") or []
+        held = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values}
+        held |= {"Exists": key in labels, "DoesNotExist": key not in labels}
+        if not held[operator]:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Pod:
+    labels: dict[str, str]
+    namespace: str = NAMESPACE
+    ports: tuple[tuple[str, int], ...] = ()  # (name, number) of its containers' ports
+
+
+def pods(documents: list[dict]) -> dict[str, Pod]:
+    """Each workload's pods (Deployments, StatefulSets, the helm test Pod) by the workload's name."""
+    found = {}
+    for doc in documents:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            meta, spec = doc["spec"]["template"]["metadata"], doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "Pod":
+            meta, spec = doc["metadata"], doc["spec"]
+        else:
+            continue
+        ports = tuple((p.get("name", ""), p["containerPort"]) for c in spec["containers"] for p in c.get("ports", []))
+        found[doc["metadata"]["name"]] = Pod(meta["labels"], ports=ports)
+    return found
+
+
+def admits(documents: list[dict], source: Pod, target: Pod, port: str) -> bool:
+    """Whether `source` may open a connection to `target`'s container port named `port`: a pod no policy selects
+    accepts anything; otherwise one ingress rule of a policy that selects it must match the source and the port."""
+    number = dict(target.ports)[port]
+    policies = [
+        doc["spec"]
+        for doc in documents
+        if doc["kind"] == "NetworkPolicy" and selects(doc["spec"]["podSelector"], target.labels)
+    ]
+    if not policies:
+        return True
+
+    def peer_matches(peer: dict) -> bool:
+        namespace_labels = {"kubernetes.io/metadata.name": source.namespace}
+        if "namespaceSelector" in peer and not selects(peer["namespaceSelector"], namespace_labels):
+            return False
+        if "namespaceSelector" not in peer and source.namespace != NAMESPACE:
+            return False  # a podSelector alone means the policy's own namespace
+        return selects(peer.get("podSelector") or {}, source.labels)
+
+    return any(
+        ("from" not in rule or any(peer_matches(peer) for peer in rule["from"]))
+        and ("ports" not in rule or any(entry["port"] in (port, number) for entry in rule["ports"]))
+        for policy in policies
+        if "Ingress" in policy.get("policyTypes", ["Ingress"])
+        for rule in policy.get("ingress") or []
+    )
+
+
+STRANGER = Pod({"app": "something-else"})
+PROMETHEUS = Pod({"app.kubernetes.io/name": "prometheus"}, namespace="monitoring")
+
+
+def test_network_policies_admit_only_the_gateway_behind_it() -> None:
+    documents = rendered()
+    pod = pods(documents)
+    gateway, worker, redis = pod["genembed-gateway"], pod["genembed-worker-gircse"], pod["genembed-redis"]
+    policies = [doc for doc in documents if doc["kind"] == "NetworkPolicy"]
+    for name, target in pod.items():  # every workload is covered: a new one without a policy fails here
+        if name != "genembed-test":  # `helm test`'s pod accepts nothing
+            assert any(selects(p["spec"]["podSelector"], target.labels) for p in policies), name
+
+    # The gateway: anyone, on its API port.
+    for source in (STRANGER, PROMETHEUS, Pod({}, namespace="elsewhere")):
+        assert admits(documents, source, gateway, "http")
+    # Workers: the gateway and the metrics scraper (labels and namespace both), nobody else.
+    assert admits(documents, gateway, worker, "http")
+    assert admits(documents, PROMETHEUS, worker, "http")
+    for source in (STRANGER, redis, worker, Pod(PROMETHEUS.labels), Pod({}, namespace="monitoring")):
+        assert not admits(documents, source, worker, "http"), source
+    # Redis: the gateway only; the scraper has nothing to scrape there.
+    assert admits(documents, gateway, redis, "redis")
+    for source in (STRANGER, worker, PROMETHEUS, pod["genembed-test"]):
+        assert not admits(documents, source, redis, "redis"), source
+
+
+def test_network_policies_with_every_option() -> None:
+    """The judge behind the gateway; the gateway limited to gateway.from (plus this release's `helm test` pod and
+    the scraper); a scraper selected in every namespace."""
+    documents = rendered("-f", str(CHART / "ci" / "full-values.yaml"))
+    pod = pods(documents)
+    gateway, judge, worker = pod["genembed-gateway"], pod["genembed-judge"], pod["genembed-worker-minilm"]
+    ingress = Pod({"app": "controller"}, namespace="ingress-nginx")
+    scraper = Pod(PROMETHEUS.labels, namespace="observability")
+
+    assert admits(documents, gateway, judge, "http") and admits(documents, scraper, judge, "http")
+    assert not admits(documents, worker, judge, "http") and not admits(documents, STRANGER, judge, "http")
+    for source in (ingress, pod["genembed-test"], scraper):
+        assert admits(documents, source, gateway, "http"), source
+    for source in (STRANGER, Pod({}, namespace="elsewhere")):
+        assert not admits(documents, source, gateway, "http"), source
+    assert admits(documents, scraper, worker, "http") and not admits(documents, ingress, worker, "http")
+
+
+def test_network_policies_switch_off() -> None:
+    documents = rendered("--set", "networkPolicy.enabled=false")
+    assert not [doc for doc in documents if doc["kind"] == "NetworkPolicy"]
+    pod = pods(documents)
+    assert admits(documents, STRANGER, pod["genembed-worker-gircse"], "http")
+
+
+def container(documents: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in documents if (d["kind"], d["metadata"]["name"]) == (kind, name)]
+    return doc["spec"]["template"]["spec"]["containers"][0]
+
+
+def secret_env(variables: list[dict]) -> dict[str, str]:
+    """Each variable's Secret; fails for one given as a plain value."""
+    assert all("value" not in v for v in variables if v["name"] in SECRET_VARIABLES), variables
+    return {v["name"]: v["valueFrom"]["secretKeyRef"]["name"] for v in variables if v["name"] in SECRET_VARIABLES}
+
+
+SECRET_VARIABLES = {
+    "GENEMBED_WORKER_TOKEN",
+    "GENEMBED_WORKER_ROTATION_TOKEN",
+    "GENEMBED_REDIS_PASSWORD",
+    "REDISCLI_AUTH",
+}
+FULL, EXTERNAL = CHART / "ci" / "full-values.yaml", CHART / "ci" / "external-values.yaml"
+
+
+@pytest.mark.parametrize(
+    ("values_file", "token_secret", "redis_secret", "redis_url"),
+    [
+        (None, "genembed-internal", "genembed-internal", "redis://genembed-redis:6379/0"),
+        (
+            FULL,
+            "genembed-internal",
+            "genembed-redis-password",
+            "rediss://genembed-redis:6379/0?ssl_ca_certs=/etc/genembed/redis-tls/ca.crt",
+        ),
+        (EXTERNAL, "genembed-worker-token", None, None),
+    ],
+    ids=["values.yaml", FULL.name, EXTERNAL.name],
+)
+def test_the_secrets_reach_the_pods_from_secrets_only(
+    values_file: Path | None, token_secret: str, redis_secret: str | None, redis_url: str | None
+) -> None:
+    """The worker token and the Redis password come from the generated Secret (or the operator's), never as values
+    in a pod spec or ConfigMap; the gateway's Redis URL carries no password, and is rediss:// with TLS on."""
+    documents = rendered(*(["-f", str(values_file)] if values_file else []))
+    gateway = container(documents, "Deployment", "genembed-gateway")["env"]
+    worker = container(documents, "Deployment", "genembed-worker-gircse")["env"]
+    expected = {"GENEMBED_WORKER_TOKEN": token_secret}
+    assert secret_env(gateway) == expected | ({"GENEMBED_REDIS_PASSWORD": redis_secret} if redis_secret else {})
+    assert secret_env(worker) == expected | {"GENEMBED_WORKER_ROTATION_TOKEN": token_secret}
+    secrets = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Secret"}
+    if redis_secret is None:
+        assert "genembed-redis" not in pods(documents)
+    else:
+        assert {v["name"]: v["value"] for v in gateway if "value" in v}["GENEMBED_REDIS_URL"] == redis_url
+        redis = container(documents, "StatefulSet", "genembed-redis")
+        assert secret_env(redis["env"]) == {"REDISCLI_AUTH": redis_secret}
+        assert redis["args"][1:3] == ["--requirepass", "$(REDISCLI_AUTH)"]
+    values = merged(*([values_file] if values_file else []))["workerAuth"]
+    if "genembed-internal" in (token_secret, redis_secret):
+        data = {key: base64.b64decode(value).decode() for key, value in secrets["genembed-internal"]["data"].items()}
+        assert len(data["worker-token"]) >= 32 and data["worker-token"] == (values["token"] or data["worker-token"])
+        assert data.get("worker-rotation-token", "") == values["rotationToken"]
+        assert ("redis-password" in data) == (redis_secret == "genembed-internal")
+    else:
+        assert "genembed-internal" not in secrets
+    for doc in documents:
+        if doc["kind"] == "ConfigMap" and values["token"]:
+            assert values["token"] not in json.dumps(doc)
