@@ -164,17 +164,21 @@ def test_env_example_lists_every_variable_with_the_compose_default() -> None:
 
 
 def test_container_environment_names_real_settings() -> None:
-    """Every GENEMBED_* name is a setting, and a value the user can change through .env defaults to the
-    setting's own default (where the setting has one)."""
+    """Every GENEMBED_* name is a setting, the service's environment parses as a whole (settings that go together,
+    such as the Redis URL and password), and a value the user can change through .env defaults to the setting's
+    own default (where the setting has one)."""
     for path in COMPOSE_DIR.glob("*compose*.y*ml"):
         services = yaml.safe_load(path.read_text())["services"]
         for process in SETTINGS:
-            for key, raw in ((services.get(process) or {}).get("environment") or {}).items():
-                field = settings_field(process, key)
+            environment = (services.get(process) or {}).get("environment") or {}
+            fields = {key: settings_field(process, key) for key in environment}
+            settings_class = SETTINGS[process][0]
+            settings = settings_class(**{f: interpolate(str(environment[k]), {}) for k, f in fields.items() if f})
+            for key, raw in environment.items():
+                field = fields[key]
                 if field is None:
                     continue
-                settings_class = SETTINGS[process][0]
-                parsed = getattr(settings_class(**{field: interpolate(str(raw), {})}), field)
+                parsed = getattr(settings, field)
                 default = settings_class.model_fields[field].get_default(call_default_factory=True)
                 # A setting with no default (unset = not configured, e.g. the judge) is wiring, not a default.
                 if "${" in str(raw) and default is not None:
@@ -186,11 +190,11 @@ def test_container_environment_names_real_settings() -> None:
 
 
 @contextlib.contextmanager
-def redis_server(command: list[str], port: int, log_path: Path) -> Iterator[None]:
+def redis_server(command: list[str], port: int, log_path: Path, password: str | None) -> Iterator[None]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            client = redis.Redis(port=port, socket_timeout=1)
+            client = redis.Redis(port=port, password=password, socket_timeout=1)
             deadline = time.monotonic() + 20
             while True:
                 with contextlib.suppress(redis.RedisError):
@@ -289,17 +293,26 @@ def test_compose_stack_serves_embeddings(tmp_path: Path) -> None:
     gateway_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))
     redis_port = ports["redis"][1]
     redis_cmd = [*command("redis"), "--port", str(redis_port), "--bind", "127.0.0.1"]
+    redis_password = environment("gateway")["GENEMBED_REDIS_PASSWORD"]
+    assert redis_cmd[redis_cmd.index("--requirepass") + 1] == redis_password
     worker_url = f"http://127.0.0.1:{ports['worker'][1]}"
     gateway_url = f"http://127.0.0.1:{ports['gateway'][1]}"
 
     with (
-        redis_server(redis_cmd, redis_port, tmp_path / "redis.log"),
+        redis_server(redis_cmd, redis_port, tmp_path / "redis.log", redis_password),
         running(command("worker"), f"{worker_url}/ready", env=environment("worker"), log_path=tmp_path / "worker.log"),
         running(command("gateway"), f"{gateway_url}/ready", env=gateway_env, log_path=tmp_path / "gateway.log"),
     ):
         for name in ("redis", "worker", "gateway"):
-            done = subprocess.run(healthcheck(name), capture_output=True, text=True, timeout=30)
+            env = {**os.environ, **environment(name)}
+            done = subprocess.run(healthcheck(name), env=env, capture_output=True, text=True, timeout=30)
             assert done.returncode == 0, f"{name} healthcheck failed: {done.stdout} {done.stderr}"
+            assert "NOAUTH" not in done.stdout, f"{name} healthcheck: {done.stdout}"
+
+        # Only the gateway gets in behind it: the worker wants its token, Redis its password.
+        assert httpx.post(f"{worker_url}/embed", content=b"", timeout=10).status_code == 401
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port).dbsize()
 
         body = {"model": "minilm-l6", "input": ["compose wiring", "second input"]}
         assert httpx.post(f"{gateway_url}/v1/embeddings", json=body, timeout=30).status_code == 401
@@ -307,7 +320,7 @@ def test_compose_stack_serves_embeddings(tmp_path: Path) -> None:
         answer = httpx.post(f"{gateway_url}/v1/embeddings", json=body, headers=headers, timeout=30)
         assert answer.status_code == 200, answer.text
         assert [len(item["embedding"]) for item in answer.json()["data"]] == [384, 384]
-        client, deadline = redis.Redis(port=redis_port), time.monotonic() + 10
+        client, deadline = redis.Redis(port=redis_port, password=redis_password), time.monotonic() + 10
         while client.dbsize() == 0:  # the gateway writes the cache after it answers
             assert time.monotonic() < deadline, "the gateway did not cache in the compose Redis"
             time.sleep(0.05)
