@@ -1,7 +1,12 @@
-"""The worker's small internal HTTP API: /embed, /info, /health, /ready, /metrics.
+"""The worker's small internal HTTP API: /embed, /load, /info, /health, /ready, /metrics.
 
 The model loads in the background so /health answers at once (a Kubernetes startup probe
 watches /ready). A client that disconnects cancels its sequences in the engine.
+
+/embed admits a call where its work runs (admission.py): 429 with Retry-After when the queue would
+finish it past its deadline, 400 (`exceeds_deadline`) when it could not finish in time even on an idle
+worker, 504 (`deadline_exceeded`) when its deadline passed before it was done. Every /embed answer and
+`GET /load` carry the backlog (protocol.DRAIN_HEADER, protocol.QUEUED_HEADER), so a gateway routes by it.
 """
 
 from __future__ import annotations
@@ -19,19 +24,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from model_server import tracing
 from model_server.auth import require_token
 from model_server.drain import Drain, DrainMiddleware
-from model_server.engine import EngineStopped, QueueFull
+from model_server.engine import DeadlineExceeded, EngineStopped, QueueFull
 from model_server.logs import request_id_var
 from model_server.metrics import WorkerMetrics
-from model_server.protocol import CONTENT_TYPE, REQUEST_ID_HEADER, EmbedRequest
-from model_server.serving import EmbeddingWorker
+from model_server.protocol import (
+    CONTENT_TYPE,
+    DEADLINE_PASSED,
+    EXCEEDS_DEADLINE,
+    OVERLOADED,
+    REQUEST_ID_HEADER,
+    EmbedRequest,
+)
+from model_server.serving import EmbeddingWorker, LoadReport, NotAdmitted
 from model_server.settings import WorkerSettings
 from model_server.specs import load_spec
 
 log = logging.getLogger(__name__)
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+def _error(status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
+    body = {"detail": message} if code is None else {"detail": message, "code": code}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -49,7 +62,7 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
 
     async def load() -> None:
         try:
-            worker = await asyncio.to_thread(EmbeddingWorker.load, spec, settings.limits(), metrics)
+            worker = await asyncio.to_thread(EmbeddingWorker.load, spec, settings.limits(), metrics, settings.policy())
             state["worker"] = worker
             await worker.warmup()
             state["ready"] = True
@@ -109,26 +122,42 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        if (worker := ready_worker()) is not None:
+            worker.backlog()  # the drain and cost gauges, fresh for the scrape
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/load")
+    async def load_report() -> Response:
+        """The backlog, cheaply: what a gateway polls between calls to pick the worker that finishes first."""
+        worker = ready_worker()
+        if worker is None:
+            return _error(503, str(state["error"] or "loading"), {"Retry-After": "5"})
+        report = worker.backlog()
+        return JSONResponse(report.to_json(), headers=report.headers())
 
     @app.post("/embed")
     async def embed(request: Request) -> Response:
+        received = time.monotonic()  # the call's deadline counts from here
         worker = ready_worker()
         if worker is None:
             return _error(503, str(state["error"] or "the model is still loading"), {"Retry-After": "5"})
         try:
             embed_request = EmbedRequest.decode(await request.body())
         except ValueError as exc:
-            return _error(400, str(exc))
+            return _error(400, str(exc), worker.backlog().headers())
         embed_request.request_id = embed_request.request_id or request.headers.get(REQUEST_ID_HEADER)
         # The gateway's ids of every request in this batch: on each log line and span of its work.
         request_id_var.set(embed_request.request_id)
         items = len(embed_request.items)
-        log.info("embed: %d items accepted", items)
+        if embed_request.deadline_s is not None and embed_request.deadline_s <= 0:
+            metrics.admission.labels("deadline_passed").inc()
+            message = "the request's deadline passed before it reached the worker"
+            return _error(504, message, worker.backlog().headers(), DEADLINE_PASSED)
+        log.info("embed: %d items received", items)
         started = time.perf_counter()
         attributes = {"genembed.request_ids": embed_request.request_id or "", "genembed.items": items}
         with tracing.server_span("POST /embed", request.headers, attributes) as span:
-            work = asyncio.create_task(worker.embed(embed_request))
+            work = asyncio.create_task(worker.embed(embed_request, received))
             watcher = asyncio.create_task(_until_disconnected(request))
             try:
                 await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -143,9 +172,17 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
                 return Response(status_code=499)
             try:
                 response = work.result()
+            except NotAdmitted as refusal:
+                return _refusal(refusal, worker.backlog())
             except QueueFull as exc:
                 log.warning("embed: refused, the queue is full: %s", exc)
-                return _error(429, f"worker queue is full: {exc}", {"Retry-After": "1"})
+                metrics.admission.labels("queue_full").inc()
+                report = worker.backlog()
+                headers = {"Retry-After": str(worker.retry_after(report.drain_s)), **report.headers()}
+                return _error(429, f"worker queue is full: {exc}", headers, OVERLOADED)
+            except DeadlineExceeded as exc:
+                log.warning("embed: %s", exc)
+                return _error(504, str(exc), worker.backlog().headers(), DEADLINE_PASSED)
             except EngineStopped as exc:
                 return _error(503, str(exc))
             errors = sum(r.error is not None for r in response.results)
@@ -157,6 +194,15 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
             errors,
             sum(r.prompt_tokens for r in response.results),
         )
-        return Response(response.encode(), media_type=CONTENT_TYPE)
+        return Response(response.encode(), media_type=CONTENT_TYPE, headers=worker.backlog().headers())
 
     return app
+
+
+def _refusal(refusal: NotAdmitted, report: LoadReport) -> JSONResponse:
+    """429 (refused for now, Retry-After) or 400 (never fits: what to change), with the backlog headers."""
+    decision = refusal.decision
+    if decision.outcome == "never_fits":
+        return _error(400, decision.detail, report.headers(), EXCEEDS_DEADLINE)
+    headers = {"Retry-After": str(decision.retry_after_s), **report.headers()}
+    return _error(429, decision.detail, headers, OVERLOADED)

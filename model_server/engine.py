@@ -4,23 +4,34 @@ A single thread runs the loop. Every iteration is one forward pass over the next
 running sequence *and* the prefill of newly admitted ones (their prompts packed beside the decode
 rows), so arrivals never stall the running batch. A sequence leaves as soon as its own K is
 reached and waiting ones join at the next iteration, so requests with different step budgets
-share every pass. Admission is bounded by a sequence cap
-and token budgets; the waiting queue is bounded and refuses with `QueueFull` rather than growing.
-A cancelled request's sequences are dropped at the next iteration.
+share every pass. Admission is bounded by a sequence cap and token budgets; the waiting queue is
+bounded and refuses with `QueueFull` rather than growing (a safety net: serving admits online calls
+by their deadline first, see admission.py).
+
+Two priorities: online sequences are always taken first; batch sequences join the running set only
+while no online one waits, and never take more than `batch_share` of the slots and token budgets, so
+an online arrival finds room at the next iteration instead of waiting behind batch work.
+A cancelled request's sequences, and any sequence past its deadline, are dropped at the next
+iteration (the latter answered with `DeadlineExceeded`). Every iteration is timed against what it
+did (`admission.Load`), which fits the cost model admission estimates with.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
+from model_server.admission import Backlog, CostModel, Load, Seqs
 from model_server.methods import EngineMethod, Sequence
 from model_server.metrics import WorkerMetrics
 from model_server.prompts import PreparedInput
+from model_server.protocol import Priority
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +44,17 @@ class EngineStopped(RuntimeError):
     """The engine is shutting down or has failed; the HTTP layer answers 503."""
 
 
+class DeadlineExceeded(RuntimeError):
+    """The sequence's deadline passed before it finished; it was dropped (the HTTP layer answers 504)."""
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     max_running_seqs: int = 64
     max_batch_tokens: int = 4096  # tokens in one forward pass (padded tokens for stateless methods)
     max_kv_tokens: int = 65536  # prompt + steps, summed over running sequences
-    max_waiting_seqs: int = 1024
+    max_waiting_seqs: int = 4096  # online sequences waiting: one request at the gateway's 2048-input cap fits
+    batch_share: float = 0.75  # of the slots and token budgets, the most batch sequences may hold
 
 
 class Engine:
@@ -46,8 +62,13 @@ class Engine:
         self.method = method
         self.limits = limits
         self.metrics = metrics
-        self.waiting: deque[Sequence] = deque()
+        self.cost = CostModel()  # fed by the engine thread alone
+        self.waiting: deque[Sequence] = deque()  # online
+        self.waiting_batch: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == the sequence's slot in the method
+        self.version = 0  # changes whenever the queue does: a backlog snapshot's identity
+        self._running_view = Seqs.of([], [], [])  # the running set as admission sees it, published per iteration
+        self._next_expiry = math.inf  # the earliest deadline among waiting sequences
         self._cv = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="genembed-engine", daemon=True)
@@ -67,83 +88,134 @@ class Engine:
 
     # -- submission (any thread) -------------------------------------------------------------------
 
-    def submit(self, prepared: list[PreparedInput]) -> list[Future]:
-        """Queue one request's inputs together (all or none); each future yields an `Embedded`."""
-        seqs = [Sequence(p) for p in prepared]
+    def submit(
+        self, prepared: list[PreparedInput], deadline: float | None = None, priority: Priority = "online"
+    ) -> list[Future]:
+        """Queue one request's inputs together (all or none); each future yields an `Embedded`, or raises
+        `DeadlineExceeded` once `deadline` (time.monotonic()) passes before it is done. Batch calls are never
+        refused: the gateway bounds how many it has in flight."""
+        seqs = [Sequence(p, deadline=deadline, priority=priority) for p in prepared]
         with self._cv:
             if not self.alive:
                 raise EngineStopped("the engine is not running")
-            if len(self.waiting) + len(seqs) > self.limits.max_waiting_seqs:
+            queue = self.waiting if priority == "online" else self.waiting_batch
+            if priority == "online" and len(queue) + len(seqs) > self.limits.max_waiting_seqs:
                 self.metrics.rejected.inc()
-                raise QueueFull(f"{len(self.waiting)} inputs are already waiting")
-            self.waiting.extend(seqs)
-            self.metrics.waiting.set(len(self.waiting))
+                raise QueueFull(f"{len(queue)} inputs are already waiting")
+            queue.extend(seqs)
+            if deadline is not None:
+                self._next_expiry = min(self._next_expiry, deadline)
+            self.version += 1
+            self._count_waiting()
             self._cv.notify()
         return [s.future for s in seqs]
 
     def pending_work(self) -> int:
         """Sequences waiting or running: what a router compares workers by."""
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.waiting_batch) + len(self.running)
+
+    def backlog(self) -> tuple[Backlog, int]:
+        """The queue as admission sees it, and its `version` (the snapshot is that version's)."""
+        stateful = self.method.stateful
+        with self._cv:
+            online, batch = (
+                Seqs.waiting([s.prompt_tokens for s in queue], [s.decode_iterations if stateful else 0 for s in queue])
+                for queue in (self.waiting, self.waiting_batch)
+            )
+            return Backlog(self._running_view, online, batch), self.version
 
     # -- the loop (engine thread) ------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self.waiting and not self.running:
+                while not self._stopping and not self.waiting and not self.waiting_batch and not self.running:
                     self._cv.wait()
                 if self._stopping:
                     break
+                started = time.perf_counter()
+                self._drop_expired_waiting()
                 admitted = self._admit()
+                self._publish(admitted)  # this iteration's work is in the backlog while it runs
             try:
-                self._drop_cancelled()
-                self._run(self.running, admitted)
+                self._drop_gone()
+                load = self._run(self.running, admitted)
+                if load is not None:
+                    self.cost.observe(load, time.perf_counter() - started)
                 self.running.extend(admitted)
                 self._retire()
             except Exception as exc:  # a failed pass fails its sequences, never the engine
                 log.exception("engine iteration failed")
                 self.metrics.errors.inc()
                 self._fail_all(admitted + self.running, exc)
-        self._fail_all(list(self.waiting) + self.running, EngineStopped("the engine stopped"))
+            with self._cv:
+                self._publish([])
+        self._fail_all(
+            list(self.waiting) + list(self.waiting_batch) + self.running, EngineStopped("the engine stopped")
+        )
 
     def _admit(self) -> list[Sequence]:
-        """Take waiting sequences (FIFO) while the batch bounds allow; caller holds the lock.
+        """Take waiting sequences (FIFO, online before batch) while the batch bounds allow; caller holds the lock.
 
         When nothing runs, the first one is taken even if it alone exceeds a budget, so an
-        oversized input is served instead of blocking the queue.
+        oversized input is served instead of blocking the queue. Batch sequences are taken only when no
+        online one waits, within `batch_share` of each bound (counting the batch ones already running).
         """
         limits, stateful, admitted = self.limits, self.method.stateful, []
         kv_tokens = sum(s.kv_tokens for s in self.running)
         prefill_tokens = widest = 0
-        while self.waiting and len(self.running) + len(admitted) < limits.max_running_seqs:
-            seq = self.waiting[0]
-            if seq.cancelled:
-                self.waiting.popleft()
-                continue
-            n = seq.prompt_tokens
-            # A padded (stateless) batch pays for its widest row in every row; a packed one does not.
-            cost = len(self.running) + prefill_tokens + n if stateful else max(widest, n) * (len(admitted) + 1)
-            fits = cost <= limits.max_batch_tokens and (
-                not stateful or kv_tokens + seq.kv_tokens <= limits.max_kv_tokens
-            )
-            if not fits and (admitted or self.running):
-                break
-            self.waiting.popleft()
-            admitted.append(seq)
-            prefill_tokens, widest, kv_tokens = prefill_tokens + n, max(widest, n), kv_tokens + seq.kv_tokens
-        self.metrics.waiting.set(len(self.waiting))
+        batch_running = [s for s in self.running if s.priority == "batch"]
+        batch_seqs, batch_kv, batch_tokens = len(batch_running), sum(s.kv_tokens for s in batch_running), 0
+        share = limits.batch_share
+        for queue in (self.waiting, self.waiting_batch):
+            batch = queue is self.waiting_batch
+            if batch and self.waiting:
+                break  # online work waits: it goes first
+            while queue and len(self.running) + len(admitted) < limits.max_running_seqs:
+                seq = queue[0]
+                if seq.cancelled:
+                    queue.popleft()
+                    continue
+                n = seq.prompt_tokens
+                # A padded (stateless) batch pays for its widest row in every row; a packed one does not.
+                cost = len(self.running) + prefill_tokens + n if stateful else max(widest, n) * (len(admitted) + 1)
+                fits = cost <= limits.max_batch_tokens and (
+                    not stateful or kv_tokens + seq.kv_tokens <= limits.max_kv_tokens
+                )
+                if batch:
+                    fits = fits and (
+                        batch_seqs + 1 <= max(1, math.floor(limits.max_running_seqs * share))
+                        and batch_tokens + n <= limits.max_batch_tokens * share
+                        and (not stateful or batch_kv + seq.kv_tokens <= limits.max_kv_tokens * share)
+                    )
+                if not fits and (admitted or self.running):
+                    break
+                queue.popleft()
+                admitted.append(seq)
+                prefill_tokens, widest, kv_tokens = prefill_tokens + n, max(widest, n), kv_tokens + seq.kv_tokens
+                if batch:
+                    batch_seqs, batch_kv, batch_tokens = batch_seqs + 1, batch_kv + seq.kv_tokens, batch_tokens + n
+        self._count_waiting()
         return admitted
 
-    def _run(self, running: list[Sequence], admitted: list[Sequence]) -> None:
+    def _run(self, running: list[Sequence], admitted: list[Sequence]) -> Load | None:
+        """One forward pass; what it did, for the cost model (None when there was nothing to run)."""
         if not running and not admitted:
-            return
+            return None
         started = time.perf_counter()
+        kv_read = sum(s.prompt_tokens + s.iterations for s in running) if self.method.stateful else 0
         self.method.step(running, admitted)
+        for seq in running + admitted:
+            seq.iterations += 1
         phase = "mixed" if running and admitted else ("decode" if running else "prefill")
+        prefill_tokens = sum(s.prompt_tokens for s in admitted)
         self.metrics.steps.inc(len(running))
         self.metrics.forward_seconds.labels(phase).observe(time.perf_counter() - started)
         self.metrics.batch_seqs.labels(phase).observe(len(running) + len(admitted))
-        self.metrics.batch_tokens.labels(phase).observe(len(running) + sum(s.prompt_tokens for s in admitted))
+        self.metrics.batch_tokens.labels(phase).observe(len(running) + prefill_tokens)
+        # a sequence that goes on needed the logits of this pass (gircse's next soft token, o1's next token)
+        logits = sum(not s.finished for s in running + admitted) if self.method.stateful else 0
+        return Load(1, len(running), prefill_tokens, kv_read, logits)
 
     def _retire(self) -> None:
         """Remove finished sequences (descending slots: each swap moves a still-running one)."""
@@ -152,17 +224,65 @@ class Engine:
             if seq.finished:
                 self._remove(slot)
                 self._resolve(seq, seq.result, None)
-        self.metrics.running.set(len(self.running))
 
-    def _drop_cancelled(self) -> None:
+    def _drop_gone(self) -> None:
+        """Free the slots of running sequences that were cancelled or whose deadline passed."""
+        now = time.monotonic()
         for slot in range(len(self.running) - 1, -1, -1):
-            if self.running[slot].cancelled:
+            seq = self.running[slot]
+            if seq.cancelled:
                 self._remove(slot)
+            elif seq.deadline is not None and seq.deadline <= now:
+                self._remove(slot)
+                self._expire([seq])
+
+    def _drop_expired_waiting(self) -> None:
+        """Drop waiting sequences past their deadline (a sweep only once the earliest deadline has passed);
+        caller holds the lock."""
+        now = time.monotonic()
+        if now < self._next_expiry:
+            return
+        expired: list[Sequence] = []
+        for queue in (self.waiting, self.waiting_batch):
+            kept = [s for s in queue if s.deadline is None or s.deadline > now]
+            if len(kept) < len(queue):
+                expired.extend(s for s in queue if s.deadline is not None and s.deadline <= now)
+                queue.clear()
+                queue.extend(kept)
+        self._next_expiry = min(
+            (s.deadline for q in (self.waiting, self.waiting_batch) for s in q if s.deadline is not None),
+            default=math.inf,
+        )
+        self._expire(expired)
+
+    def _expire(self, seqs: Iterable[Sequence]) -> None:
+        for seq in seqs:
+            self.metrics.deadline_dropped.inc()
+            self._resolve(seq, None, DeadlineExceeded("the request's deadline passed before it was done"))
 
     def _remove(self, slot: int) -> None:
         self.method.remove(slot)
         self.running[slot] = self.running[-1]
         self.running.pop()
+
+    def _publish(self, admitted: list[Sequence]) -> None:
+        """The running set for admission (other threads read it: replaced whole), `admitted` still to prefill, and
+        a new queue version; caller holds the lock."""
+        stateful = self.method.stateful
+        running = self.running
+        self._running_view = Seqs.of(
+            [0] * len(running) + [s.prompt_tokens for s in admitted],
+            [s.prompt_tokens + s.iterations for s in running] + [s.prompt_tokens + 1 for s in admitted],
+            [s.decode_iterations - s.iterations + 1 if stateful else 0 for s in running]
+            + [s.decode_iterations if stateful else 0 for s in admitted],
+        )
+        self.version += 1
+        self.metrics.running.set(len(running) + len(admitted))
+
+    def _count_waiting(self) -> None:
+        self.metrics.waiting.set(len(self.waiting) + len(self.waiting_batch))
+        self.metrics.queued.labels("online").set(len(self.waiting))
+        self.metrics.queued.labels("batch").set(len(self.waiting_batch))
 
     def _fail_all(self, seqs: list[Sequence], exc: BaseException) -> None:
         """Fail `seqs` (which include every running one) and empty the method's slots."""

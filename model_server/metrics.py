@@ -44,6 +44,42 @@ class WorkerMetrics:
             "genembed_worker_rejected_requests", "Requests refused because the queue was full", registry=reg
         )
         self.waiting = Gauge("genembed_worker_waiting_sequences", "Sequences in the queue", registry=reg)
+        self.queued = Gauge(
+            "genembed_worker_queued_sequences",
+            "Sequences waiting, by priority (online, batch)",
+            ["priority"],
+            registry=reg,
+        )
+        self.drain_seconds = Gauge(
+            "genembed_worker_expected_drain_seconds",
+            "Expected seconds until the running sequences and the online queue are done (what a new call waits behind)",
+            registry=reg,
+        )
+        self.cost_coefficient = Gauge(
+            "genembed_worker_cost_coefficient_seconds",
+            "The fitted cost of one unit of each iteration term (iteration, decode_row, prefill_token, kv_position, "
+            "logits_row)",
+            ["term"],
+            registry=reg,
+        )
+        self.admission = Counter(
+            "genembed_worker_admission_decisions",
+            "Online calls by admission outcome (accepted, refused, never_fits, queue_full, deadline_passed); batch "
+            "calls as accepted_batch",
+            ["outcome"],
+            registry=reg,
+        )
+        self.deadline_dropped = Counter(
+            "genembed_worker_deadline_dropped_sequences",
+            "Sequences dropped because their deadline passed before they were done",
+            registry=reg,
+        )
+        self.finish_error = Histogram(
+            "genembed_worker_finish_error_seconds",
+            "Accepted online calls: expected minus actual seconds to the answer (negative: later than expected)",
+            buckets=(-10, -5, -2, -1, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+            registry=reg,
+        )
         self.running = Gauge("genembed_worker_running_sequences", "Sequences in the running batch", registry=reg)
         self.in_flight = Gauge(
             "genembed_worker_in_flight_requests", "Requests accepted and not yet answered (probes aside)", registry=reg

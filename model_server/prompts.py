@@ -7,7 +7,7 @@ same way. Truncation cuts the body (the caller's text), never the template aroun
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from model_server import protocol, rules
 from model_server.protocol import EmbedItem
@@ -71,6 +71,7 @@ class PromptBuilder:
         if item.input_type not in ("query", "document"):
             raise ItemRejected(protocol.INVALID_INPUT, "input_type must be 'query' or 'document'", "input_type")
         steps = rules.check_steps(self.spec.id, self.spec, item.steps)
+        rules.check_step_range(self.spec.id, self.spec, item.min_steps, steps)
         rules.check_step_options(self.spec.id, self.spec.method, item.tolerance, item.trajectory)
         if self.spec.method == "cross_encoder":
             return self._pair(item)
@@ -94,6 +95,15 @@ class PromptBuilder:
             samples=samples,
             item=item,
         )
+
+    def with_steps(self, prepared: PreparedInput, steps: int) -> PreparedInput:
+        """`prepared` (a step range's highest) granted `steps` of its range. Only the budget changes where the
+        prompt does not depend on K (gircse; an o1 thought of one token or more); else the item is prepared again."""
+        if steps == prepared.steps:
+            return prepared
+        if self.spec.method == "gircse" or (self.spec.method == "o1" and steps > 0 and prepared.steps > 0):
+            return replace(prepared, steps=steps)
+        return self.prepare(replace(prepared.item, steps=steps, min_steps=None))
 
     def _samples(self, item: EmbedItem, steps: int) -> int:
         """The sequences an input runs as: an o1 query's sampled thoughts; one wherever nothing is random."""

@@ -54,6 +54,19 @@ def check_steps(model: str, card: Card, steps: int | None) -> int:
     return k
 
 
+def check_step_range(model: str, card: Card, lowest: int | None, highest: int) -> int:
+    """The lowest K of a step range (`min_steps`; None: no range, `highest` alone), which must lie in the model's
+    range and not above the range's highest."""
+    if lowest is None:
+        return highest
+    if lowest > highest:
+        raise ItemRejected(
+            STEPS_OUT_OF_RANGE, f"refinement_steps min={lowest} is larger than max={highest}", "refinement_steps"
+        )
+    check_steps(model, card, lowest)
+    return lowest
+
+
 def check_step_options(model: str, method: str, tolerance: float | None, trajectory: bool) -> None:
     """Early exit (`refinement_steps: "auto"`, a tolerance) needs an embedding after every step, which only gircse
     has before its last one; an o1 thought has an embedding only once it ends."""

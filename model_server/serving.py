@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from model_server import protocol, tracing
-from model_server.engine import Engine, EngineLimits, EngineStopped
+from model_server import admission, protocol, tracing
+from model_server.admission import Call, Capacity, Decision, Policy, Schedule
+from model_server.engine import DeadlineExceeded, Engine, EngineLimits, EngineStopped
 from model_server.loading import LoadedModel, load_model
 from model_server.methods import build_method
 from model_server.metrics import WorkerMetrics
@@ -25,19 +28,65 @@ log = logging.getLogger(__name__)
 _CALIBRATION_STEPS = 5
 
 
+class NotAdmitted(Exception):
+    """Admission said no (`decision.outcome`: refused, 429; never_fits, 400)."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.detail)
+        self.decision = decision
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The backlog the worker reports on every /embed answer and on `GET /load`."""
+
+    drain_s: float  # expected seconds until the running sequences and the online queue are done
+    running_seqs: int
+    waiting_online: int
+    waiting_batch: int
+
+    @property
+    def queued_seqs(self) -> int:
+        """Every sequence the worker holds, running or waiting."""
+        return self.running_seqs + self.waiting_online + self.waiting_batch
+
+    def headers(self) -> dict[str, str]:
+        return {protocol.DRAIN_HEADER: f"{self.drain_s:.3f}", protocol.QUEUED_HEADER: str(self.queued_seqs)}
+
+    def to_json(self) -> dict:
+        return {
+            "drain_s": round(self.drain_s, 3),
+            "queued_seqs": self.queued_seqs,
+            "running_seqs": self.running_seqs,
+            "waiting": {"online": self.waiting_online, "batch": self.waiting_batch},
+        }
+
+
 class EmbeddingWorker:
-    def __init__(self, loaded: LoadedModel, limits: EngineLimits, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        limits: EngineLimits,
+        metrics: WorkerMetrics | None = None,
+        policy: Policy | None = None,
+    ) -> None:
         self.loaded = loaded
         self.metrics = metrics or WorkerMetrics()
         self.method = build_method(loaded, limits.max_running_seqs)
         self.engine = Engine(self.method, limits, self.metrics)
+        self.policy = policy or Policy()
+        self.capacity = Capacity(
+            limits.max_running_seqs, limits.max_batch_tokens, limits.max_kv_tokens, self.method.stateful
+        )
         self.calibration: list[list[float]] = []  # timed warm-up calls: see warmup()
         spec = loaded.spec
         self.metrics.info.labels(spec.id, spec.method, loaded.revision, str(loaded.dtype)).set(1)
 
     @classmethod
-    def load(cls, spec: ModelSpec, limits: EngineLimits, metrics: WorkerMetrics | None = None) -> EmbeddingWorker:
-        worker = cls(load_model(spec), limits, metrics)
+    def load(
+        cls, spec: ModelSpec, limits: EngineLimits, metrics: WorkerMetrics | None = None, policy: Policy | None = None
+    ) -> EmbeddingWorker:
+        worker = cls(load_model(spec), limits, metrics, policy)
         worker.engine.start()
         return worker
 
@@ -73,12 +122,19 @@ class EmbeddingWorker:
             prepared.append(p)
         return results, prepared
 
-    async def embed(self, request: EmbedRequest) -> EmbedResponse:
-        """Embed a batch; per-item failures are results. Raises QueueFull / EngineStopped."""
+    async def embed(self, request: EmbedRequest, received: float | None = None) -> EmbedResponse:
+        """Embed a call; per-item failures are results. `received`: when the call arrived (time.monotonic()), which
+        its `deadline_s` counts from. Raises NotAdmitted, QueueFull, DeadlineExceeded, EngineStopped."""
+        received = time.monotonic() if received is None else received
         with tracing.span("prepare", attributes={"genembed.items": len(request.items)}):
             results, prepared = await asyncio.to_thread(self._prepare, request.items)
         # An input with n samples (o1 thoughts) runs as n sequences, combined below.
         runs = [dataclasses.replace(p, sample=i) for p in prepared if p is not None for i in range(p.samples)]
+        # Admission and submission with no await between them: no other call is admitted in between.
+        decision = self.admit(runs, sum(p is not None for p in prepared), request) if runs else None
+        if decision is not None:
+            runs = [self.method.prompts.with_steps(r, int(k)) for r, k in zip(runs, decision.steps, strict=True)]
+        deadline = None if request.deadline_s is None else received + request.deadline_s
         # One span for the request's sequences in the engine, not one per iteration: they share each forward
         # pass with other calls' sequences, so per-iteration spans would repeat one pass under many traces.
         attributes = tracing.enabled() and {
@@ -87,13 +143,17 @@ class EmbeddingWorker:
             "genembed.max_steps": max((r.steps for r in runs), default=0),
         }
         with tracing.span("engine", attributes=attributes or None):
-            futures = self.engine.submit(runs) if runs else []
+            futures = self.engine.submit(runs, deadline, request.priority) if runs else []
             try:
                 outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
             except asyncio.CancelledError:
                 for future in futures:  # the client went away: free the slots at the next iteration
                     future.cancel()
                 raise
+        if expired := next((o for o in outcomes if isinstance(o, DeadlineExceeded)), None):
+            raise expired
+        if decision is not None and decision.expected_s is not None:
+            self.metrics.finish_error.observe(decision.expected_s - (time.monotonic() - received))
         vectors = []
         slots = iter(outcomes)
         for result, p in zip(results, prepared, strict=True):
@@ -121,16 +181,67 @@ class EmbeddingWorker:
         array = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
         return EmbedResponse(dimension=dim, results=results, vectors=array)
 
+    def admit(self, runs: list[PreparedInput], inputs: int, request: EmbedRequest) -> Decision:
+        """Admission's decision on a call's sequences (each at its range's highest), counted; raises NotAdmitted."""
+        stateful = self.method.stateful
+        decodes = np.array([stateful and r.steps > 0 for r in runs], bool)
+        highest = np.array([r.steps for r in runs], np.int64)
+        lowest = np.array(
+            [
+                r.item.min_steps if d and r.item.min_steps is not None else r.steps
+                for r, d in zip(runs, decodes, strict=True)
+            ],
+            np.int64,
+        )
+        call = Call(
+            prompts=np.array([len(r.token_ids) for r in runs], np.int64),
+            lowest=lowest,
+            highest=highest,
+            extra=np.array([r.reserve for r in runs], np.int64),
+            decodes=decodes,
+            inputs=inputs,
+            deadline_s=request.deadline_s,
+            priority=request.priority,
+        )
+        backlog, _ = self.engine.backlog()
+        ahead = backlog.schedule(self.capacity)
+        idle = Schedule(admission.EMPTY, self.capacity.slots_for(call.seqs(0)), self.capacity.batch_tokens)
+        decision = admission.decide(self.engine.cost, ahead, idle, call, self.policy)
+        outcome = decision.outcome if request.priority == "online" else "accepted_batch"
+        self.metrics.admission.labels(outcome).inc()
+        if decision.outcome != "accepted":
+            log.info("embed: %s: %s", decision.outcome, decision.detail)
+            raise NotAdmitted(decision)
+        return decision
+
+    def backlog(self) -> LoadReport:
+        """The backlog now (also refreshes the gauges that describe it)."""
+        backlog, _ = self.engine.backlog()
+        drain_s = admission.drain_seconds(self.engine.cost, backlog.schedule(self.capacity))
+        self.metrics.drain_seconds.set(drain_s)
+        coefficients = self.engine.cost.coefficients
+        if coefficients is not None:
+            for term, value in zip(admission.TERMS, coefficients, strict=True):
+                self.metrics.cost_coefficient.labels(term).set(value)
+        return LoadReport(drain_s, len(backlog.running), len(backlog.online), len(backlog.batch))
+
+    def retry_after(self, drain_s: float) -> int:
+        """Seconds a refusal by a bound (not by an estimate) asks the caller to wait: until the queue drains."""
+        return min(max(math.ceil(drain_s), 1), self.policy.max_retry_after_s)
+
     async def warmup(self) -> None:
         """One pass of each kind, so the first real request does not pay for lazy initialisation; then a few
         batched calls whose timings seed the gateway's admission cost model (`ModelInfo.calibration`), so a
-        fresh gateway estimates bursts from batched work instead of refusing blindly or accepting blindly."""
+        fresh gateway estimates bursts from batched work instead of refusing blindly or accepting blindly. Their
+        engine iterations seed the worker's own cost model (admission.py)."""
         spec = self.loaded.spec
         steps = min(max(spec.default_refinement_steps, spec.min_refinement_steps), _CALIBRATION_STEPS)
         await self._timed_call(1, steps)
+        self.engine.cost.discard()  # the first pass paid for lazy initialisation
         most = self.engine.limits.max_waiting_seqs  # a call of more would be refused
         shapes = [(1, steps), (min(8, most), steps), (min(32, most), steps), (min(32, most), spec.min_refinement_steps)]
         self.calibration = [await self._timed_call(items, k) for items, k in shapes]
+        self.engine.cost.pin()  # the calibration's iterations seed the cost model before the first request
 
     async def _timed_call(self, items: int, steps: int) -> list[float]:
         """[calls, inputs, prompt tokens, steps, seconds] of one call of `items` distinct inputs at `steps`."""

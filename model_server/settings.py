@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model_server.admission import Policy
 from model_server.engine import EngineLimits
 from model_server.logs import LogFormat
 from model_server.specs import DEFAULT_MODEL
@@ -29,7 +30,9 @@ class WorkerSettings(BaseSettings):
     max_running_seqs: int = Field(default=64, gt=0)
     max_batch_tokens: int = Field(default=4096, gt=0)
     max_kv_tokens: int = Field(default=65536, gt=0)
-    max_waiting_seqs: int = Field(default=1024, gt=0)
+    max_waiting_seqs: int = Field(
+        default=4096, gt=0, description="online sequences waiting (a safety net: admission decides by deadline)"
+    )
     log_level: str = "info"
     drain_grace_s: float = Field(default=30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish")
     log_format: LogFormat = Field(default="text", description="text, or json: one object per line")
@@ -51,13 +54,26 @@ class WorkerSettings(BaseSettings):
         """An empty variable (compose's `${VAR:-}`, an empty Secret key) means no token, never the empty token."""
         return None if value == "" else value
 
+    # Admission (model_server/admission.py; docs: /work/helpers/worker-admission.md)
+    deadline_share: float = Field(
+        default=0.7, gt=0, le=1, description="of a call's deadline, what its estimated finish may use (headroom)"
+    )
+    max_retry_after_s: int = Field(default=30, gt=0, description="the largest Retry-After a refusal names")
+    batch_share: float = Field(
+        default=0.75, gt=0, le=1, description="of the running slots and token budgets, the most batch work may hold"
+    )
+
     def limits(self) -> EngineLimits:
         return EngineLimits(
             max_running_seqs=self.max_running_seqs,
             max_batch_tokens=self.max_batch_tokens,
             max_kv_tokens=self.max_kv_tokens,
             max_waiting_seqs=self.max_waiting_seqs,
+            batch_share=self.batch_share,
         )
+
+    def policy(self) -> Policy:
+        return Policy(deadline_share=self.deadline_share, max_retry_after_s=self.max_retry_after_s)
 
     def spec_overrides(self) -> dict[str, object]:
         fields = ("dtype", "device", "linear", "cuda_graphs")

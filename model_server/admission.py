@@ -1,0 +1,391 @@
+"""Admission where the work runs: what an engine iteration costs, when the queue drains, and whether a call fits.
+
+Pure (numpy only: no torch, no threads, no clock): the engine feeds `CostModel` what each iteration did and how
+long it took; serving builds a `Schedule` from a snapshot of the engine's queue and asks `decide` about a call.
+
+**Cost model.** One engine iteration's wall time is modelled as
+
+    seconds = c_iteration + c_decode × decode rows + c_prefill × prefill tokens
+              + c_kv × KV positions read (the running sequences' lengths) + c_logits × logits rows
+
+fitted by non-negative least squares over a window of recent iterations, with the largest residuals trimmed
+(a GC pause or a neighbour's burst on shared cores is one slow iteration, not a slower device). The warm-up's
+iterations are pinned as seed samples that stay in every fit: they span batch shapes (1 to 32 rows, prefill and
+decode) that a window of steady-state iterations may not, so a coefficient the window cannot tell apart from
+another (every iteration 64 decode rows and 64 logits rows) keeps what the calibration measured.
+
+**Schedule (the approximation).** The engine admits FIFO into `slots` running slots; a sequence holds its slot
+for one prefill iteration and then one iteration per decode step (o1: its thought plus EOS and `<emb>`), so a
+queue is list-scheduled at iteration granularity: each waiting sequence starts in the first slot that frees.
+That is exact for the engine's admission while slots are the binding bound. The token budgets are folded in
+as bounds: slots never exceed what the KV budget holds for the queue's mean sequence, and a queue's iterations
+are at least its prefill tokens over the per-iteration token budget. Every iteration until a horizon runs (the
+list schedule leaves no idle slot while work waits), so the work done by then is summed per term from each
+sequence's share of the schedule, and the cost model prices it. Batch sequences count only once running:
+batch waits behind online work, so an online call is scheduled behind the running set and the online queue.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+#: the cost model's terms, in the order of `Load.vector()` and of its coefficients
+TERMS = ("iteration", "decode_row", "prefill_token", "kv_position", "logits_row")
+
+
+@dataclass(frozen=True)
+class Load:
+    """What some engine iterations did, summed: one observed iteration, or a schedule's work up to a horizon."""
+
+    iterations: float = 0
+    decode_rows: float = 0
+    prefill_tokens: float = 0
+    kv_read: float = 0  # KV positions the decode rows attended to
+    logits_rows: float = 0
+
+    def vector(self) -> np.ndarray:
+        return np.array(
+            [self.iterations, self.decode_rows, self.prefill_tokens, self.kv_read, self.logits_rows], np.float64
+        )
+
+
+class CostModel:
+    """Seconds per iteration term, fitted online from the engine's own iterations (one writer: the engine thread;
+    readers take `coefficients`, an array replaced whole at each refit)."""
+
+    def __init__(self, window: int = 512, trim: float = 0.1, refit_every: int = 16) -> None:
+        self._window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self._seed: list[tuple[np.ndarray, float]] = []
+        self._trim = trim
+        self._refit_every = refit_every
+        self._since_fit = 0
+        self.coefficients: np.ndarray | None = None
+
+    def observe(self, load: Load, seconds: float) -> None:
+        self._window.append((load.vector(), seconds))
+        self._since_fit += 1
+        # refit at every sample while there are few, then every `refit_every` (a fit is ~1 ms of numpy)
+        if self._since_fit >= self._refit_every or len(self._window) < 4 * self._refit_every:
+            self.refit()
+
+    def discard(self) -> None:
+        """Forget the window (warm-up: the first pass pays for lazy initialisation, no later one does)."""
+        self._window.clear()
+
+    def pin(self) -> None:
+        """Keep the window's samples in every later fit (warm-up: the calibration's batch shapes)."""
+        self._seed = list(self._window)
+        self.refit()
+
+    def refit(self) -> None:
+        self._since_fit = 0
+        samples = self._seed + list(self._window)
+        if len(samples) < len(TERMS):
+            return
+        x = np.stack([v for v, _ in samples])
+        y = np.array([s for _, s in samples])
+        coef = _trimmed_nnls(x, y, self._trim, len(self._seed))
+        if coef.any():
+            self.coefficients = coef
+
+    def seconds(self, load: Load) -> float | None:
+        coef = self.coefficients
+        return None if coef is None else float(load.vector() @ coef)
+
+
+def _trimmed_nnls(x: np.ndarray, y: np.ndarray, trim: float, pinned: int, rounds: int = 3) -> np.ndarray:
+    """Non-negative least squares without the `trim` share of samples with the largest residuals: refitted a few
+    times, each time trimming by the residuals of the fit before (the first fit is pulled by the outliers, so one
+    round misses some of them). The first `pinned` samples (the calibration's) are never trimmed: they are few,
+    and what they carry is the shapes the others may lack."""
+    coef = _nnls(x, y)
+    keep = max(len(TERMS), math.ceil((len(y) - pinned) * (1 - trim)))
+    if keep < len(y) - pinned:
+        for _ in range(rounds):
+            kept = pinned + np.argsort(np.abs(x[pinned:] @ coef - y[pinned:]))[:keep]
+            rows = np.concatenate([np.arange(pinned), kept])
+            coef = _nnls(x[rows], y[rows])
+    return coef
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Exact NNLS for a handful of terms: the unconstrained fit if it is non-negative, else the best non-negative
+    fit over every subset of terms (the optimum is the plain least-squares fit on its own support). Columns are
+    scaled to unit norm first (KV positions run to 1e5 per iteration, iterations to 1)."""
+    scale = np.linalg.norm(x, axis=0)
+    scale[scale == 0] = 1
+    xs = x / scale
+    full, *_ = np.linalg.lstsq(xs, y, rcond=None)
+    if (full >= 0).all():
+        return full / scale
+    best, best_sse = np.zeros(x.shape[1]), float(y @ y)
+    for size in range(1, x.shape[1]):
+        for subset in itertools.combinations(range(x.shape[1]), size):
+            cols = list(subset)
+            solution, *_ = np.linalg.lstsq(xs[:, cols], y, rcond=None)
+            if (solution < 0).any():
+                continue
+            sse = float(np.sum((xs[:, cols] @ solution - y) ** 2))
+            if sse < best_sse:
+                best, best_sse = np.zeros(x.shape[1]), sse
+                best[cols] = solution
+    return best / scale
+
+
+@dataclass(frozen=True)
+class Seqs:
+    """Sequences as the schedule sees them (arrays, one entry each, in the order the engine takes them)."""
+
+    prefill: np.ndarray  # prompt tokens still to prefill (0 once running)
+    length: np.ndarray  # KV positions its next decode step attends to
+    decode: np.ndarray  # decode iterations left
+
+    @classmethod
+    def of(cls, prefill: list[int], length: list[int], decode: list[int]) -> Seqs:
+        return cls(np.asarray(prefill, np.int64), np.asarray(length, np.int64), np.asarray(decode, np.int64))
+
+    @classmethod
+    def waiting(cls, prompts: list[int] | np.ndarray, decode: list[int] | np.ndarray) -> Seqs:
+        """Sequences not yet prefilled: their first decode step attends to the prompt and its own position."""
+        prompts = np.asarray(prompts, np.int64)
+        return cls(prompts, prompts + 1, np.asarray(decode, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.decode)
+
+    def occupancy(self) -> np.ndarray:
+        """Iterations each holds a slot from now: its prefill (if still to come) and its decode steps."""
+        return self.decode + (self.prefill > 0)
+
+    def concat(self, other: Seqs) -> Seqs:
+        return Seqs(
+            np.concatenate([self.prefill, other.prefill]),
+            np.concatenate([self.length, other.length]),
+            np.concatenate([self.decode, other.decode]),
+        )
+
+
+EMPTY = Seqs.of([], [], [])
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The engine's bounds, as the schedule uses them."""
+
+    slots: int  # max running sequences
+    batch_tokens: int  # tokens one iteration may prefill
+    kv_tokens: int  # KV positions over the running set (stateful methods)
+    stateful: bool = True
+
+    def slots_for(self, seqs: Seqs) -> int:
+        """Running slots a queue of `seqs` gets: the sequence cap, or fewer where the KV budget binds first."""
+        if not self.stateful or not len(seqs):
+            return self.slots
+        mean_kv = float(np.mean(seqs.length + seqs.decode))
+        return max(1, min(self.slots, int(self.kv_tokens // max(mean_kv, 1.0))))
+
+
+class Schedule:
+    """A list schedule of a queue into running slots, at iteration granularity; `extend` appends sequences in
+    the engine's order and returns the iteration at which the last of them finishes."""
+
+    def __init__(self, running: Seqs, slots: int, batch_tokens: int) -> None:
+        occupancy = running.occupancy().tolist()
+        self._free = sorted(occupancy[:slots] + [0] * max(slots - len(occupancy), 0))
+        self._seqs = running
+        self._start = np.zeros(len(running), np.int64)
+        self._finish = np.asarray(occupancy, np.int64)
+        self._batch_tokens = batch_tokens
+        self._prefill = 0
+
+    def copy(self) -> Schedule:
+        twin = Schedule.__new__(Schedule)
+        twin.__dict__.update(self.__dict__)
+        twin._free = list(self._free)
+        return twin
+
+    def extend(self, seqs: Seqs) -> int:
+        """Schedule `seqs` after everything so far; the iteration by which all of them are done."""
+        starts, finishes = [], []
+        free = self._free
+        for occupancy in seqs.occupancy().tolist():
+            start = free[0]
+            heapq.heapreplace(free, start + occupancy)
+            starts.append(start)
+            finishes.append(start + occupancy)
+        self._seqs = self._seqs.concat(seqs)
+        self._start = np.concatenate([self._start, np.asarray(starts, np.int64)])
+        self._finish = np.concatenate([self._finish, np.asarray(finishes, np.int64)])
+        self._prefill += int(seqs.prefill.sum())
+        # a queue needs at least its prefill tokens over the per-iteration budget
+        return max(max(finishes, default=0), math.ceil(self._prefill / self._batch_tokens))
+
+    @property
+    def makespan(self) -> int:
+        """Iterations until everything scheduled is done."""
+        last = int(self._finish.max()) if len(self._finish) else 0
+        return max(last, math.ceil(self._prefill / self._batch_tokens))
+
+    def work(self, horizon: int) -> Load:
+        """What the iterations before `horizon` do, summed over every scheduled sequence's share of them."""
+        s = self._seqs
+        ran = np.clip(np.minimum(self._finish, horizon) - self._start, 0, None)
+        prefilled = (s.prefill > 0) & (ran > 0)
+        decoded = ran - prefilled  # decode steps run by the horizon
+        # logits: the prefill's when a decode follows, each decode step's but the last one's
+        logits = prefilled & (s.decode > 0)
+        logits = logits + decoded - ((decoded == s.decode) & (decoded > 0))
+        return Load(
+            iterations=horizon,
+            decode_rows=float(decoded.sum()),
+            prefill_tokens=float((s.prefill * prefilled).sum()),
+            kv_read=float((decoded * s.length + decoded * (decoded - 1) // 2).sum()),
+            logits_rows=float(logits.sum()),
+        )
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """A snapshot of the engine's queue: the running set (all priorities) and the waiting sequences by priority."""
+
+    running: Seqs
+    online: Seqs
+    batch: Seqs
+
+    def schedule(self, capacity: Capacity, include_batch: bool = False) -> Schedule:
+        """The running set, then the online queue (then the batch queue): what a new online call waits behind."""
+        queue = self.online.concat(self.batch) if include_batch else self.online
+        schedule = Schedule(self.running, capacity.slots_for(self.running.concat(queue)), capacity.batch_tokens)
+        schedule.extend(queue)
+        return schedule
+
+
+def drain_seconds(model: CostModel, schedule: Schedule) -> float:
+    """Expected seconds until everything in `schedule` is done (0 without a fitted model)."""
+    return model.seconds(schedule.work(schedule.makespan)) or 0.0
+
+
+@dataclass(frozen=True)
+class Call:
+    """One /embed call's sequences, each with its step range (`lowest == highest` without one). `extra`: decode
+    iterations a sequence runs beyond its K when K > 0 (o1: EOS and `<emb>` after the thought); `decodes`: whether
+    K is decode iterations at all (False for one-pass methods and o1 documents, whose cost does not move with K)."""
+
+    prompts: np.ndarray
+    lowest: np.ndarray
+    highest: np.ndarray
+    extra: np.ndarray
+    decodes: np.ndarray
+    inputs: int  # request inputs (an o1 input runs as one sequence per sampled thought)
+    deadline_s: float | None = None
+    priority: Literal["online", "batch"] = "online"
+
+    @property
+    def levels(self) -> int:
+        """Grant levels above the lowest: 0 runs every range at its lowest, `levels` at its highest."""
+        return int((self.highest - self.lowest).max()) if len(self.highest) else 0
+
+    def steps(self, level: int) -> np.ndarray:
+        """Each sequence's K at grant `level`: its range scaled to the level, rounded down."""
+        span = self.highest - self.lowest
+        if self.levels == 0:
+            return self.highest
+        return self.lowest + (span * level) // self.levels
+
+    def seqs(self, level: int) -> Seqs:
+        k = self.steps(level)
+        return Seqs.waiting(self.prompts, np.where(self.decodes & (k > 0), k + self.extra, 0))
+
+
+@dataclass(frozen=True)
+class Policy:
+    deadline_share: float = 0.7  # of a call's deadline, what its estimate may use (headroom for estimation error)
+    max_retry_after_s: int = 30
+
+
+Outcome = Literal["accepted", "refused", "never_fits"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # granted K per sequence (accepted)
+    expected_s: float | None = None  # expected seconds until the call is answered (accepted, with an estimate)
+    retry_after_s: int = 0  # refused: when enough is expected to have drained
+    detail: str = ""
+
+
+def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy: Policy) -> Decision:
+    """Admit `call` behind `ahead` (the running set and the online queue), or say why not.
+
+    Batch calls and calls without a deadline are accepted at their highest steps (batch waits; the gateway bounds
+    it). A call whose cheapest form (every range at its lowest) does not fit the deadline's share even on an `idle`
+    worker never will: `never_fits`. One that fits idle but not behind the queue is `refused` with a Retry-After
+    of the excess (about when enough will have drained). A step range sheds as the queue fills, as the gateway
+    did: every step while the wait ahead is under half of what the deadline allows, then linearly fewer down to
+    the lowest at the limit, and never more than fits.
+    """
+    if call.priority == "batch" or call.deadline_s is None or model.coefficients is None:
+        return Decision("accepted", call.steps(call.levels))
+    allowed = call.deadline_s * policy.deadline_share
+
+    def finish_s(schedule: Schedule, level: int) -> float:
+        trial = schedule.copy()
+        horizon = trial.extend(call.seqs(level))
+        return model.seconds(trial.work(horizon)) or 0.0
+
+    alone = finish_s(idle, 0)
+    if alone > allowed:
+        return Decision("never_fits", detail=_never_fits(call, alone, allowed))
+    wait_s = drain_seconds(model, ahead)
+    cap = step_cap(wait_s, allowed, 0, call.levels)
+    # the highest level <= cap that fits (finish grows with the level): a bisection over the levels
+    low, high = -1, cap
+    while low < high:
+        mid = (low + high + 1) // 2
+        if finish_s(ahead, mid) <= allowed:
+            low = mid
+        else:
+            high = mid - 1
+    if low < 0:
+        excess = finish_s(ahead, 0) - allowed
+        retry = min(max(math.ceil(excess), 1), policy.max_retry_after_s)
+        return Decision(
+            "refused",
+            retry_after_s=retry,
+            detail=f"the worker's queue is expected to take {wait_s:.1f} s; this call would finish after the "
+            f"{allowed:.1f} s its deadline allows; retry after {retry} s",
+        )
+    return Decision("accepted", call.steps(low), expected_s=finish_s(ahead, low))
+
+
+def step_cap(wait_s: float, allowed_s: float, lowest: int, highest: int) -> int:
+    """The most steps a ranged call may take with `wait_s` of work ahead: all of them up to half of what the
+    deadline allows, then linearly fewer, down to `lowest` at the limit."""
+    headroom = min(max((allowed_s - wait_s) / (allowed_s / 2), 0.0), 1.0)
+    return lowest + math.floor((highest - lowest) * headroom)
+
+
+def _never_fits(call: Call, alone_s: float, allowed_s: float) -> str:
+    lowest = int(call.lowest.max()) if len(call.lowest) else 0
+    ranged = bool((call.highest > call.lowest).any())
+    change = (
+        "fewer inputs per request or a lower minimum of the step range"
+        if ranged
+        else (
+            'fewer inputs per request, fewer refinement_steps, or a step range ({"min", "max"})'
+            if lowest > 0
+            else "fewer inputs per request"
+        )
+    )
+    return (
+        f"{call.inputs} inputs at {lowest} refinement steps need about {alone_s:.1f} s even on an idle worker, "
+        f"more than the {allowed_s:.1f} s of the deadline this worker plans with; send {change}"
+    )

@@ -1,0 +1,253 @@
+"""The worker's admission (model_server/admission.py), pure: the cost model's fit, the schedule, the decisions."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from model_server.admission import (
+    EMPTY,
+    TERMS,
+    Backlog,
+    Call,
+    Capacity,
+    CostModel,
+    Decision,
+    Load,
+    Policy,
+    Schedule,
+    Seqs,
+    decide,
+    drain_seconds,
+    step_cap,
+)
+
+TRUE = np.array([0.01, 0.002, 0.0001, 1e-6, 0.001])  # seconds per iteration, decode row, prefill token, KV, logits
+CAPACITY = Capacity(slots=4, batch_tokens=4096, kv_tokens=65536)
+
+
+def _random_iterations(rng: np.random.Generator, n: int) -> list[Load]:
+    loads = []
+    for _ in range(n):
+        rows = int(rng.integers(0, 65))
+        prefill = int(rng.integers(1, 2000)) if rng.random() < 0.3 or rows == 0 else 0
+        loads.append(Load(1, rows, prefill, rows * int(rng.integers(10, 300)), int(rng.integers(0, rows + 1))))
+    return loads
+
+
+def _seconds(load: Load) -> float:
+    return float(load.vector() @ TRUE)
+
+
+def _model(coefficients: np.ndarray = TRUE) -> CostModel:
+    model = CostModel()
+    model.coefficients = coefficients
+    return model
+
+
+def test_the_fit_recovers_the_terms_from_noisy_iterations():
+    rng = np.random.default_rng(0)
+    model = CostModel()
+    for load in _random_iterations(rng, 400):
+        model.observe(load, _seconds(load) * (1 + 0.03 * rng.standard_normal()))
+    assert model.coefficients is not None and (model.coefficients >= 0).all()
+    # the terms that carry the time are recovered closely; every estimate of a fresh iteration is close
+    np.testing.assert_allclose(model.coefficients[[1, 2, 4]], TRUE[[1, 2, 4]], rtol=0.1)
+    for load in _random_iterations(rng, 50):
+        assert model.seconds(load) == pytest.approx(_seconds(load), rel=0.15, abs=0.005)
+
+
+def test_slow_outliers_are_trimmed():
+    """A tenth of the iterations 10x slower (a GC pause, a neighbour's burst) barely moves the fit; a plain
+    least-squares fit of the same samples is pulled far off."""
+    rng = np.random.default_rng(1)
+    model = CostModel()
+    loads, seconds = _random_iterations(rng, 400), []
+    for load in loads:
+        s = _seconds(load) * (1 + 0.03 * rng.standard_normal()) * (10 if rng.random() < 0.08 else 1)
+        seconds.append(s)
+        model.observe(load, s)
+    probe = Load(1, 64, 0, 64 * 150, 64)
+    plain, *_ = np.linalg.lstsq(np.stack([load.vector() for load in loads[-512:]]), np.array(seconds), rcond=None)
+    assert model.seconds(probe) == pytest.approx(_seconds(probe), rel=0.1)
+    assert abs(float(probe.vector() @ plain) - _seconds(probe)) > 0.3 * _seconds(probe)
+
+
+def test_a_term_that_costs_nothing_stays_at_zero_not_negative():
+    rng = np.random.default_rng(2)
+    truth = np.array([0.01, 0.002, 0.0001, 0.0, 0.001])
+    model = CostModel()
+    for load in _random_iterations(rng, 200):
+        model.observe(load, float(load.vector() @ truth) * (1 + 0.03 * rng.standard_normal()))
+    assert (model.coefficients >= 0).all()
+    assert model.coefficients[TERMS.index("kv_position")] < 1e-7
+
+
+def test_pinned_calibration_keeps_what_a_uniform_window_cannot_tell_apart():
+    """Steady state: every iteration 64 decode rows and 64 logits rows, so the window alone cannot split the
+    per-iteration cost from the per-row one; the pinned warm-up shapes (1 to 32 rows) still can."""
+    model = CostModel(window=256)
+    for rows in (1, 8, 32, 1, 8, 32, 1, 8, 32):
+        for load in (Load(1, 0, rows * 12, 0, rows), Load(1, rows, 0, rows * 15, rows)):
+            model.observe(load, _seconds(load))
+    model.pin()
+    steady = Load(1, 64, 0, 64 * 40, 64)
+    for _ in range(256):
+        model.observe(steady, _seconds(steady))
+    one_row = Load(1, 1, 0, 40, 1)
+    assert model.seconds(one_row) == pytest.approx(_seconds(one_row), rel=0.05)
+    assert model.seconds(steady) == pytest.approx(_seconds(steady), rel=0.01)
+
+
+def test_discard_forgets_the_lazy_first_pass():
+    model = CostModel()
+    model.observe(Load(1, 1, 10, 0, 1), 5.0)  # the first pass: lazy initialisation
+    model.discard()
+    for load in _random_iterations(np.random.default_rng(3), 40):
+        model.observe(load, _seconds(load))
+    model.pin()
+    probe = Load(1, 1, 10, 11, 1)
+    assert model.seconds(probe) == pytest.approx(_seconds(probe), rel=0.05)
+
+
+def test_the_list_schedule_fills_the_first_free_slot():
+    running = Seqs.of([0, 0], [10, 10], [3, 1])  # two running: 3 and 1 decode iterations left
+    schedule = Schedule(running, slots=2, batch_tokens=4096)
+    # waiting: 4 iterations each (prefill + 3 decodes): the first takes the slot freed at 1, the next the one at 3
+    assert schedule.extend(Seqs.waiting([5], [3])) == 5
+    assert schedule.extend(Seqs.waiting([5], [3])) == 7
+    assert schedule.makespan == 7
+    # a queue whose prefill exceeds the token budget needs an iteration per budget's worth
+    assert Schedule(EMPTY, slots=64, batch_tokens=100).extend(Seqs.waiting([90] * 10, [0] * 10)) == 9
+
+
+def test_the_work_up_to_a_horizon_counts_each_term():
+    schedule = Schedule(EMPTY, slots=4, batch_tokens=4096)
+    schedule.extend(Seqs.waiting([10], [3]))  # prefill, then decodes attending to 11, 12, 13 positions
+    assert schedule.work(4) == Load(iterations=4, decode_rows=3, prefill_tokens=10, kv_read=36, logits_rows=3)
+    # two iterations in: the prefill and one decode step
+    assert schedule.work(2) == Load(iterations=2, decode_rows=1, prefill_tokens=10, kv_read=11, logits_rows=2)
+
+
+def test_drain_prices_the_whole_schedule():
+    backlog = Backlog(Seqs.of([0], [20], [2]), Seqs.waiting([10, 10], [3, 3]), Seqs.waiting([10] * 5, [3] * 5))
+    schedule = backlog.schedule(CAPACITY)
+    # the running one (2 left) and the two online ones (4 iterations each) in 4 slots: 4 iterations
+    expected = Load(4, 2 + 6, 20, 20 + 21 + 2 * 36, 1 + 6)
+    assert drain_seconds(_model(), schedule) == pytest.approx(_seconds(expected))
+    # batch waiting counts only when asked for
+    assert backlog.schedule(CAPACITY, include_batch=True).makespan > schedule.makespan
+
+
+def _call(n: int, steps: int, deadline_s: float | None = 10.0, lowest: int | None = None, prompt: int = 20) -> Call:
+    return Call(
+        prompts=np.full(n, prompt),
+        lowest=np.full(n, steps if lowest is None else lowest),
+        highest=np.full(n, steps),
+        extra=np.zeros(n, np.int64),
+        decodes=np.ones(n, bool),
+        inputs=n,
+        deadline_s=deadline_s,
+    )
+
+
+def _idle(call: Call) -> Schedule:
+    return Schedule(EMPTY, CAPACITY.slots_for(call.seqs(0)), CAPACITY.batch_tokens)
+
+
+def _busy(waiting: int, steps: int) -> Schedule:
+    return Backlog(EMPTY, Seqs.waiting([20] * waiting, [steps] * waiting), EMPTY).schedule(CAPACITY)
+
+
+def _decide(ahead: Schedule, call: Call, policy: Policy | None = None) -> Decision:
+    return decide(_model(), ahead, _idle(call), call, policy or Policy())
+
+
+def test_an_idle_worker_accepts_what_fits_and_expects_its_finish():
+    call = _call(4, 5)
+    decision = _decide(_idle(call), call)
+    assert decision.outcome == "accepted" and decision.steps.tolist() == [5] * 4
+    # 6 iterations: 4 rows prefilled, then 5 decode steps of 4 rows
+    expected = Load(6, 20, 80, 4 * (5 * 21 + 10), 20)
+    assert decision.expected_s == pytest.approx(_seconds(expected))
+
+
+def test_a_call_that_cannot_fit_even_alone_never_fits():
+    call = _call(64, 20, deadline_s=1.0)
+    decision = _decide(_idle(call), call)
+    assert decision.outcome == "never_fits"
+    assert "64 inputs" in decision.detail and "fewer inputs per request" in decision.detail
+    assert "step range" in decision.detail
+    # a ranged call is told to lower its minimum
+    ranged = _call(64, 20, deadline_s=1.0, lowest=10)
+    assert "lower minimum" in _decide(_idle(ranged), ranged).detail
+
+
+def test_a_call_that_fits_alone_but_not_behind_the_queue_is_refused_with_the_excess():
+    call = _call(4, 5, deadline_s=2.0)
+    ahead = _busy(400, 5)
+    decision = _decide(ahead, call)
+    assert decision.outcome == "refused"
+    finish = _model().seconds(_extended(ahead, call.seqs(0)))
+    assert decision.retry_after_s == min(int(np.ceil(finish - 2.0 * 0.7)), 30)
+    assert _decide(ahead, call, Policy(max_retry_after_s=3)).retry_after_s == 3
+    # without a deadline there is nothing to miss: accepted (the engine's bounds are the safety net)
+    assert _decide(ahead, replace(call, deadline_s=None)).outcome == "accepted"
+
+
+def _extended(schedule: Schedule, seqs: Seqs) -> Load:
+    trial = schedule.copy()
+    return trial.work(trial.extend(seqs))
+
+
+def test_batch_calls_are_never_refused_and_run_their_highest_steps():
+    call = replace(_call(64, 20, deadline_s=None, lowest=1), priority="batch")
+    decision = _decide(_busy(400, 5), call)
+    assert decision.outcome == "accepted" and decision.steps.tolist() == [20] * 64
+
+
+def test_a_step_range_sheds_as_the_queue_fills_and_never_takes_more_than_fits():
+    call = _call(4, 20, deadline_s=3.0, lowest=1)
+    assert _decide(_idle(call), call).steps.tolist() == [20] * 4  # idle: every step
+    granted = []
+    for waiting in (8, 40, 56, 64):
+        decision = _decide(_busy(waiting, 5), call)
+        assert decision.outcome == "accepted"
+        assert decision.expected_s <= 3.0 * 0.7
+        granted.append(int(decision.steps[0]))
+    assert granted == sorted(granted, reverse=True) and granted[0] > granted[-1] >= 1
+    # one more step than granted would not have fitted, or the shedding curve capped it
+    ahead = _busy(48, 5)
+    k = int(_decide(ahead, call).steps[0])
+    wait = drain_seconds(_model(), ahead)
+    over = _model().seconds(_extended(ahead, Seqs.waiting([20] * 4, [k + 1] * 4)))
+    assert over > 3.0 * 0.7 or k + 1 > step_cap(wait, 3.0 * 0.7, 1, 20)
+
+
+def test_the_shedding_curve():
+    assert step_cap(0.0, 10.0, 1, 21) == 21
+    assert step_cap(5.0, 10.0, 1, 21) == 21  # all steps up to half of what the deadline allows
+    assert step_cap(7.5, 10.0, 1, 21) == 11  # then linearly fewer
+    assert step_cap(10.0, 10.0, 1, 21) == 1
+    assert step_cap(12.0, 10.0, 1, 21) == 1
+
+
+def test_one_pass_sequences_cost_the_same_at_any_step():
+    """A one-pass method's K is not decode iterations (debater's deliberation tokens, o1 documents): its range
+    is granted at the highest whenever the call fits at all."""
+    call = replace(_call(4, 8, lowest=1), decodes=np.zeros(4, bool))
+    assert call.seqs(0).decode.tolist() == call.seqs(call.levels).decode.tolist() == [0] * 4
+    assert _decide(_busy(40, 5), call).steps.tolist() == [8] * 4
+
+
+def test_the_kv_budget_bounds_the_slots():
+    capacity = Capacity(slots=64, batch_tokens=4096, kv_tokens=1000)
+    assert capacity.slots_for(Seqs.waiting([240] * 10, [9] * 10)) == 4
+    assert (
+        Capacity(slots=64, batch_tokens=4096, kv_tokens=1000, stateful=False).slots_for(
+            Seqs.waiting([240] * 10, [0] * 10)
+        )
+        == 64
+    )
