@@ -17,39 +17,21 @@ import pytest
 from service.batches.storage import BlobStore, LocalStore, PreconditionFailed, S3Store
 from service.batches.store import lines
 from service.settings import GatewaySettings
-from tests.procs import free_port
+from tests.s3 import gateway_env, moto_s3
 
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server in this process (a thread), with the bucket `genembed` in it; yields its URL."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    client = boto3.client(
-        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
-    )
-    client.create_bucket(Bucket="genembed")
-    try:
+    with moto_s3() as url:
         yield url
-    finally:
-        server.stop()
 
 
 def s3_settings(endpoint: str, prefix: str) -> GatewaySettings:
-    return GatewaySettings(
-        batch_s3_bucket="genembed",
-        batch_s3_prefix=prefix,
-        batch_s3_endpoint_url=endpoint,
-        batch_s3_region="us-east-1",
-        batch_s3_access_key_id="test",
-        batch_s3_secret_access_key="test",
+    """What `GENEMBED_BATCH_S3_*` would set, read as a gateway reads them."""
+    return GatewaySettings.model_validate(
+        {name.removeprefix("GENEMBED_").lower(): value for name, value in gateway_env(endpoint, prefix).items()}
     )
 
 
