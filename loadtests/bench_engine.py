@@ -2,6 +2,7 @@
 
     python loadtests/bench_engine.py                      # default model, fp32 and bf16, this machine
     python loadtests/bench_engine.py --dtypes bfloat16 --device cuda   # on a GPU
+    python loadtests/bench_engine.py --variants eager fast            # the step kernels against their fallback
 
 For each dtype and load (K=0, K=5, K=20, mixed K from {0,1,3,5,10,20}), the same ~60-token prompts go
 through (a) the engine, closed-loop with `--concurrency` requests in flight, and (b) a lock-step
@@ -10,6 +11,11 @@ request running its batch's largest K with `model(..., output_hidden_states=True
 The FLOP-limited rate uses a large GEMM's measured rate and FLOPs per embedding =
 2·(non-embedding params)·(prompt tokens + K) + 4·vocab·hidden·K. Drift: cosine between each input's
 vector under load and the same input embedded alone. Writes a table, JSON and a PNG.
+
+Variants (`--variants`, each its own worker and model copy, run alternately on every load, so their ratio
+comes from one run): `fast` is the worker's defaults (CPU: projections packed for oneDNN; CUDA: decode steps
+replayed from CUDA graphs), `eager` turns both off (torch's F.linear, every kernel launched from Python). The
+lock-step baseline runs on the first variant's model.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from model_server.specs import load_spec
 
 RESULTS = Path(__file__).parent / "results"
 MIXED_K = (0, 1, 3, 5, 10, 20)
+#: spec overrides per engine variant (see the module docstring)
+VARIANTS: dict[str, dict[str, object]] = {"fast": {}, "eager": {"linear": "eager", "cuda_graphs": False}}
 WORDS = (
     "the of and to in is was for on that with as by at from his an were are which this be or has had "
     "not but it its their also first one new after who they have been two more when there into other "
@@ -48,7 +56,7 @@ WORDS = (
 class Row:
     dtype: str
     load: str
-    system: str
+    system: str  # "engine", "engine-<variant>" when several variants ran, or "lockstep-8"
     embeddings_per_s: float
     seconds: float
     flop_limited_per_s: float
@@ -85,12 +93,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def flops_per_embedding(loaded: LoadedModel, prompt_tokens: int, k: int) -> float:
-    model = loaded.model
-    params = sum(p.numel() for p in model.parameters())
-    vocab, hidden = model.get_input_embeddings().weight.shape
-    non_embedding = params - vocab * hidden  # tied head: counted once as the embedding
-    return 2 * non_embedding * (prompt_tokens + k) + 4 * vocab * hidden * k
+@dataclass(frozen=True)
+class FlopModel:
+    """What an embedding's FLOPs follow from, counted before the worker packs any weight (a packed weight
+    is no parameter)."""
+
+    non_embedding: int
+    vocab: int
+    hidden: int
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> FlopModel:
+        model = loaded.model
+        params = sum(p.numel() for p in model.parameters())
+        vocab, hidden = model.get_input_embeddings().weight.shape
+        return cls(params - vocab * hidden, vocab, hidden)  # tied head: counted once as the embedding
+
+    def per_embedding(self, prompt_tokens: int, k: int) -> float:
+        return 2 * self.non_embedding * (prompt_tokens + k) + 4 * self.vocab * self.hidden * k
 
 
 def run_engine(worker: EmbeddingWorker, cases: list[tuple[list[int], int]], concurrency: int):
@@ -167,49 +187,57 @@ def drift(worker: EmbeddingWorker, cases, loaded_vectors: np.ndarray, sample: in
     return float(cos.min()), float(np.mean(1 - cos))
 
 
-def bench_dtype(dtype: str, args) -> list[Row]:
-    overrides = {"dtype": dtype, "device": args.device}
-    spec = load_spec(args.model, **overrides)
-    loaded = load_model(spec)
-    worker = EmbeddingWorker(
-        loaded, EngineLimits(max_running_seqs=args.concurrency, max_batch_tokens=args.batch_tokens)
-    )
-    worker.engine.start()
+def bench_dtype(dtype: str, args, variants: tuple[str, ...] = ("fast",)) -> list[Row]:
+    workers: dict[str, EmbeddingWorker] = {}
+    flop_model = None
+    for variant in variants:
+        spec = load_spec(args.model, dtype=dtype, device=args.device, **VARIANTS[variant])
+        loaded = load_model(spec)
+        flop_model = flop_model or FlopModel.of(loaded)
+        limits = EngineLimits(max_running_seqs=args.concurrency, max_batch_tokens=args.batch_tokens)
+        workers[variant] = EmbeddingWorker(loaded, limits)
+        workers[variant].engine.start()
+    lockstep_model = workers[variants[0]].loaded
     rng = np.random.default_rng(1)
-    prompts = make_prompts(loaded.tokenizer, args.requests)
+    prompts = make_prompts(lockstep_model.tokenizer, args.requests)
     mean_prompt = float(np.mean([len(p) for p in prompts]))
-    ceiling = gemm_flops(loaded.dtype, loaded.device)
+    ceiling = gemm_flops(lockstep_model.dtype, lockstep_model.device)
     loads = {"K=0": [0] * args.requests, "K=5": [5] * args.requests, "K=20": [20] * args.requests}
     loads["mixed"] = rng.choice(MIXED_K, args.requests).tolist()
     rows = []
     try:
-        run_engine(worker, [(p, 1) for p in prompts[:16]], 16)  # warm-up
+        for worker in workers.values():
+            run_engine(worker, [(p, 1) for p in prompts[:16]], 16)  # warm-up
         for name, ks in loads.items():
             cases = list(zip(prompts, ks, strict=True))
-            flops = sum(flops_per_embedding(loaded, len(p), k) for p, k in cases) / len(cases)
+            flops = sum(flop_model.per_embedding(len(p), k) for p, k in cases) / len(cases)
             limit = ceiling / flops
-            engine_s, vectors = run_engine(worker, cases, args.concurrency)
-            lock_s = run_lockstep(loaded, cases)
-            min_cos, mean_gap = drift(worker, cases, vectors)
-            for system, seconds in (("engine", engine_s), ("lockstep-8", lock_s)):
-                rate = len(cases) / seconds
+            engine_s = {}
+            for variant, worker in workers.items():
+                engine_s[variant], vectors = run_engine(worker, cases, args.concurrency)
+                min_cos, mean_gap = drift(worker, cases, vectors)
                 rows.append(
                     Row(
                         dtype=dtype,
                         load=name,
-                        system=system,
-                        embeddings_per_s=rate,
-                        seconds=seconds,
+                        system="engine" if len(workers) == 1 else f"engine-{variant}",
+                        embeddings_per_s=len(cases) / engine_s[variant],
+                        seconds=engine_s[variant],
                         flop_limited_per_s=limit,
-                        fraction_of_flop_limit=rate / limit,
-                        speedup_vs_lockstep=lock_s / engine_s if system == "engine" else None,
-                        drift_min_cos=min_cos if system == "engine" else None,
-                        drift_mean_1mcos=mean_gap if system == "engine" else None,
+                        fraction_of_flop_limit=len(cases) / engine_s[variant] / limit,
+                        drift_min_cos=min_cos,
+                        drift_mean_1mcos=mean_gap,
                     )
                 )
-            print(f"  {dtype} {name}: engine {len(cases) / engine_s:.2f}/s, lock-step {len(cases) / lock_s:.2f}/s")
+            lock_s = run_lockstep(lockstep_model, cases)
+            for row in rows[-len(workers) :]:
+                row.speedup_vs_lockstep = lock_s / row.seconds
+            rows.append(Row(dtype, name, "lockstep-8", len(cases) / lock_s, lock_s, limit, len(cases) / lock_s / limit))
+            rates = ", ".join(f"{v} {len(cases) / t:.2f}/s" for v, t in engine_s.items())
+            print(f"  {dtype} {name}: engine {rates}, lock-step {len(cases) / lock_s:.2f}/s", flush=True)
     finally:
-        worker.stop()
+        for worker in workers.values():
+            worker.stop()
     print(f"  {dtype}: GEMM ceiling {ceiling / 1e9:.1f} GFLOP/s, mean prompt {mean_prompt:.1f} tokens")
     return rows
 
@@ -226,9 +254,11 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
         mine = [r for r in rows if r.dtype == dtype]
         loads = list(dict.fromkeys(r.load for r in mine))
         x = np.arange(len(loads))
-        for offset, system in ((-0.2, "engine"), (0.2, "lockstep-8")):
+        systems = list(dict.fromkeys(r.system for r in mine))
+        width = 0.8 / len(systems)
+        for i, system in enumerate(systems):
             values = [next(r.embeddings_per_s for r in mine if r.load == ld and r.system == system) for ld in loads]
-            ax.bar(x + offset, values, 0.4, label=system)
+            ax.bar(x + (i - (len(systems) - 1) / 2) * width, values, width, label=system)
         limits = [next(r.flop_limited_per_s for r in mine if r.load == ld) for ld in loads]
         ax.plot(x, limits, "k_", markersize=30, label="FLOP limit")
         ax.set_xticks(x, loads)
@@ -249,22 +279,31 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--variants", nargs="+", default=["fast"], choices=sorted(VARIANTS))
     parser.add_argument("--tag", default=None, help="name of the result files (default: the device)")
     args = parser.parse_args()
     machine = _machine(args.device)
     print(f"machine: {machine}")
-    rows = [row for dtype in args.dtypes for row in bench_dtype(dtype, args)]
+    rows = [row for dtype in args.dtypes for row in bench_dtype(dtype, args, tuple(args.variants))]
     print(
-        f"{'dtype':9} {'load':6} {'system':11} {'emb/s':>8} {'FLOP-lim':>9} {'%limit':>7} {'speedup':>8} "
+        f"{'dtype':9} {'load':6} {'system':12} {'emb/s':>8} {'FLOP-lim':>9} {'%limit':>7} {'speedup':>8} "
         f"{'drift min cos':>14}"
     )
     for r in rows:
         speed = f"{r.speedup_vs_lockstep:.2f}x" if r.speedup_vs_lockstep else ""
         cos = f"{r.drift_min_cos:.6f}" if r.drift_min_cos is not None else ""
         print(
-            f"{r.dtype:9} {r.load:6} {r.system:11} {r.embeddings_per_s:8.2f} {r.flop_limited_per_s:9.2f} "
+            f"{r.dtype:9} {r.load:6} {r.system:12} {r.embeddings_per_s:8.2f} {r.flop_limited_per_s:9.2f} "
             f"{100 * r.fraction_of_flop_limit:6.1f}% {speed:>8} {cos:>14}"
         )
+    if len(args.variants) > 1:
+        base = args.variants[-1]
+        for r in rows:
+            if r.system.startswith("engine-") and r.system != f"engine-{base}":
+                ref = next(b for b in rows if (b.dtype, b.load, b.system) == (r.dtype, r.load, f"engine-{base}"))
+                print(
+                    f"{r.dtype:9} {r.load:6} {r.system} / engine-{base}: {r.seconds and ref.seconds / r.seconds:.2f}x"
+                )
     RESULTS.mkdir(exist_ok=True)
     tag = args.tag or args.device
     payload = {

