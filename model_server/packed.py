@@ -15,7 +15,13 @@ head tied to the input embeddings keeps the embedding matrix and adds its packed
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from model_server.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 #: what oneDNN's packed linear computes in (fp64 models, the exactness tests, stay on `F.linear`)
 PACKABLE = (torch.float32, torch.bfloat16)
@@ -55,3 +61,17 @@ def pack_linears(model: torch.nn.Module) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child))
     return len(swaps)
+
+
+def pack_for_serving(loaded: LoadedModel) -> bool:
+    """Pack a served model's linear layers as its spec's `linear` says (auto: where oneDNN packs them); whether
+    it did. In place: a served model is never trained (the ICR trainer loads its own copy)."""
+    choice = loaded.spec.linear
+    if choice == "eager":
+        return False
+    if not packing_available(loaded.device, loaded.dtype):
+        if choice == "packed":
+            log.warning("packed projections need a CPU with oneDNN and fp32/bf16 weights: eager instead")
+        return False
+    pack_linears(loaded.model)
+    return True

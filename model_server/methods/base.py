@@ -13,7 +13,7 @@ import torch
 
 from model_server.hf_runner import HFRunner
 from model_server.loading import LoadedModel
-from model_server.packed import pack_linears, packing_available
+from model_server.packed import pack_for_serving
 from model_server.prompts import PreparedInput, PromptBuilder
 from model_server.protocol import Priority
 from model_server.runner import FAMILIES, DecoderRunner
@@ -133,7 +133,7 @@ class DecoderMethod(EngineMethod):
         spec, family = loaded.spec, loaded.model.config.model_type
         self.runner: DecoderRunner | HFRunner
         if family in FAMILIES:
-            packed = self._pack(loaded)
+            packed = pack_for_serving(loaded)
             graphs = spec.cuda_graphs and loaded.device.type == "cuda"
             eager = spec.attn_implementation == "eager"
             self.runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager, cuda_graphs=graphs)
@@ -142,20 +142,6 @@ class DecoderMethod(EngineMethod):
             self.runner, how = HFRunner(loaded.model), "the model's own forward"
         log.info("%s (%s): %s runs on the %s runner (%s)", spec.id, family, spec.method, self.runner.kind, how)
         self.embeddings = loaded.model.get_input_embeddings()
-
-    @staticmethod
-    def _pack(loaded: LoadedModel) -> bool:
-        """Pack the served model's projections and LM head for oneDNN (`spec.linear`; auto: where it runs).
-        In place: this model is served, never trained (the ICR trainer loads its own)."""
-        choice = loaded.spec.linear
-        if choice == "eager":
-            return False
-        if not packing_available(loaded.device, loaded.dtype):
-            if choice == "packed":
-                log.warning("packed projections need a CPU with oneDNN and fp32/bf16 weights: eager instead")
-            return False
-        pack_linears(loaded.model)
-        return True
 
     @property
     def runner_kind(self) -> str:
