@@ -482,3 +482,71 @@ def test_the_secrets_reach_the_pods_from_secrets_only(
     for doc in documents:
         if doc["kind"] == "ConfigMap" and values["token"]:
             assert values["token"] not in json.dumps(doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Batch API's storage (values: batches; docs/batch.md)
+
+
+def batch_storage(*flags: str) -> tuple[dict[str, dict], list[dict], dict | None, list[dict]]:
+    """The gateway's variables (by name), its `batches` mounts, its `batches` volume, and the rendered claims."""
+    documents = rendered(*flags)
+    (deployment,) = [d for d in documents if (d["kind"], d["metadata"]["name"]) == ("Deployment", "genembed-gateway")]
+    pod = deployment["spec"]["template"]["spec"]
+    env = {v["name"]: v for v in pod["containers"][0]["env"]}
+    mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "batches"]
+    volume = next((v for v in pod["volumes"] if v["name"] == "batches"), None)
+    return env, mounts, volume, [d for d in documents if d["kind"] == "PersistentVolumeClaim"]
+
+
+def test_batches_live_in_an_empty_dir_a_claim_or_a_bucket(tmp_path: Path) -> None:
+    directory = {"name": "batches", "mountPath": "/var/lib/genembed/batches"}
+    env, mounts, volume, claims = batch_storage()
+    assert env["GENEMBED_BATCH_DIR"]["value"] == directory["mountPath"] and mounts == [directory]
+    assert volume == {"name": "batches", "emptyDir": {}} and claims == []
+
+    flags = ["--set", "batches.persistence.enabled=true", "--set", "batches.persistence.storageClass=nfs"]
+    env, mounts, volume, claims = batch_storage(*flags)
+    (claim,) = claims
+    assert volume == {"name": "batches", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "nfs"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi" and mounts == [directory]
+    manifests = tmp_path / "claim.yaml"
+    manifests.write_text(helm("template", "genembed", str(CHART), "--kube-version", KUBERNETES, *flags))
+    done = kubernetes_validate(manifests)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    _, _, volume, claims = batch_storage(
+        "--set", "batches.persistence.enabled=true", "--set", "batches.persistence.existingClaim=mine"
+    )
+    assert volume == {"name": "batches", "persistentVolumeClaim": {"claimName": "mine"}} and claims == []
+
+    s3 = ["--set", "batches.s3.bucket=corpora", "--set", "batches.s3.existingSecret=s3-keys"]
+    env, mounts, volume, claims = batch_storage(*s3, "--set", "batches.persistence.enabled=true")
+    assert env["GENEMBED_BATCH_S3_BUCKET"]["value"] == "corpora" and "GENEMBED_BATCH_DIR" not in env
+    assert env["GENEMBED_BATCH_S3_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-keys",
+        "key": "secret-access-key",
+    }
+    assert (mounts, volume, claims) == ([], None, [])
+    for name in env:
+        settings_field("gateway", name)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (["batches", "maxInFlight"], 0),
+        (["batches", "persistence", "accessModes"], ["ReadWriteSometimes"]),
+        (["batches", "persistence", "size"], "lots"),
+        (["batches", "s3", "endpointUrl"], "minio:9000"),
+        (["batches", "s3", "bucketName"], "x"),
+    ],
+)
+def test_the_schema_rejects_batch_storage_mistakes(path: list[str], value: object) -> None:
+    values = copy.deepcopy(VALUES)
+    node = values
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert list(validator().iter_errors(values)), f"{'.'.join(path)}={value!r} passed the schema"
