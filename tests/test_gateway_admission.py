@@ -1,5 +1,8 @@
 """Admission where the work runs (issue 22), through real gateways and workers: the gateway's own bounds (inputs
-and calls in flight per model) refuse at once with 429 + Retry-After and leave nothing behind."""
+and calls in flight per model) refuse at once with 429 + Retry-After and leave nothing behind; a heavy burst on an
+idle server, through one gateway or two sharing the worker, is answered or refused at once, never accepted and
+then late; a request that cannot fit even alone gets a 400 at once; a worker's 429 sends the request to another
+worker. A step range is granted by the worker."""
 
 from __future__ import annotations
 
@@ -7,10 +10,18 @@ import asyncio
 from collections import Counter
 
 import httpx
+import numpy as np
 import pytest
 
+from service.cache import MemoryCache
+from service.embedder import Embedder, EmbedOptions
+from service.errors import InvalidRequest
+from service.metrics import GatewayMetrics
+from service.settings import GatewaySettings
+from service.workers import WorkerPool
 from tests.gateway_fixtures import gateway_process
-from tests.load import sample
+from tests.load import sample, texts
+from tests.procs import worker_process
 
 GIRCSE, MINILM = "smollm2-gircse", "minilm-l6"
 
@@ -50,3 +61,123 @@ async def test_the_gateways_own_bounds_refuse_the_excess_with_429(minilm_worker,
         # Nothing is left behind, and drained, it serves again.
         assert sample(url, "genembed_gateway_queued_items", model=MINILM) == 0
         assert httpx.post(f"{url}/v1/embeddings", json=bodies[0], timeout=60).status_code == 200
+
+
+# -- the workers admit: end to end -------------------------------------------------------------------------------
+
+
+def _heavy(tag: str, n: int = 16) -> dict:
+    """A request of `n` distinct inputs of about 40 words at K = 20 (the issue's heavy burst)."""
+    return {"model": GIRCSE, "input": texts(tag, n), "refinement_steps": 20, "encoding_format": "base64"}
+
+
+async def _burst(urls: list[str], bodies: list[dict]) -> list[httpx.Response]:
+    """All at once, spread over the gateways round-robin."""
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=len(bodies))) as client:
+        posts = (client.post(f"{urls[i % len(urls)]}/v1/embeddings", json=b) for i, b in enumerate(bodies))
+        return await asyncio.gather(*posts)
+
+
+def _accepted_means_answered(responses: list[httpx.Response]) -> Counter:
+    """Every request was answered 200 or refused at once with 429 (both happen): none was accepted and then late."""
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) == {200, 429}, {s: [r.text[:300] for r in responses if r.status_code == s] for s in statuses}
+    for response in responses:
+        if response.status_code == 429:
+            _assert_openai_error(response, 429, "overloaded")
+        else:
+            assert len(response.json()["data"]) == 16
+    return statuses
+
+
+@pytest.mark.slow
+async def test_a_heavy_burst_on_an_idle_server_is_answered_or_refused_never_late(gircse_worker, tmp_path):
+    env = {"GENEMBED_CACHE_MAX_MB": "0"}
+    with gateway_process(tmp_path, {GIRCSE: gircse_worker}, env) as (url, _):
+        responses = await _burst([url], [_heavy(f"burst {r}") for r in range(20)])
+        statuses = _accepted_means_answered(responses)
+        assert sample(url, "genembed_gateway_rejections_total", reason="overloaded") == statuses[429]
+
+
+@pytest.mark.slow
+async def test_two_gateways_sharing_a_worker_never_both_admit_past_its_estimate(gircse_worker, tmp_path):
+    """Each gateway alone would send all it gets; the worker sees both and takes only what it can finish in time."""
+    env = {"GENEMBED_CACHE_MAX_MB": "0"}
+    before = sample(gircse_worker, "genembed_worker_admission_decisions_total", outcome="accepted")
+    with (
+        gateway_process(tmp_path, {GIRCSE: gircse_worker}, env) as (one, _),
+        gateway_process(tmp_path, {GIRCSE: gircse_worker}, env) as (two, _),
+    ):
+        responses = await _burst([one, two], [_heavy(f"shared {r}") for r in range(20)])
+        statuses = _accepted_means_answered(responses)
+        accepted = sample(gircse_worker, "genembed_worker_admission_decisions_total", outcome="accepted") - before
+        assert accepted == statuses[200]  # every call the worker accepted was answered in time
+        for url in (one, two):  # one call per request, each answered by the worker's own admission
+            assert sample(url, "genembed_gateway_worker_calls_total") == 10
+
+
+@pytest.mark.slow
+def test_a_request_that_cannot_fit_even_alone_is_told_so_at_once(gircse_worker, tmp_path):
+    steps_before = sample(gircse_worker, "genembed_worker_refinement_steps_total")
+    with gateway_process(tmp_path, {GIRCSE: gircse_worker}, {"GENEMBED_REQUEST_TIMEOUT_S": "2"}) as (url, _):
+        response = httpx.post(f"{url}/v1/embeddings", json=_heavy("too much", 128), timeout=60)
+        error = _assert_openai_error(response, 400, "exceeds_deadline")
+        assert "fewer inputs" in error["message"], error["message"]
+        # A smaller request that fits is served by the same gateway.
+        assert (
+            httpx.post(f"{url}/v1/embeddings", json={"model": GIRCSE, "input": "fits"}, timeout=60).status_code == 200
+        )
+    assert sample(gircse_worker, "genembed_worker_refinement_steps_total") - steps_before <= 20  # none for the 400
+
+
+@pytest.mark.slow
+def test_a_workers_429_sends_the_request_to_another_worker(minilm_worker, tmp_path):
+    # A worker whose safety-net queue bound (2 waiting sequences) refuses any call of 8 inputs.
+    with worker_process(MINILM, tmp_path, env={"GENEMBED_WORKER_MAX_WAITING_SEQS": "2"}) as (tiny, _):
+        # Both idle: the first listed is tried first.
+        with gateway_process(tmp_path, {MINILM: [tiny, minilm_worker]}, {"GENEMBED_CACHE_MAX_MB": "0"}) as (url, _):
+            body = {"model": MINILM, "input": [f"refused there {i}" for i in range(8)]}
+            response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+            assert response.status_code == 200 and len(response.json()["data"]) == 8
+            assert sample(url, "genembed_gateway_worker_calls_total", worker=tiny, outcome="overloaded") == 1
+            assert sample(url, "genembed_gateway_worker_calls_total", worker=minilm_worker, outcome="ok") == 1
+            assert sample(url, "genembed_gateway_worker_retries_total", reason="refused") == 1
+        # With only refusing workers the client gets their 429 and Retry-After.
+        with gateway_process(tmp_path, {MINILM: tiny}) as (url, _):
+            response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+            error = _assert_openai_error(response, 429, "overloaded")
+            assert "the worker for model 'minilm-l6' is at capacity" in error["message"]
+
+
+@pytest.mark.slow
+async def test_a_step_range_is_granted_by_the_worker_and_cached_at_the_granted_steps(gircse_worker):
+    """The gateway's core against the real worker, at the shortest deadline (from 0.5 s, x1.5) at which 16 inputs of
+    3 tokens fit at one step: there all 20 steps do not (each step costs about what the short prefill does), so the
+    worker grants fewer instead of refusing. The gateway reports and counts the grant and caches under it."""
+    settings = GatewaySettings(workers=[f"{GIRCSE}={gircse_worker}"])
+    metrics = GatewayMetrics()
+    pool, cache = WorkerPool(settings, metrics), MemoryCache(1 << 24, 0)
+    await pool.probe()
+    inputs: list[str | list[int]] = [[300 + i, 1200 + 7 * i, 2500 + 3 * i] for i in range(16)]
+    ranged = EmbedOptions(refinement_steps=(1, 20), input_type="document")
+    try:
+        deadline = 0.5
+        while True:
+            embedder = Embedder(pool, cache, settings.model_copy(update={"request_timeout_s": deadline}), metrics)
+            try:
+                result = await embedder.embed(GIRCSE, inputs, ranged, "ranged")
+                break
+            except InvalidRequest as exc:  # not even one step fits: at once, nothing computed
+                assert exc.code == "exceeds_deadline" and "a lower minimum" in exc.message, exc.message
+                assert deadline < 120
+                deadline *= 1.5
+        (granted,) = set(result.steps)  # one call, one grant
+        assert 1 <= granted < 20, (deadline, granted)
+        shed = metrics.registry.get_sample_value("genembed_gateway_steps_shed_total", {"model": GIRCSE})
+        assert shed == (20 - granted) * 16
+        await asyncio.sleep(0.1)  # the cache store runs after the answer
+        exact = EmbedOptions(refinement_steps=granted, input_type="document")
+        again = await embedder.embed(GIRCSE, inputs, exact, "exact")
+        assert again.cache == "hit" and np.array_equal(again.vectors, result.vectors)
+    finally:
+        await pool.aclose()
