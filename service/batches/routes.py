@@ -62,7 +62,7 @@ def batch_router(store: BatchStore, runner: BatchRunner) -> APIRouter:
             raise InvalidRequest(f"purpose {purpose!r} is not supported here; only 'batch'", param="purpose")
         return await store.add_file(_owner(request), file.filename or "upload.jsonl", "batch", _chunks(file))
 
-    @router.get("/v1/files", response_model=FileList, summary="List files", responses=error_responses(401, 429))
+    @router.get("/v1/files", response_model=FileList, summary="List files", responses=error_responses(400, 401, 429))
     async def list_files(
         request: Request,
         purpose: str | None = None,
@@ -134,7 +134,9 @@ def batch_router(store: BatchStore, runner: BatchRunner) -> APIRouter:
         runner.wake()
         return batch
 
-    @router.get("/v1/batches", response_model=BatchList, summary="List batches", responses=error_responses(401, 429))
+    @router.get(
+        "/v1/batches", response_model=BatchList, summary="List batches", responses=error_responses(400, 401, 429)
+    )
     async def list_batches(
         request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20
     ) -> BatchList:
