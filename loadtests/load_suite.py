@@ -14,11 +14,16 @@ Scenarios: (a) single gircse queries at 0.5/0.9/1.5/4x capacity, K uniform from 
 (b) indexing: 8 clients sending 128-document batches back to back to minilm-l6 (429s honour Retry-After);
 (c) burst: 256 simultaneous gircse queries on an idle server; (d) gircse and minilm-l6 each at 0.9x of its own
 capacity at once; (e) (a) at 1.5x and 4x with `refinement_steps: {"min": 1, "max": 10}` (reported as
-unsupported if the gateway answers 400 to that form). Then the issue's target: 64 concurrent single queries at
-K = 5 through the gateway vs bench_engine.py's lock-step baseline run in this process on the same prompts.
+unsupported if the gateway answers 400 to that form); (f) two gateways in front of the same gircse worker (a
+second `genembed gateway` on serve's worker), offered 0.9x and 2.5x of capacity in total, half through each;
+(g) heavy requests on an idle server: 200 concurrent requests of 16 inputs at K = 20. Then the issue's target:
+64 concurrent single queries at K = 5 through the gateway vs bench_engine.py's lock-step baseline run in this
+process on the same prompts.
 
-Per scenario: offered rate, goodput, p50/p95/p99 of 200s, shares of 429/503/other, mean steps granted, and the
-peak RSS of the gateway and each worker (psutil, every 0.5 s). The load generator, the gateway and the workers
+Per scenario: offered rate, goodput, p50/p95/p99 of 200s, shares of 429/503/other, the share *accepted then
+late* (504, or a client timeout: the gateway answers every request it does not refuse by its deadline plus a
+second, so a client that waited past that had its request accepted), mean steps granted, and the peak RSS of
+the gateway and each worker (psutil, every 0.5 s). The load generator, the gateway and the workers
 share this machine's cores: the JSON records the CPU, the load average and the busiest other processes.
 """
 
@@ -159,7 +164,8 @@ class ScenarioResult:
     statuses: dict[str, int]
     share_429: float
     share_503: float
-    share_other: float
+    share_other: float  # neither 200, 429, 503 nor late
+    share_late: float  # accepted then late: 504 or a client timeout
     goodput_per_s: float
     p50_ms: float
     p95_ms: float
@@ -178,7 +184,8 @@ def summarise(
     ms = [1000 * o.latency_s for o in ok]
     steps = [s for o in ok for s in o.steps]
     n = max(1, len(outcomes))
-    other = sum(v for k, v in statuses.items() if k not in ("200", "429", "503"))
+    late = statuses["504"] + statuses["timeout"]
+    other = sum(v for k, v in statuses.items() if k not in ("200", "429", "503", "504", "timeout"))
     return ScenarioResult(
         name=name,
         model=model,
@@ -189,6 +196,7 @@ def summarise(
         share_429=statuses["429"] / n,
         share_503=statuses["503"] / n,
         share_other=other / n,
+        share_late=late / n,
         goodput_per_s=sum(o.embeddings for o in ok) / elapsed if elapsed > 0 else 0.0,
         p50_ms=percentile(ms, 50),
         p95_ms=percentile(ms, 95),
@@ -280,9 +288,15 @@ class Load:
             elapsed = max(seconds, time.perf_counter() - start)
         return list(outcomes), elapsed, len(times) / seconds
 
-    async def burst(self, model: str, n: int) -> tuple[list[Outcome], float]:
+    async def burst(self, model: str, n: int, inputs: int = 1, steps: object = "mixed") -> tuple[list[Outcome], float]:
+        """`n` requests at once; each of one new query at a mixed K, or of `inputs` new queries at `steps`."""
         async with self.client() as client:
-            bodies = [self.single(model) for _ in range(n)]
+            bodies = [
+                self.single(model)
+                if inputs == 1 and steps == "mixed"
+                else query_body(model, self.sentences.take(inputs), steps)
+                for _ in range(n)
+            ]
             start = time.perf_counter()
             outcomes = await asyncio.gather(*(send(client, b, start) for b in bodies))
             return list(outcomes), time.perf_counter() - start
@@ -384,13 +398,36 @@ def lockstep_target(load: Load, requests: int, concurrency: int = 64, k: int = 5
 # ---------------------------------------------------------------------------------------------
 
 
+#: serve's workers take this token (it would make its own), so (f)'s second gateway can call them too
+WORKER_TOKEN = {"GENEMBED_WORKER_TOKEN": f"load-suite-{os.getpid()}"}
+
+
 @contextlib.contextmanager
 def serve(logs: Path, ready_timeout: float) -> Iterator[tuple[str, int]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = genembed("serve", "--model", GIRCSE, "--model", MINILM, "--port", str(port), "--log-level", "warning")
-    with running(cmd, f"{url}/ready", timeout=ready_timeout, log_path=logs / "serve.log") as proc:
+    with running(cmd, f"{url}/ready", timeout=ready_timeout, env=WORKER_TOKEN, log_path=logs / "serve.log") as proc:
         yield url, proc.pid
+
+
+def worker_url(gateway: str, model: str) -> str:
+    """The address of `model`'s worker behind `gateway`, from the backlog gauge it keeps per worker."""
+    text = httpx.get(f"{gateway}/metrics", timeout=10).text
+    found = re.search(rf'^genembed_gateway_worker_drain_seconds{{model="{model}",worker="([^"]+)"}}', text, re.M)
+    if found is None:
+        raise RuntimeError(f"{gateway} reports no worker of {model} (genembed_gateway_worker_drain_seconds)")
+    return found.group(1)
+
+
+@contextlib.contextmanager
+def second_gateway(logs: Path, model: str, worker: str) -> Iterator[str]:
+    """Another `genembed gateway` in front of `worker` (scenario f), with its own cache and routing state."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = genembed("gateway", "--port", str(port), f"--worker={model}={worker}", "--log-level", "warning")
+    with running(cmd, f"{url}/ready", timeout=60, env=WORKER_TOKEN, log_path=logs / "gateway-2.log"):
+        yield url
 
 
 def print_row(r: ScenarioResult) -> None:
@@ -398,14 +435,14 @@ def print_row(r: ScenarioResult) -> None:
     steps = f"{r.mean_steps_granted:5.2f}" if r.mean_steps_granted is not None else "    -"
     print(
         f"{r.name:<16} {r.model:<15} {offered} {r.goodput_per_s:8.2f} {r.p50_ms:8.0f} {r.p95_ms:8.0f} "
-        f"{r.p99_ms:8.0f} {100 * r.share_429:5.1f}% {100 * r.share_503:5.1f}% {100 * r.share_other:5.1f}% "
-        f"{steps} {r.requests:6d}  {r.note}"
+        f"{r.p99_ms:8.0f} {100 * r.share_429:5.1f}% {100 * r.share_503:5.1f}% {100 * r.share_late:5.1f}% "
+        f"{100 * r.share_other:5.1f}% {steps} {r.requests:6d}  {r.note}"
     )
 
 
 HEADER = (
     f"{'scenario':<16} {'model':<15} {'offer/s':>7} {'good/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-    f"{'429':>6} {'503':>6} {'other':>6} {'steps':>5} {'reqs':>6}"
+    f"{'429':>6} {'503':>6} {'late':>6} {'other':>6} {'steps':>5} {'reqs':>6}"
 )
 
 
@@ -438,9 +475,11 @@ def plot(report: dict, path: Path) -> None:
     s503 = np.array([100 * r.share_503 for r in rows])
     share.bar(x, s429, label="429")
     share.bar(x, s503, bottom=s429, label="503")
-    share.bar(x, [100 * r.share_other for r in rows], bottom=s429 + s503, label="other")
+    slate = np.array([100 * r.share_late for r in rows])
+    share.bar(x, slate, bottom=s429 + s503, label="accepted then late")
+    share.bar(x, [100 * r.share_other for r in rows], bottom=s429 + s503 + slate, label="other")
     share.set_xticks(x, names, rotation=90, fontsize=6)
-    share.set(ylabel="% of requests", title="refusals per scenario")
+    share.set(ylabel="% of requests", title="refusals and late answers per scenario")
     share.legend()
     labels = sorted({k for r in rows for k in r.rss_peak_mb})
     for label in labels:
@@ -463,7 +502,7 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=20000, help="cap of one open-loop schedule")
     parser.add_argument("--target-requests", type=int, default=None, help="K=5 target check (default 256, quick 64)")
     parser.add_argument("--skip-target", action="store_true", help="skip the lock-step comparison")
-    parser.add_argument("--only", default="abcde", help="scenarios to run, e.g. 'ae' (default: all)")
+    parser.add_argument("--only", default="abcdefg", help="scenarios to run, e.g. 'ae' (default: all)")
     parser.add_argument("--ready-timeout", type=float, default=600)
     args = parser.parse_args()
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the served processes are stopped, not orphaned.
@@ -522,10 +561,14 @@ def main() -> None:
         load.settle()
         print(HEADER)
 
-        # (c) first: the server is idle right after the capacity phase settles.
+        # (c) and (g) first: the server is idle right after the capacity phase settles.
         if "c" in args.only:
             outcomes, elapsed = asyncio.run(load.burst(GIRCSE, 256))
             record(summarise("c burst 256", GIRCSE, outcomes, elapsed, None, sampler.take_peaks(), "K mixed"))
+            load.settle()
+        if "g" in args.only:
+            outcomes, elapsed = asyncio.run(load.burst(GIRCSE, 200, inputs=16, steps=20))
+            record(summarise("g heavy 200x16", GIRCSE, outcomes, elapsed, None, sampler.take_peaks(), "16 inputs K=20"))
             load.settle()
 
         for factor in (0.5, 0.9, 1.5, 4.0) if "a" in args.only else ():
@@ -559,6 +602,27 @@ def main() -> None:
             record(summarise("d 0.9x+0.9x", GIRCSE, g_out, g_el, g_off, rss, "with minilm at once"))
             record(summarise("d 0.9x+0.9x", MINILM, m_out, m_el, m_off, rss, "with gircse at once"))
             load.settle()
+
+        if "f" in args.only:
+            with second_gateway(logs, GIRCSE, worker_url(url, GIRCSE)) as url_2:
+                other = Load(url_2, deadline, sampler, seed=1)
+                for factor in (0.9, 2.5):
+                    rate = factor * capacity[GIRCSE] / 2
+
+                    async def two_gateways(rate: float = rate) -> list:
+                        return await asyncio.gather(
+                            load.open_loop(GIRCSE, rate, seconds, args.max_requests),
+                            other.open_loop(GIRCSE, rate, seconds, args.max_requests),
+                        )
+
+                    (one, el_1, off_1), (two, el_2, off_2) = asyncio.run(two_gateways())
+                    rss = sampler.take_peaks()
+                    note = "2 gateways, 1 worker, half each"
+                    record(
+                        summarise(f"f {factor:g}x 2gw", GIRCSE, one + two, max(el_1, el_2), off_1 + off_2, rss, note)
+                    )
+                    load.settle()
+                    other.settle()
 
         if "b" in args.only:
             outcomes, elapsed = asyncio.run(load.indexing(MINILM, 8, 128, seconds))
