@@ -31,19 +31,26 @@ def gateway_process(
 
 @contextlib.contextmanager
 def redis_process(
-    tmp_dir: Path, port: int | None = None, password: str | None = None
+    tmp_dir: Path, port: int | None = None, password: str | None = None, tls: Path | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A throw-away redis-server (no persistence; `requirepass password` when given); yields (redis:// URL without
-    the password, process)."""
+    """A throw-away redis-server (no persistence; `requirepass password` when given; TLS only, with `tls`/tls.crt,
+    tls.key and ca.crt, when given); yields (its URL without the password, process)."""
     port = port or free_port()
     log = open(tmp_dir / f"redis-{port}.log", "ab")  # noqa: SIM115
     auth = ["--requirepass", password] if password else []
+    listen, url, client_tls = ["--port", str(port)], f"redis://127.0.0.1:{port}/0", {}
+    if tls is not None:
+        names = {"cert": "tls.crt", "key": "tls.key", "ca-cert": "ca.crt"}
+        files = [arg for name, file in names.items() for arg in (f"--tls-{name}-file", str(tls / file))]
+        listen = ["--port", "0", "--tls-port", str(port), *files, "--tls-auth-clients", "no"]
+        url = f"rediss://localhost:{port}/0?ssl_ca_certs={tls / 'ca.crt'}"
+        client_tls = {"ssl": True, "ssl_ca_certs": str(tls / "ca.crt")}
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth],
+        ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *auth],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    client = redis.Redis(port=port, password=password, socket_connect_timeout=1)
+    client = redis.Redis(port=port, password=password, socket_connect_timeout=1, **client_tls)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -53,7 +60,7 @@ def redis_process(
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {port} did not start")
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0", proc
+        yield url, proc
     finally:
         client.close()
         if proc.poll() is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import redis
@@ -87,6 +88,35 @@ def test_a_redis_that_does_not_answer_at_start_is_a_warning(minilm_worker, tmp_p
         assert log_count(tmp_path, f"redis at redis://:***@127.0.0.1:{port}/0 does not answer yet") == 1
         with redis_process(tmp_path, port, password=PASSWORD):
             wait_for_hit(url, "redis came up")
+
+
+def certificates(directory: Path) -> Path:
+    """A CA and a certificate for localhost it signed (openssl), the files of a kubernetes.io/tls Secret."""
+    directory.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    key = ("-newkey", "rsa:2048", "-nodes", "-days", "1")
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=genembed test CA")
+    openssl("req", *key[:3], "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=localhost")
+    (directory / "san.cnf").write_text("subjectAltName=DNS:localhost\n")
+    openssl(
+        "x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-extfile", "san.cnf", "-out", "tls.crt",
+    )  # fmt: skip
+    return directory
+
+
+@pytest.mark.slow
+def test_rediss_with_a_password_caches(minilm_worker, tmp_path):
+    """TLS as the chart's redis.tls sets it up: rediss:// checked against the CA named in the URL."""
+    with redis_process(tmp_path, password=PASSWORD, tls=certificates(tmp_path / "tls")) as (redis_url, _):
+        assert redis_url.startswith("rediss://localhost:") and "ssl_ca_certs=" in redis_url
+        env = {"GENEMBED_REDIS_URL": redis_url, "GENEMBED_REDIS_PASSWORD": PASSWORD}
+        with gateway_process(tmp_path, {"minilm-l6": minilm_worker}, env) as (url, _):
+            assert embed(url, "over TLS").headers["x-cache"] == "miss"
+            assert embed(url, "over TLS").headers["x-cache"] == "hit"
 
 
 def test_the_password_is_joined_into_the_url_quoted():
