@@ -57,7 +57,7 @@ INTERNAL_ERROR = "internal_error"
 # idle worker (400: fewer inputs or steps, or a step range, would fit), and an item dropped past its deadline.
 EXCEEDS_DEADLINE = "exceeds_deadline"
 DEADLINE_PASSED = "deadline_exceeded"
-# A 429's code: admitted now, the call would finish past its deadline (Retry-After: when enough has drained).
+# A 429's code: admitted now, the call would finish past its deadline (Retry-After: once enough has drained).
 OVERLOADED = "overloaded"
 
 

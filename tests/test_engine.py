@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_server.engine import QueueFull
+from model_server.engine import DeadlineExceeded, QueueFull
 from model_server.prompts import PreparedInput
 from model_server.protocol import EmbedItem, EmbedRequest
 from tests.models import cosine, gircse_spec, make_tiny_llama, reference_gircse, start_worker
@@ -133,3 +133,75 @@ def test_eager_attention_matches_sdpa(tiny_dir):
         finally:
             worker.stop()
     assert 1 - cosine(*vectors) <= 1e-12
+
+
+def _dropped(worker) -> float:
+    return worker.metrics.registry.get_sample_value("genembed_worker_deadline_dropped_sequences_total") or 0.0
+
+
+def test_a_sequence_past_its_deadline_is_dropped_and_its_slot_reused(tiny_dir):
+    """One slot: a sequence that would run 100000 steps is dropped at its deadline (running), one queued behind
+    it is dropped at its own (waiting, never run), and the freed slot serves the next one."""
+    worker = start_worker(gircse_spec(tiny_dir, max_refinement_steps=100000, max_input_tokens=64), max_running_seqs=1)
+    try:
+        now = time.monotonic()
+        long = worker.engine.submit([PreparedInput(_ids(5, 3), 100000, False)], deadline=now + 0.6)[0]
+        while _steps(worker) < 3:
+            time.sleep(0.001)
+        queued = worker.engine.submit([PreparedInput(_ids(4, 4), 2, False)], deadline=now + 0.3)[0]
+        with pytest.raises(DeadlineExceeded):
+            queued.result(timeout=30)
+        assert not long.done(), "the waiting one was dropped at its deadline, not when the slot freed"
+        with pytest.raises(DeadlineExceeded):
+            long.result(timeout=30)
+        assert _dropped(worker) == 2
+        settled = _steps(worker)
+        time.sleep(0.2)
+        assert _steps(worker) == settled, "steps kept running past the deadline"
+        assert worker.engine.pending_work() == 0
+        assert _submit(worker, _ids(4, 5), 2).result(timeout=30).steps == 2
+    finally:
+        worker.stop()
+
+
+def test_embed_answers_a_dropped_call_with_the_deadline_error(tiny_dir):
+    worker = start_worker(gircse_spec(tiny_dir, max_refinement_steps=100000, max_input_tokens=64))
+    try:
+        request = EmbedRequest(items=[EmbedItem(text="abc", steps=100000)] * 2, deadline_s=0.3)
+        with pytest.raises(DeadlineExceeded):
+            asyncio.run(worker.embed(request))
+        assert _dropped(worker) == 2 and worker.engine.pending_work() == 0
+    finally:
+        worker.stop()
+
+
+def _running(worker) -> list[str]:
+    return sorted(s.priority for s in list(worker.engine.running))
+
+
+def test_batch_runs_in_what_online_leaves(tiny_dir):
+    """Batch sequences hold at most batch_share of the slots; an online arrival takes a free slot at once and
+    finishes while the batch runs on; a slot a batch sequence frees goes to waiting online work first."""
+    spec = gircse_spec(tiny_dir, max_refinement_steps=100000, max_input_tokens=64)
+    worker = start_worker(spec, max_running_seqs=4, max_kv_tokens=10**6, batch_share=0.5)
+    try:
+        batch = worker.engine.submit([PreparedInput(_ids(4, i), 100000, False) for i in range(6)], priority="batch")
+        while len(worker.engine.running) < 2:
+            time.sleep(0.001)
+        time.sleep(0.1)
+        assert _running(worker) == ["batch", "batch"] and len(worker.engine.waiting_batch) == 4
+        assert _submit(worker, _ids(4, 10), 3).result(timeout=30).steps == 3
+        assert not any(f.done() for f in batch)
+        # three long online sequences: two take the free slots, one waits; a batch slot that frees goes to it
+        online = [_submit(worker, _ids(4, 20 + i), 100000) for i in range(3)]
+        while _running(worker) != ["batch", "batch", "online", "online"]:
+            time.sleep(0.001)
+        batch[0].cancel()
+        while len(worker.engine.waiting):
+            time.sleep(0.001)
+        time.sleep(0.1)
+        assert _running(worker) == ["batch", "online", "online", "online"]
+        for future in batch + online:
+            future.cancel()
+    finally:
+        worker.stop()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
+import time
 
 import httpx
 import msgpack
@@ -108,6 +110,12 @@ def test_metrics_exposed(gircse_worker):
         "genembed_worker_batch_tokens_bucket",
         "genembed_worker_refinement_steps_total",
         "genembed_worker_forward_errors_total",
+        "genembed_worker_expected_drain_seconds",
+        "genembed_worker_queued_sequences",
+        "genembed_worker_cost_coefficient_seconds",
+        "genembed_worker_admission_decisions_total",
+        "genembed_worker_deadline_dropped_sequences_total",
+        "genembed_worker_finish_error_seconds_bucket",
     ):
         assert name in text
     steps = [line for line in text.splitlines() if line.startswith("genembed_worker_refinement_steps_total")]
@@ -158,3 +166,93 @@ def test_a_plain_call_stays_in_the_first_wire_version(gircse_worker):
     unknown = msgpack.packb({"request_id": None, "items": [{"text": "fine", "from_the_future": 1}]})
     r = httpx.post(f"{gircse_worker}/embed", content=unknown, timeout=60)
     assert r.status_code == 400 and "from_the_future" in r.text
+
+
+def _post(url: str, request: EmbedRequest, timeout: float = 120) -> httpx.Response:
+    return httpx.post(f"{url}/embed", content=request.encode(), timeout=timeout)
+
+
+def _steps_run(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return float(
+        next(line for line in text.splitlines() if line.startswith("genembed_worker_refinement_steps_total")).split()[
+            -1
+        ]
+    )
+
+
+def _assert_backlog_headers(r: httpx.Response) -> None:
+    assert float(r.headers[protocol.DRAIN_HEADER]) >= 0
+    assert int(r.headers[protocol.QUEUED_HEADER]) >= 0
+
+
+def test_every_answer_and_load_carry_the_backlog(gircse_worker):
+    r = _post(gircse_worker, EmbedRequest(items=[EmbedItem(text="fine", steps=1)], deadline_s=30))
+    assert r.status_code == 200
+    _assert_backlog_headers(r)
+    malformed = httpx.post(f"{gircse_worker}/embed", content=b"\x00not msgpack")
+    assert malformed.status_code == 400
+    _assert_backlog_headers(malformed)
+    load = httpx.get(f"{gircse_worker}/load")
+    assert load.status_code == 200
+    _assert_backlog_headers(load)
+    body = load.json()
+    assert set(body) == {"drain_s", "queued_seqs", "running_seqs", "waiting"}
+    assert set(body["waiting"]) == {"online", "batch"}
+    assert body["queued_seqs"] == body["running_seqs"] + body["waiting"]["online"] + body["waiting"]["batch"]
+
+
+def test_a_call_that_cannot_fit_even_alone_is_refused_at_once(gircse_worker):
+    before = _steps_run(gircse_worker)
+    items = [EmbedItem(text=f"a sentence of several words, number {i}", steps=20) for i in range(64)]
+    r = _post(gircse_worker, EmbedRequest(items=items, deadline_s=0.5))
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == protocol.EXCEEDS_DEADLINE
+    assert "64 inputs" in r.json()["detail"] and "fewer inputs per request" in r.json()["detail"]
+    _assert_backlog_headers(r)
+    assert _steps_run(gircse_worker) == before, "no compute was spent on it"
+
+
+def test_a_call_whose_deadline_passed_is_504(gircse_worker):
+    r = _post(gircse_worker, EmbedRequest(items=[EmbedItem(text="late", steps=1)], deadline_s=0))
+    assert r.status_code == 504 and r.json()["code"] == protocol.DEADLINE_PASSED
+
+
+def test_a_step_range_is_granted_and_reported(gircse_worker):
+    idle = _embed(gircse_worker, EmbedItem(text="ranged", steps=4, min_steps=1))
+    assert idle.results[0].steps == 4, "an idle worker grants the whole range"
+    bad = _embed(gircse_worker, EmbedItem(text="x", steps=2, min_steps=3), EmbedItem(text="y", steps=30, min_steps=1))
+    assert [r.error.code for r in bad.results] == [protocol.STEPS_OUT_OF_RANGE] * 2
+    assert "min=3 is larger than max=2" in bad.results[0].error.message
+    assert "0..20" in bad.results[1].error.message
+
+
+def test_a_heavy_burst_gets_200s_and_429s_and_no_late_answers(gircse_worker):
+    """Many concurrent calls of 16 inputs against one worker: it accepts what it expects to finish within the
+    deadline and refuses the rest at once with a Retry-After; nothing accepted is answered late or with a 504.
+    A batch call sent in the same burst is not refused: it waits and is answered."""
+    deadline_s = 20.0
+
+    async def call(client: httpx.AsyncClient, i: int, priority: str = "online") -> tuple[int, float, httpx.Response]:
+        items = [
+            EmbedItem(text=f"burst call {i}, input {j}: a sentence of about ten words", steps=5) for j in range(16)
+        ]
+        request = EmbedRequest(items=items, deadline_s=deadline_s if priority == "online" else None, priority=priority)
+        started = time.monotonic()
+        r = await client.post(f"{gircse_worker}/embed", content=request.encode(), timeout=300)
+        return r.status_code, time.monotonic() - started, r
+
+    async def burst() -> list[tuple[int, float, httpx.Response]]:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=100)) as client:
+            return await asyncio.gather(call(client, -1, "batch"), *(call(client, i) for i in range(40)))
+
+    (batch_status, _, _), *online = asyncio.run(burst())
+    statuses = [status for status, _, _ in online]
+    assert batch_status == 200
+    assert statuses.count(200) >= 1 and statuses.count(429) >= 1 and set(statuses) == {200, 429}, statuses
+    for status, elapsed, r in online:
+        _assert_backlog_headers(r)
+        if status == 200:
+            assert elapsed <= deadline_s, f"an accepted call was answered after {elapsed:.1f} s"
+        else:
+            assert r.json()["code"] == protocol.OVERLOADED and int(r.headers["retry-after"]) >= 1
