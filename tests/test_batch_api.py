@@ -4,11 +4,12 @@ gateway killed mid-batch, and two gateways sharing a bucket."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,8 +17,11 @@ import numpy as np
 import openai
 import pytest
 
+from service.batches.models import Batch, RequestCounts, StoredBatch, new_id
+from service.batches.storage import LocalStore
+from service.batches.store import BatchStore
 from tests.gateway_fixtures import gateway_process, redis_process
-from tests.procs import worker_process
+from tests.procs import free_port, genembed, running, worker_process
 from tests.s3 import gateway_env, moto_s3
 
 MODEL = "minilm-l6"
@@ -326,3 +330,68 @@ def test_two_gateways_share_batches_in_s3_and_one_runs_each(worker, tmp_path: Pa
                 for u in (first, second)
             ]
             assert sum(ran) == len(lines)  # the lease: no line ran on both
+
+
+def test_a_batch_waits_out_a_worker_restart(tmp_path: Path) -> None:
+    """The worker dies mid-batch and comes back on its address: no line fails, none is answered twice."""
+    port = free_port()
+    command = genembed("worker", "--model", MODEL, "--port", str(port), "--dtype", "float32")
+    worker = f"http://127.0.0.1:{port}"
+    store = tmp_path / "batches"
+    env = {**FAST, "GENEMBED_BATCH_DIR": str(store), "GENEMBED_BATCH_MAX_IN_FLIGHT": "2"}
+    lines = [line(f"w{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts("worker-restart", 60, per_line=4))]
+    with (
+        running(command, f"{worker}/ready", log_path=tmp_path / "worker-1.log") as first,
+        gateway_process(tmp_path, {MODEL: worker}, env) as (url, _),
+    ):
+        api = client(url)
+        batch = api.batches.create(input_file_id=upload(api, lines), endpoint="/v1/embeddings", completion_window="24h")
+        wait(api, batch.id, lambda b: b.request_counts.completed >= 5)
+        first.kill()
+        first.wait()
+        with running(command, f"{worker}/ready", log_path=tmp_path / "worker-2.log"):
+            done = wait(api, batch.id)
+            output = sorted(r["custom_id"] for r in records(api, done.output_file_id))
+    assert done.status == "completed" and done.error_file_id is None
+    assert (done.request_counts.completed, done.request_counts.failed) == (len(lines), 0)
+    assert output == sorted(item["custom_id"] for item in lines)
+
+
+def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(worker, tmp_path: Path) -> None:
+    """A batch found after its completion window (here: written so by hand) is not run: every line not yet answered
+    goes to the error file as `batch_expired`, as OpenAI writes it."""
+    store = BatchStore(LocalStore(tmp_path / "batches"))
+    lines = [line(f"e{i}", {"model": MODEL, "input": t[0]}) for i, t in enumerate(texts("expired", 5))]
+
+    async def content() -> AsyncIterator[bytes]:
+        yield "".join(json.dumps(item) + "\n" for item in lines).encode()
+
+    async def a_day_old_batch() -> str:
+        file = await store.add_file(None, "old.jsonl", "batch", content())
+        now = int(time.time())
+        batch = Batch(
+            id=new_id("batch_"),
+            endpoint="/v1/embeddings",
+            input_file_id=file.id,
+            completion_window="24h",
+            status="in_progress",
+            created_at=now - 25 * 3600,
+            in_progress_at=now - 25 * 3600,
+            expires_at=now - 3600,
+            request_counts=RequestCounts(total=len(lines)),
+        )
+        await store.create_batch(StoredBatch(batch=batch, owner=None))
+        return batch.id
+
+    batch_id = asyncio.run(a_day_old_batch())
+    with gateway_process(tmp_path, {MODEL: worker}, {**FAST, "GENEMBED_BATCH_DIR": str(tmp_path / "batches")}) as (
+        url,
+        _,
+    ):
+        api = client(url)
+        done = wait(api, batch_id)
+        errors = records(api, done.error_file_id)
+    assert done.status == "expired" and done.expired_at is not None and done.output_file_id is None
+    assert (done.request_counts.completed, done.request_counts.failed) == (0, len(lines))
+    assert [e["custom_id"] for e in errors] == [item["custom_id"] for item in lines]
+    assert all(e["response"] is None and e["error"]["code"] == "batch_expired" for e in errors)
