@@ -204,6 +204,7 @@ class Coalescer:
                     call.sent_at = asyncio.get_running_loop().time()
                     try:
                         response = await self.workers.embed(request, deadline)
+                        call.finished_at = asyncio.get_running_loop().time()  # before any waiter wakes
                         break
                     except _TRANSIENT as exc:
                         if request.priority != "batch":
@@ -244,7 +245,7 @@ class Coalescer:
     def _call_done(self, call: _Call, slots: list[_Slot], task: asyncio.Task) -> None:
         """Runs however the call ended, even cancelled before it started: frees its slots and its place."""
         now = asyncio.get_running_loop().time()
-        call.finished_at = now
+        call.finished_at = call.finished_at or now
         self._calls.discard(task)
         if task.cancelled():
             outcome = "cancelled"

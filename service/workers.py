@@ -251,10 +251,7 @@ class WorkerClient:
         detail, code = _detail(response)
         if response.status_code == 429:
             retry_after = response.headers.get("retry-after", "1")
-            raise Overloaded(
-                f"the worker for model {self.name!r} is at capacity: {detail}",
-                retry_after=max(1, int(retry_after)) if retry_after.isdigit() else 1,
-            )
+            raise Overloaded(detail, retry_after=max(1, int(retry_after)) if retry_after.isdigit() else 1)
         if response.status_code == 503:
             self.take_out(f"/embed answered 503: {detail}")
             raise self.unavailable()
@@ -386,11 +383,15 @@ class WorkerGroup:
                 last = exc
             except Unavailable as exc:
                 last = exc
+        if len(refusals) == 1:
+            raise Overloaded(
+                f"model {self.name!r} is overloaded: {refusals[0].message}", retry_after=refusals[0].retry_after
+            )
         if refusals:
             retry_after = min(r.retry_after or 1 for r in refusals)
             raise Overloaded(
-                f"{refusals[0].message} ({len(refusals)} of {len(tried)} workers tried refused the call); "
-                f"retry after {retry_after} s",
+                f"model {self.name!r} is overloaded: {len(refusals)} workers refused the request; retry after "
+                f"{retry_after} s (the first: {refusals[0].message})",
                 retry_after=retry_after,
             )
         raise last or self.unavailable()

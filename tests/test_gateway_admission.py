@@ -146,7 +146,7 @@ def test_a_workers_429_sends_the_request_to_another_worker(minilm_worker, tmp_pa
         with gateway_process(tmp_path, {MINILM: tiny}) as (url, _):
             response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
             error = _assert_openai_error(response, 429, "overloaded")
-            assert "the worker for model 'minilm-l6' is at capacity" in error["message"]
+            assert error["message"].startswith("model 'minilm-l6' is overloaded: worker queue is full")
 
 
 @pytest.mark.slow
