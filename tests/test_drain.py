@@ -22,7 +22,6 @@ pytestmark = pytest.mark.slow
 IN_FLIGHT, INPUTS, WORDS = 4, 32, 80
 ENV = {
     "GENEMBED_CACHE_MAX_MB": "0",
-    "GENEMBED_MAX_CONCURRENT_CALLS": "8",  # admission takes one round of calls before it has measured the worker
     "GENEMBED_REQUEST_TIMEOUT_S": "300",
     "GENEMBED_DRAIN_GRACE_S": "300",
     "GENEMBED_WORKER_DRAIN_GRACE_S": "300",
