@@ -395,3 +395,26 @@ def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(worker
     assert (done.request_counts.completed, done.request_counts.failed) == (0, len(lines))
     assert [e["custom_id"] for e in errors] == [item["custom_id"] for item in lines]
     assert all(e["response"] is None and e["error"]["code"] == "batch_expired" for e in errors)
+
+
+def test_a_gateway_that_shuts_down_releases_its_batches(worker, tmp_path: Path) -> None:
+    """SIGTERM stops a running batch where it is and clears its lease: another gateway takes it over at once,
+    not `batch_lease_s` later."""
+    store = tmp_path / "batches"
+    env = {
+        **FAST,
+        "GENEMBED_BATCH_DIR": str(store),
+        "GENEMBED_BATCH_LEASE_S": "600",
+        "GENEMBED_BATCH_MAX_IN_FLIGHT": "1",
+    }
+    lines = [line(f"t{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts("shutdown", 200, per_line=8))]
+    with gateway_process(tmp_path, {MODEL: worker}, env) as (url, _):
+        api = client(url)
+        batch = api.batches.create(input_file_id=upload(api, lines), endpoint="/v1/embeddings", completion_window="24h")
+        wait(api, batch.id, lambda b: b.request_counts.completed > 0)
+        held = json.loads((store / "batches" / "meta" / f"{batch.id}.json").read_text())["progress"]
+        assert held["lease_owner"] and held["lease_until"] > time.time()
+    record = json.loads((store / "batches" / "meta" / f"{batch.id}.json").read_text())
+    assert record["batch"]["status"] == "in_progress"
+    assert (record["progress"]["lease_owner"], record["progress"]["lease_until"]) == (None, 0.0)
+    assert 0 < record["progress"]["lines_done"] < len(lines)

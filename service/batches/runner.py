@@ -186,11 +186,12 @@ class BatchRunner:
 
     async def aclose(self) -> None:
         """Stop every batch where it is and release its lease, so another gateway can take it over at once."""
+        held = list(self._held.values())
         tasks = [t for t in (self._loop, *self._jobs.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for job in list(self._held.values()):
+        for job in held:
             with contextlib.suppress(LeaseLost, OSError, ServiceError):
                 await job.save(release=True)
 
@@ -238,15 +239,12 @@ class BatchRunner:
                 await self._finish(job)
         except LeaseLost:
             log.warning("batch %s: another gateway holds it now; stopped here", job.id)
-            self._held.pop(job.id, None)
         except Exception:
             log.exception("batch %s failed here; it is released and taken up again", job.id)
             with contextlib.suppress(Exception):
                 await job.save(release=True)
-            self._held.pop(job.id, None)
-        else:
-            self._held.pop(job.id, None)
         finally:
+            self._held.pop(job.id, None)
             self._jobs.pop(job.id, None)
 
     # -- the input file -------------------------------------------------------------------------------
