@@ -3,9 +3,9 @@
     python loadtests/bench_decode_step.py                                  # CPU: fp32 and bf16, default model
     python loadtests/bench_decode_step.py --device cuda --dtypes bfloat16  # a GPU: eager vs CUDA graphs
 
-1. projections (CPU): each of the model's linear shapes (q, k/v, o, gate/up, down, the LM head) at decode's
-   row counts, `F.linear` against the weight packed once for oneDNN (`model_server.packed.PackedLinear`);
-   best of `--repeats` rounds, the two alternating within each round.
+1. projections (CPU): each of the model's linear shapes (q, k/v, o, gate/up, down, the LM head) and gircse's
+   soft-token mix `probs @ E` at decode's row counts, eager (`F.linear`, the matmul) against the weight packed
+   once for oneDNN (`model_server.packed.PackedLinear`); best of `--repeats` rounds, the two alternating.
 2. the decode step: the runner's `forward` for `rows` running sequences of `--context` cached positions each,
    built through the serving path (`build_method`) per variant: CPU `eager` vs `packed` projections, CUDA
    `eager` vs `graphs` (replayed from CUDA graphs). Median step time over `--steps` steps after a warm-up.
@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def _best_us(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def linear_shapes(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The distinct linear shapes of a decoder layer and the LM head, by their module names."""
+def projections(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The distinct products of a decode step: name -> (the weight [out, in] that gets packed, the eager call).
+    A decoder layer's linear shapes, the LM head, and gircse's soft-token mix `probs @ E`."""
     layer = model.get_decoder().layers[0]
     named = {
         "q_proj": layer.self_attn.q_proj,
@@ -82,24 +84,28 @@ def linear_shapes(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
         "down_proj": layer.mlp.down_proj,
         "lm_head": model.get_output_embeddings(),
     }
-    return {name: m for name, m in named.items() if type(m) is torch.nn.Linear}
+    out = {name: (m.weight, m) for name, m in named.items() if type(m) is torch.nn.Linear}
+    embedding = model.get_input_embeddings().weight
+    out["probs @ E"] = (embedding.t().contiguous(), lambda probs: probs @ embedding)
+    return out
 
 
 @torch.inference_mode()
 def bench_linears(model_name: str, dtype: str, rows_list: list[int], repeats: int) -> list[LinearRow]:
-    loaded = load_model(load_spec(model_name, dtype=dtype, device="cpu"))
+    loaded = load_model(load_spec(model_name, dtype=dtype, device="cpu", linear="eager"))
     out = []
-    for name, linear in linear_shapes(loaded.model).items():
-        packed = PackedLinear(linear)
-        calls = 3 if linear.out_features > 10_000 else 30
+    for name, (weight, eager_call) in projections(loaded.model).items():
+        packed = PackedLinear(weight)
+        n_out, n_in = weight.shape
+        calls = 3 if max(n_out, n_in) > 10_000 else 30
         for rows in rows_list:
-            x = torch.randn(rows, linear.in_features, dtype=loaded.dtype)
+            x = torch.randn(rows, n_in, dtype=loaded.dtype)
             times: dict[str, list[float]] = {"eager": [], "packed": []}
             for _ in range(repeats):
-                times["eager"].append(_best_us(lambda x=x, m=linear: m(x), calls))
+                times["eager"].append(_best_us(lambda x=x, f=eager_call: f(x), calls))
                 times["packed"].append(_best_us(lambda x=x, m=packed: m(x), calls))
             eager, fast = min(times["eager"]), min(times["packed"])
-            out.append(LinearRow(dtype, name, linear.in_features, linear.out_features, rows, eager, fast, eager / fast))
+            out.append(LinearRow(dtype, name, n_in, n_out, rows, eager, fast, eager / fast))
             print(f"  {dtype} {name:18} {rows:3} rows: eager {eager:9.1f} µs, packed {fast:9.1f} µs", flush=True)
     return out
 

@@ -33,14 +33,18 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(torch.nn.Module):
-    """`nn.Linear` over a weight reordered once into oneDNN's layout (inference only)."""
+    """`x @ weight.T + bias` with the weight [out, in] reordered once into oneDNN's layout (inference only)."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         # An opaque oneDNN tensor: an attribute, not a parameter or buffer (it has no storage to save or move).
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def of(cls, linear: torch.nn.Linear) -> PackedLinear:
+        return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -59,7 +63,7 @@ def pack_linears(model: torch.nn.Module) -> int:
         if type(child) is torch.nn.Linear
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child))
+        setattr(parent, name, PackedLinear.of(child))
     return len(swaps)
 
 

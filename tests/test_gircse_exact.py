@@ -22,9 +22,10 @@ def worker64():
     worker.stop()
 
 
-@pytest.fixture(scope="module")
-def worker32():
-    worker = start_worker(load_spec("smollm2-gircse", dtype="float32"))
+@pytest.fixture(scope="module", params=["packed", "eager"])
+def worker32(request):
+    # fp32 runs both step kernels: projections packed for oneDNN (the CPU default) and torch's F.linear
+    worker = start_worker(load_spec("smollm2-gircse", dtype="float32", linear=request.param))
     yield worker
     worker.stop()
 

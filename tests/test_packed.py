@@ -25,7 +25,7 @@ TEXTS = [
 def test_packed_linear_equals_linear(dtype, tolerance, bias):
     torch.manual_seed(0)
     linear = torch.nn.Linear(576, 1536, bias=bias).to(dtype)
-    packed = PackedLinear(linear)
+    packed = PackedLinear.of(linear)
     with torch.inference_mode():
         for shape in ((1, 576), (16, 576), (3, 7, 576)):
             x = torch.randn(shape, dtype=dtype)
@@ -44,6 +44,20 @@ def test_pack_linears_swaps_every_projection_and_the_head_once(tmp_path):
     assert pack_linears(model) == 0
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     assert model.get_input_embeddings().weight is embedding  # the tied embedding matrix stays
+
+
+def test_packed_soft_token_mix_equals_the_matmul(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from model_server.methods.gircse import soft_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path)).eval()
+    mix = PackedLinear(model.get_input_embeddings().weight.t().contiguous())
+    with torch.inference_mode():
+        hidden = torch.randn(5, model.config.hidden_size)
+        want = soft_tokens(model, hidden, 1.0)
+        got = soft_tokens(model, hidden, 1.0, mix)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_worker_setting_reaches_the_spec(monkeypatch):
@@ -69,8 +83,8 @@ def workers32():
 
 def test_gircse_float32_packed_equals_eager(workers32):
     packed, eager = workers32["packed"], workers32["eager"]
-    assert type(packed.loaded.model.lm_head) is PackedLinear
-    assert type(eager.loaded.model.lm_head) is torch.nn.Linear
+    assert type(packed.loaded.model.lm_head) is PackedLinear and packed.method.mix is not None
+    assert type(eager.loaded.model.lm_head) is torch.nn.Linear and eager.method.mix is None
     items = [EmbedItem(text=t, input_type="query", steps=k) for t in TEXTS for k in (0, 1, 5)]
     for a, b in zip(embed_all(packed, items), embed_all(eager, items), strict=True):
         assert cosine(a, b) >= 0.99999

@@ -132,12 +132,13 @@ class DecoderMethod(EngineMethod):
         super().__init__(loaded)
         spec, family = loaded.spec, loaded.model.config.model_type
         self.runner: DecoderRunner | HFRunner
+        self.packed = False  # whether the projections and LM head are packed for oneDNN
         if family in FAMILIES:
-            packed = pack_for_serving(loaded)
+            self.packed = pack_for_serving(loaded)
             graphs = spec.cuda_graphs and loaded.device.type == "cuda"
             eager = spec.attn_implementation == "eager"
             self.runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager, cuda_graphs=graphs)
-            how = f"{'packed' if packed else 'eager'} projections{', CUDA-graph decode steps' if graphs else ''}"
+            how = f"{'packed' if self.packed else 'eager'} projections{', CUDA-graph decode steps' if graphs else ''}"
         else:
             self.runner, how = HFRunner(loaded.model), "the model's own forward"
         log.info("%s (%s): %s runs on the %s runner (%s)", spec.id, family, spec.method, self.runner.kind, how)

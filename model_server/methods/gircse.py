@@ -12,24 +12,33 @@ With a tolerance (`refinement_steps: "auto"`) a sequence leaves the batch after 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from model_server.loading import LoadedModel
 from model_server.methods.base import DecoderMethod, Sequence
+from model_server.packed import PackedLinear
 from model_server.runner import lm_logits
 
 
-def soft_tokens(causal_lm: torch.nn.Module, last_hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+def soft_tokens(
+    causal_lm: torch.nn.Module,
+    last_hidden: torch.Tensor,
+    temperature: float,
+    mix: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The soft-token step, shared by serving and the ICR trainer so the two cannot drift: final
     hidden states [N, H] -> next input embeddings [N, H]. E is the raw input matrix (MiniCPM's
     embedding scale not applied, as in the reference's `softmax @ weight`). The softmax runs in
-    fp32, or wider when the logits are (fp64 exactness tests); the LM head sees only the rows given."""
+    fp32, or wider when the logits are (fp64 exactness tests); the LM head sees only the rows given.
+    `mix` computes `probs @ E` where serving has it faster (E packed for oneDNN); default: the matmul."""
     logits = lm_logits(causal_lm, last_hidden)
     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     weight = causal_lm.get_input_embeddings().weight
-    return probs.to(weight.dtype) @ weight
+    probs = probs.to(weight.dtype)
+    return mix(probs) if mix is not None else probs @ weight
 
 
 @dataclass
@@ -49,6 +58,8 @@ class GircseMethod(DecoderMethod):
         self.temperature = loaded.spec.soft_token_temperature
         # The running sum is fp32 at least (fp64 when the model is, for exactness tests).
         self.sum_dtype = torch.promote_types(loaded.dtype, torch.float32)
+        # Where the projections are packed, `probs @ E` is too: a linear layer V -> H over E's transpose (a copy).
+        self.mix = PackedLinear(self.embeddings.weight.t().contiguous()) if self.packed else None
 
     @torch.inference_mode()
     def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
@@ -84,7 +95,8 @@ class GircseMethod(DecoderMethod):
                 else:
                     need_next.append((r, hidden))
         if need_next:
-            nexts = soft_tokens(self.loaded.model, torch.stack([hidden for _, hidden in need_next]), self.temperature)
+            states = torch.stack([hidden for _, hidden in need_next])
+            nexts = soft_tokens(self.loaded.model, states, self.temperature, self.mix)
             for (r, _), nxt in zip(need_next, nexts, strict=True):
                 r.pending = nxt
 
