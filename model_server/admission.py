@@ -146,16 +146,29 @@ class Seqs:
     prefill: np.ndarray  # prompt tokens still to prefill (0 once running)
     length: np.ndarray  # KV positions its next decode step attends to
     decode: np.ndarray  # decode iterations left
+    due: np.ndarray  # when its call planned to be answered by (the caller's clock; inf: no deadline)
 
     @classmethod
-    def of(cls, prefill: list[int], length: list[int], decode: list[int]) -> Seqs:
-        return cls(np.asarray(prefill, np.int64), np.asarray(length, np.int64), np.asarray(decode, np.int64))
+    def of(cls, prefill: list[int], length: list[int], decode: list[int], due: list[float] | None = None) -> Seqs:
+        return cls(
+            np.asarray(prefill, np.int64),
+            np.asarray(length, np.int64),
+            np.asarray(decode, np.int64),
+            np.full(len(decode), math.inf) if due is None else np.asarray(due, np.float64),
+        )
 
     @classmethod
-    def waiting(cls, prompts: list[int] | np.ndarray, decode: list[int] | np.ndarray) -> Seqs:
+    def waiting(
+        cls, prompts: list[int] | np.ndarray, decode: list[int] | np.ndarray, due: float | list[float] = math.inf
+    ) -> Seqs:
         """Sequences not yet prefilled: their first decode step attends to the prompt and its own position."""
         prompts = np.asarray(prompts, np.int64)
-        return cls(prompts, prompts + 1, np.asarray(decode, np.int64))
+        return cls(
+            prompts,
+            prompts + 1,
+            np.asarray(decode, np.int64),
+            np.broadcast_to(np.asarray(due, np.float64), prompts.shape),
+        )
 
     def __len__(self) -> int:
         return len(self.decode)
@@ -169,6 +182,7 @@ class Seqs:
             np.concatenate([self.prefill, other.prefill]),
             np.concatenate([self.length, other.length]),
             np.concatenate([self.decode, other.decode]),
+            np.concatenate([self.due, other.due]),
         )
 
 
@@ -192,9 +206,23 @@ class Capacity:
         return max(1, min(self.slots, int(self.kv_tokens // max(mean_kv, 1.0))))
 
 
+@dataclass(frozen=True)
+class Commitments:
+    """What the scheduled sequences with a deadline were promised: per distinct finish iteration, the work done
+    by then (decode rows, prefill tokens, KV read, logits rows) and the earliest `due` of those finishing then."""
+
+    horizons: np.ndarray  # [H] iterations
+    work: np.ndarray  # [H, 4]
+    due: np.ndarray  # [H]
+
+
 class Schedule:
     """A list schedule of a queue into running slots, at iteration granularity; `extend` appends sequences in
-    the engine's order and returns the iteration at which the last of them finishes."""
+    the engine's order and returns the iteration at which the last of them finishes.
+
+    Sequences appended later never move earlier ones (FIFO into the first free slot), but they do share their
+    iterations: a call that joins a running batch makes every pass it is in longer. So admitting a call checks
+    the sequences already promised an answer (`commitments`) as well as the call's own finish."""
 
     def __init__(self, running: Seqs, slots: int, batch_tokens: int) -> None:
         occupancy = running.occupancy().tolist()
@@ -204,6 +232,7 @@ class Schedule:
         self._finish = np.asarray(occupancy, np.int64)
         self._batch_tokens = batch_tokens
         self._prefill = 0
+        self._commitments: Commitments | None = None
 
     def copy(self) -> Schedule:
         twin = Schedule.__new__(Schedule)
@@ -224,6 +253,7 @@ class Schedule:
         self._start = np.concatenate([self._start, np.asarray(starts, np.int64)])
         self._finish = np.concatenate([self._finish, np.asarray(finishes, np.int64)])
         self._prefill += int(seqs.prefill.sum())
+        self._commitments = None
         # a queue needs at least its prefill tokens over the per-iteration budget
         return max(max(finishes, default=0), math.ceil(self._prefill / self._batch_tokens))
 
@@ -235,20 +265,33 @@ class Schedule:
 
     def work(self, horizon: int) -> Load:
         """What the iterations before `horizon` do, summed over every scheduled sequence's share of them."""
-        s = self._seqs
-        ran = np.clip(np.minimum(self._finish, horizon) - self._start, 0, None)
+        return Load(horizon, *self.work_at(np.array([horizon]))[0].tolist())
+
+    def work_at(self, horizons: np.ndarray, last: int | None = None) -> np.ndarray:
+        """[len(horizons), 4]: decode rows, prefill tokens, KV read and logits rows before each horizon, of every
+        scheduled sequence (or of the `last` appended ones)."""
+        s, start, finish = self._seqs, self._start, self._finish
+        if last is not None:
+            s = Seqs(*(a[len(a) - last :] for a in (s.prefill, s.length, s.decode, s.due)))
+            start, finish = start[len(start) - last :], finish[len(finish) - last :]
+        ran = np.clip(np.minimum(finish[None, :], horizons[:, None]) - start[None, :], 0, None)  # [H, n]
         prefilled = (s.prefill > 0) & (ran > 0)
         decoded = ran - prefilled  # decode steps run by the horizon
         # logits: the prefill's when a decode follows, each decode step's but the last one's
-        logits = prefilled & (s.decode > 0)
-        logits = logits + decoded - ((decoded == s.decode) & (decoded > 0))
-        return Load(
-            iterations=horizon,
-            decode_rows=float(decoded.sum()),
-            prefill_tokens=float((s.prefill * prefilled).sum()),
-            kv_read=float((decoded * s.length + decoded * (decoded - 1) // 2).sum()),
-            logits_rows=float(logits.sum()),
-        )
+        logits = (prefilled & (s.decode > 0)) + decoded - ((decoded == s.decode) & (decoded > 0))
+        kv = decoded * s.length + decoded * (decoded - 1) // 2
+        return np.stack(
+            [decoded.sum(axis=1), (s.prefill * prefilled).sum(axis=1), kv.sum(axis=1), logits.sum(axis=1)], axis=1
+        ).astype(np.float64)
+
+    def commitments(self) -> Commitments:
+        if self._commitments is None:
+            promised = np.isfinite(self._seqs.due)
+            horizons, index = np.unique(self._finish[promised], return_inverse=True)
+            due = np.full(len(horizons), math.inf)
+            np.minimum.at(due, index, self._seqs.due[promised])
+            self._commitments = Commitments(horizons, self.work_at(horizons), due)
+        return self._commitments
 
 
 @dataclass(frozen=True)
@@ -276,7 +319,8 @@ def drain_seconds(model: CostModel, schedule: Schedule) -> float:
 class Call:
     """One /embed call's sequences, each with its step range (`lowest == highest` without one). `extra`: decode
     iterations a sequence runs beyond its K when K > 0 (o1: EOS and `<emb>` after the thought); `decodes`: whether
-    K is decode iterations at all (False for one-pass methods and o1 documents, whose cost does not move with K)."""
+    K is decode iterations at all (False for one-pass methods and o1 documents, whose cost does not move with K).
+    `deadline_s` counts from `received` (the caller's clock, as `now` in `decide`)."""
 
     prompts: np.ndarray
     lowest: np.ndarray
@@ -286,6 +330,7 @@ class Call:
     inputs: int  # request inputs (an o1 input runs as one sequence per sampled thought)
     deadline_s: float | None = None
     priority: Literal["online", "batch"] = "online"
+    received: float = 0.0
 
     @property
     def levels(self) -> int:
@@ -299,9 +344,16 @@ class Call:
             return self.highest
         return self.lowest + (span * level) // self.levels
 
-    def seqs(self, level: int) -> Seqs:
-        k = self.steps(level)
-        return Seqs.waiting(self.prompts, np.where(self.decodes & (k > 0), k + self.extra, 0))
+    def due(self, policy: Policy) -> float:
+        """When the call plans to be answered by: its deadline's share after it arrived (inf without one)."""
+        return math.inf if self.deadline_s is None else self.received + self.deadline_s * policy.deadline_share
+
+    def seqs(self, level: int, due: float = math.inf) -> Seqs:
+        return self.seqs_at(self.steps(level), due)
+
+    def seqs_at(self, steps: np.ndarray, due: float = math.inf) -> Seqs:
+        """The call's sequences when each runs `steps[i]` steps."""
+        return Seqs.waiting(self.prompts, np.where(self.decodes & (steps > 0), steps + self.extra, 0), due)
 
 
 @dataclass(frozen=True)
@@ -322,53 +374,79 @@ class Decision:
     detail: str = ""
 
 
-def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy: Policy) -> Decision:
-    """Admit `call` behind `ahead` (the running set and the online queue), or say why not.
+def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy: Policy, now: float) -> Decision:
+    """Admit `call` behind `ahead` (the running set and the online queue) at time `now`, or say why not.
 
     Batch calls and calls without a deadline are accepted at their highest steps (batch waits; the gateway bounds
     it). A call whose cheapest form (every range at its lowest) does not fit the deadline's share even on an `idle`
-    worker never will: `never_fits`. One that fits idle but not behind the queue is `refused` with a Retry-After
-    of the excess (about when enough will have drained). A step range sheds as the queue fills, as the gateway
-    did: every step while the wait ahead is under half of what the deadline allows, then linearly fewer down to
-    the lowest at the limit, and never more than fits.
+    worker never will: `never_fits`. One that fits idle but not behind the queue, or whose work would make a call
+    already accepted miss the answer it was planned for, is `refused`, with a Retry-After of about when enough
+    will have drained. A step range sheds as the queue fills, as the gateway did: every step while the wait ahead
+    is under half of what the deadline allows, then linearly fewer down to the lowest at the limit, and never
+    more than fits.
     """
     if call.priority == "batch" or call.deadline_s is None or model.coefficients is None:
         return Decision("accepted", call.steps(call.levels))
+    coef = model.coefficients
     allowed = call.deadline_s * policy.deadline_share
+    due = call.due(policy)
+    promised = ahead.commitments()
+    promised_s = promised.horizons * coef[0] + promised.work @ coef[1:]
 
-    def finish_s(schedule: Schedule, level: int) -> float:
-        trial = schedule.copy()
-        horizon = trial.extend(call.seqs(level))
-        return model.seconds(trial.work(horizon)) or 0.0
+    def trial(level: int) -> tuple[float, float | None]:
+        """Seconds from now until the call is answered, and until the promises it would break are kept (None:
+        it breaks none)."""
+        schedule = ahead.copy()
+        seqs = call.seqs(level, due)
+        horizon = schedule.extend(seqs)
+        finish_s = model.seconds(schedule.work(horizon)) or 0.0
+        # the call's own work inside the iterations that promised sequences wait for makes those longer
+        added = schedule.work_at(promised.horizons, last=len(seqs)) @ coef[1:]
+        broken = (added > 0) & (now + promised_s + added > promised.due)
+        return finish_s, float((promised_s + added)[broken].max()) if broken.any() else None
 
-    alone = finish_s(idle, 0)
+    alone = model.seconds(_extended(idle, call.seqs(0))) or 0.0
     if alone > allowed:
         return Decision("never_fits", detail=_never_fits(call, alone, allowed))
     wait_s = drain_seconds(model, ahead)
-    cap = step_cap(wait_s, allowed, 0, call.levels)
-    # the highest level <= cap that fits (finish grows with the level): a bisection over the levels
+    remaining = due - now
+    cap = step_cap(wait_s, remaining, 0, call.levels)
+    # the highest level <= cap that fits (both checks grow with the level): a bisection over the levels
     low, high = -1, cap
     while low < high:
         mid = (low + high + 1) // 2
-        if finish_s(ahead, mid) <= allowed:
+        finish_s, blocked_s = trial(mid)
+        if finish_s <= remaining and blocked_s is None:
             low = mid
         else:
             high = mid - 1
     if low < 0:
-        excess = finish_s(ahead, 0) - allowed
-        retry = min(max(math.ceil(excess), 1), policy.max_retry_after_s)
+        finish_s, blocked_s = trial(0)
+        retry = min(max(math.ceil(max(finish_s - remaining, blocked_s or 0.0)), 1), policy.max_retry_after_s)
+        why = (
+            f"would finish after the {remaining:.1f} s its deadline leaves"
+            if finish_s > remaining
+            else "would make calls already accepted miss their deadlines"
+        )
         return Decision(
             "refused",
             retry_after_s=retry,
-            detail=f"the worker's queue is expected to take {wait_s:.1f} s; this call would finish after the "
-            f"{allowed:.1f} s its deadline allows; retry after {retry} s",
+            detail=f"the worker's queue is expected to take {wait_s:.1f} s; this call {why}; retry after {retry} s",
         )
-    return Decision("accepted", call.steps(low), expected_s=finish_s(ahead, low))
+    return Decision("accepted", call.steps(low), expected_s=trial(low)[0])
+
+
+def _extended(schedule: Schedule, seqs: Seqs) -> Load:
+    """The work until `seqs`, appended to `schedule`, are done."""
+    trial = schedule.copy()
+    return trial.work(trial.extend(seqs))
 
 
 def step_cap(wait_s: float, allowed_s: float, lowest: int, highest: int) -> int:
     """The most steps a ranged call may take with `wait_s` of work ahead: all of them up to half of what the
     deadline allows, then linearly fewer, down to `lowest` at the limit."""
+    if allowed_s <= 0:
+        return lowest
     headroom = min(max((allowed_s - wait_s) / (allowed_s / 2), 0.0), 1.0)
     return lowest + math.floor((highest - lowest) * headroom)
 

@@ -89,12 +89,17 @@ class Engine:
     # -- submission (any thread) -------------------------------------------------------------------
 
     def submit(
-        self, prepared: list[PreparedInput], deadline: float | None = None, priority: Priority = "online"
+        self,
+        prepared: list[PreparedInput],
+        deadline: float | None = None,
+        priority: Priority = "online",
+        finish_by: float | None = None,
     ) -> list[Future]:
         """Queue one request's inputs together (all or none); each future yields an `Embedded`, or raises
-        `DeadlineExceeded` once `deadline` (time.monotonic()) passes before it is done. Batch calls are never
-        refused: the gateway bounds how many it has in flight."""
-        seqs = [Sequence(p, deadline=deadline, priority=priority) for p in prepared]
+        `DeadlineExceeded` once `deadline` (time.monotonic()) passes before it is done. `finish_by`: when admission
+        planned them to be done (later admissions keep to it). Batch calls are never refused: the gateway bounds
+        how many it has in flight."""
+        seqs = [Sequence(p, deadline=deadline, priority=priority, finish_by=finish_by) for p in prepared]
         with self._cv:
             if not self.alive:
                 raise EngineStopped("the engine is not running")
@@ -119,7 +124,11 @@ class Engine:
         stateful = self.method.stateful
         with self._cv:
             online, batch = (
-                Seqs.waiting([s.prompt_tokens for s in queue], [s.decode_iterations if stateful else 0 for s in queue])
+                Seqs.waiting(
+                    [s.prompt_tokens for s in queue],
+                    [s.decode_iterations if stateful else 0 for s in queue],
+                    [_due(s) for s in queue],
+                )
                 for queue in (self.waiting, self.waiting_batch)
             )
             return Backlog(self._running_view, online, batch), self.version
@@ -275,6 +284,7 @@ class Engine:
             [s.prompt_tokens + s.iterations for s in running] + [s.prompt_tokens + 1 for s in admitted],
             [s.decode_iterations - s.iterations + 1 if stateful else 0 for s in running]
             + [s.decode_iterations if stateful else 0 for s in admitted],
+            [_due(s) for s in running] + [_due(s) for s in admitted],
         )
         self.version += 1
         self.metrics.running.set(len(running) + len(admitted))
@@ -300,3 +310,7 @@ class Engine:
                 seq.future.set_exception(exc)
         except InvalidStateError:
             pass
+
+
+def _due(seq: Sequence) -> float:
+    return math.inf if seq.finish_by is None else seq.finish_by

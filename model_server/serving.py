@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_server import admission, protocol, tracing
-from model_server.admission import Call, Capacity, Decision, Policy, Schedule
+from model_server.admission import Call, Capacity, Decision, Policy, Schedule, Seqs
 from model_server.engine import DeadlineExceeded, Engine, EngineLimits, EngineStopped
 from model_server.loading import LoadedModel, load_model
 from model_server.methods import build_method
@@ -62,6 +62,20 @@ class LoadReport:
         }
 
 
+@dataclass
+class _Ahead:
+    """What a new online call waits behind, for one version of the engine's queue: recomputed when an iteration
+    or another submitter changed the queue, extended by this worker's own submissions (a burst of calls between
+    two iterations then costs each call its own sequences, not a pass over the whole queue)."""
+
+    version: int
+    schedule: Schedule
+    running: int
+    waiting_online: int
+    waiting_batch: int
+    drain_s: float | None = None  # computed when first asked for
+
+
 class EmbeddingWorker:
     def __init__(
         self,
@@ -78,6 +92,7 @@ class EmbeddingWorker:
         self.capacity = Capacity(
             limits.max_running_seqs, limits.max_batch_tokens, limits.max_kv_tokens, self.method.stateful
         )
+        self._ahead: _Ahead | None = None
         self.calibration: list[list[float]] = []  # timed warm-up calls: see warmup()
         spec = loaded.spec
         self.metrics.info.labels(spec.id, spec.method, loaded.revision, str(loaded.dtype)).set(1)
@@ -131,7 +146,8 @@ class EmbeddingWorker:
         # An input with n samples (o1 thoughts) runs as n sequences, combined below.
         runs = [dataclasses.replace(p, sample=i) for p in prepared if p is not None for i in range(p.samples)]
         # Admission and submission with no await between them: no other call is admitted in between.
-        decision = self.admit(runs, sum(p is not None for p in prepared), request) if runs else None
+        call = self._call(runs, sum(p is not None for p in prepared), request, received)
+        decision = self.admit(call) if runs else None
         if decision is not None:
             runs = [self.method.prompts.with_steps(r, int(k)) for r, k in zip(runs, decision.steps, strict=True)]
         deadline = None if request.deadline_s is None else received + request.deadline_s
@@ -143,7 +159,11 @@ class EmbeddingWorker:
             "genembed.max_steps": max((r.steps for r in runs), default=0),
         }
         with tracing.span("engine", attributes=attributes or None):
-            futures = self.engine.submit(runs, deadline, request.priority) if runs else []
+            due = call.due(self.policy)
+            finish_by = None if math.isinf(due) else due
+            futures = self.engine.submit(runs, deadline, request.priority, finish_by) if runs else []
+            if decision is not None:
+                self._submitted(call.seqs_at(decision.steps, due), request.priority)
             try:
                 outcomes = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
             except asyncio.CancelledError:
@@ -181,49 +201,73 @@ class EmbeddingWorker:
         array = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
         return EmbedResponse(dimension=dim, results=results, vectors=array)
 
-    def admit(self, runs: list[PreparedInput], inputs: int, request: EmbedRequest) -> Decision:
-        """Admission's decision on a call's sequences (each at its range's highest), counted; raises NotAdmitted."""
+    def _call(self, runs: list[PreparedInput], inputs: int, request: EmbedRequest, received: float) -> Call:
+        """A call's sequences as admission sees them, each at its range's highest K."""
         stateful = self.method.stateful
         decodes = np.array([stateful and r.steps > 0 for r in runs], bool)
-        highest = np.array([r.steps for r in runs], np.int64)
-        lowest = np.array(
-            [
-                r.item.min_steps if d and r.item.min_steps is not None else r.steps
-                for r, d in zip(runs, decodes, strict=True)
-            ],
-            np.int64,
-        )
-        call = Call(
+        lowest = [
+            r.item.min_steps if d and r.item.min_steps is not None else r.steps
+            for r, d in zip(runs, decodes, strict=True)
+        ]
+        return Call(
             prompts=np.array([len(r.token_ids) for r in runs], np.int64),
-            lowest=lowest,
-            highest=highest,
+            lowest=np.array(lowest, np.int64),
+            highest=np.array([r.steps for r in runs], np.int64),
             extra=np.array([r.reserve for r in runs], np.int64),
             decodes=decodes,
             inputs=inputs,
             deadline_s=request.deadline_s,
             priority=request.priority,
+            received=received,
         )
-        backlog, _ = self.engine.backlog()
-        ahead = backlog.schedule(self.capacity)
+
+    def admit(self, call: Call) -> Decision:
+        """Admission's decision on a call, counted; raises NotAdmitted. The caller submits an accepted call before
+        it next awaits (so no other call is admitted against the same queue in between) and reports it with
+        `_submitted`."""
         idle = Schedule(admission.EMPTY, self.capacity.slots_for(call.seqs(0)), self.capacity.batch_tokens)
-        decision = admission.decide(self.engine.cost, ahead, idle, call, self.policy)
-        outcome = decision.outcome if request.priority == "online" else "accepted_batch"
-        self.metrics.admission.labels(outcome).inc()
+        ahead = self._current().schedule
+        decision = admission.decide(self.engine.cost, ahead, idle, call, self.policy, time.monotonic())
+        self.metrics.admission.labels(decision.outcome if call.priority == "online" else "accepted_batch").inc()
         if decision.outcome != "accepted":
             log.info("embed: %s: %s", decision.outcome, decision.detail)
             raise NotAdmitted(decision)
         return decision
 
+    def _current(self) -> _Ahead:
+        ahead = self._ahead
+        if ahead is None or ahead.version != self.engine.version:
+            backlog, version = self.engine.backlog()
+            schedule = backlog.schedule(self.capacity)
+            ahead = self._ahead = _Ahead(
+                version, schedule, len(backlog.running), len(backlog.online), len(backlog.batch)
+            )
+        return ahead
+
+    def _submitted(self, seqs: Seqs, priority: str) -> None:
+        """Our own submission moved the queue one version on: extend the schedule instead of rebuilding it (unless
+        an iteration ran in between)."""
+        ahead = self._ahead
+        if ahead is None or self.engine.version != ahead.version + 1:
+            return
+        if priority == "online":
+            ahead.schedule.extend(seqs)
+            ahead.waiting_online += len(seqs)
+        else:
+            ahead.waiting_batch += len(seqs)
+        ahead.version, ahead.drain_s = ahead.version + 1, None
+
     def backlog(self) -> LoadReport:
         """The backlog now (also refreshes the gauges that describe it)."""
-        backlog, _ = self.engine.backlog()
-        drain_s = admission.drain_seconds(self.engine.cost, backlog.schedule(self.capacity))
-        self.metrics.drain_seconds.set(drain_s)
+        ahead = self._current()
+        if ahead.drain_s is None:
+            ahead.drain_s = admission.drain_seconds(self.engine.cost, ahead.schedule)
+        self.metrics.drain_seconds.set(ahead.drain_s)
         coefficients = self.engine.cost.coefficients
         if coefficients is not None:
             for term, value in zip(admission.TERMS, coefficients, strict=True):
                 self.metrics.cost_coefficient.labels(term).set(value)
-        return LoadReport(drain_s, len(backlog.running), len(backlog.online), len(backlog.batch))
+        return LoadReport(ahead.drain_s, ahead.running, ahead.waiting_online, ahead.waiting_batch)
 
     def retry_after(self, drain_s: float) -> int:
         """Seconds a refusal by a bound (not by an estimate) asks the caller to wait: until the queue drains."""
@@ -231,9 +275,8 @@ class EmbeddingWorker:
 
     async def warmup(self) -> None:
         """One pass of each kind, so the first real request does not pay for lazy initialisation; then a few
-        batched calls whose timings seed the gateway's admission cost model (`ModelInfo.calibration`), so a
-        fresh gateway estimates bursts from batched work instead of refusing blindly or accepting blindly. Their
-        engine iterations seed the worker's own cost model (admission.py)."""
+        batched calls whose engine iterations seed the worker's cost model (admission.py), so the first request
+        is admitted by an estimate. Their timings stay in `ModelInfo.calibration` for gateways that read them."""
         spec = self.loaded.spec
         steps = min(max(spec.default_refinement_steps, spec.min_refinement_steps), _CALIBRATION_STEPS)
         await self._timed_call(1, steps)

@@ -162,7 +162,7 @@ def _busy(waiting: int, steps: int) -> Schedule:
 
 
 def _decide(ahead: Schedule, call: Call, policy: Policy | None = None) -> Decision:
-    return decide(_model(), ahead, _idle(call), call, policy or Policy())
+    return decide(_model(), ahead, _idle(call), call, policy or Policy(), now=0.0)
 
 
 def test_an_idle_worker_accepts_what_fits_and_expects_its_finish():
@@ -192,6 +192,7 @@ def test_a_call_that_fits_alone_but_not_behind_the_queue_is_refused_with_the_exc
     assert decision.outcome == "refused"
     finish = _model().seconds(_extended(ahead, call.seqs(0)))
     assert decision.retry_after_s == min(int(np.ceil(finish - 2.0 * 0.7)), 30)
+    assert "would finish after the 1.4 s its deadline leaves" in decision.detail
     assert _decide(ahead, call, Policy(max_retry_after_s=3)).retry_after_s == 3
     # without a deadline there is nothing to miss: accepted (the engine's bounds are the safety net)
     assert _decide(ahead, replace(call, deadline_s=None)).outcome == "accepted"
@@ -251,3 +252,31 @@ def test_the_kv_budget_bounds_the_slots():
         )
         == 64
     )
+
+
+def test_a_call_that_would_make_an_accepted_one_late_is_refused():
+    """Sequences share iterations: a call whose long prompts join the passes an accepted call waits for makes
+    that call later. It is refused when that would break the accepted call's plan, even though it would finish
+    in time itself; the same queue without a promise to keep admits it."""
+    model = _model()
+    queued = Seqs.waiting([20] * 4, [5] * 4)
+    finish = model.seconds(_extended(Schedule(EMPTY, 4, 4096), queued))
+    heavy = _call(2, 1, deadline_s=30.0, prompt=400)
+    promised = Backlog(EMPTY, Seqs.waiting([20] * 4, [5] * 4, due=finish + 0.05), EMPTY).schedule(
+        Capacity(8, 4096, 65536)
+    )
+    decision = _decide(promised, heavy)
+    assert decision.outcome == "refused" and "already accepted" in decision.detail
+    assert decision.retry_after_s == int(np.ceil(finish + model.seconds(Load(0, 0, 800, 0, 2))))
+    unpromised = Backlog(EMPTY, queued, EMPTY).schedule(Capacity(8, 4096, 65536))
+    assert _decide(unpromised, heavy).outcome == "accepted"
+    # work that starts after the promised sequences are done breaks nothing
+    after = _busy(4, 5)
+    assert _decide(after, _call(1, 1, deadline_s=30.0, prompt=400)).outcome == "accepted"
+
+
+def test_the_time_spent_before_the_decision_counts_against_the_deadline():
+    call = replace(_call(4, 5, deadline_s=2.0), received=-1.35)  # arrived 1.35 s before `now`
+    assert _decide(_idle(call), replace(call, received=0.0)).outcome == "accepted"
+    decision = _decide(_idle(call), call)
+    assert decision.outcome == "refused" and "its deadline leaves" in decision.detail

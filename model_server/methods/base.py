@@ -41,6 +41,7 @@ class Sequence:
     result: Embedded | None = None  # set by the method when the sequence is finished
     state: Any = None  # the method's own per-sequence state (gircse: `Refinement`, o1: `Thought`)
     deadline: float | None = None  # time.monotonic() after which nobody reads its answer: dropped, not run
+    finish_by: float | None = None  # when admission planned its call to be answered by (admission.Seqs.due)
     priority: Priority = "online"  # batch runs only in the capacity online work leaves
     iterations: int = 0  # engine iterations it has run in (its prefill is the first)
 
