@@ -270,19 +270,11 @@ class Schedule:
     def work_at(self, horizons: np.ndarray, last: int | None = None) -> np.ndarray:
         """[len(horizons), 4]: decode rows, prefill tokens, KV read and logits rows before each horizon, of every
         scheduled sequence (or of the `last` appended ones)."""
-        s, start, finish = self._seqs, self._start, self._finish
+        s, start = self._seqs, self._start
         if last is not None:
             s = Seqs(*(a[len(a) - last :] for a in (s.prefill, s.length, s.decode, s.due)))
-            start, finish = start[len(start) - last :], finish[len(finish) - last :]
-        ran = np.clip(np.minimum(finish[None, :], horizons[:, None]) - start[None, :], 0, None)  # [H, n]
-        prefilled = (s.prefill > 0) & (ran > 0)
-        decoded = ran - prefilled  # decode steps run by the horizon
-        # logits: the prefill's when a decode follows, each decode step's but the last one's
-        logits = (prefilled & (s.decode > 0)) + decoded - ((decoded == s.decode) & (decoded > 0))
-        kv = decoded * s.length + decoded * (decoded - 1) // 2
-        return np.stack(
-            [decoded.sum(axis=1), (s.prefill * prefilled).sum(axis=1), kv.sum(axis=1), logits.sum(axis=1)], axis=1
-        ).astype(np.float64)
+            start = start[len(start) - last :]
+        return _cumulative_work(s, start, int(horizons.max(initial=0)))[horizons]
 
     def commitments(self) -> Commitments:
         if self._commitments is None:
@@ -292,6 +284,39 @@ class Schedule:
             np.minimum.at(due, index, self._seqs.due[promised])
             self._commitments = Commitments(horizons, self.work_at(horizons), due)
         return self._commitments
+
+
+def _cumulative_work(s: Seqs, start: np.ndarray, until: int) -> np.ndarray:
+    """[until + 1, 4]: row T is the work of the iterations before T (decode rows, prefill tokens, KV read, logits
+    rows), from per-iteration difference arrays: O(sequences + iterations), not their product.
+
+    A sequence starting at iteration `start` prefills there (if it still has to), then decodes for `decode`
+    iterations from `first`; its j-th decode step reads `length + j` KV positions, so an iteration t reads
+    sum(length - first) + t * rows over the sequences decoding in it. Logits: the prefill's when a decode follows,
+    every decode step's but the last one's."""
+    prefills = s.prefill > 0
+    first = start + prefills
+    end = first + s.decode
+
+    def per_iteration(at: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Sum of `weights` landing in each iteration 0..until-1 (later ones fall off the end)."""
+        return np.bincount(np.minimum(at, until), weights=weights, minlength=until + 1)[:until]
+
+    def running_total(begin: np.ndarray, stop: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Per iteration, the sum of `weights` over sequences with begin <= t < stop."""
+        return np.cumsum(per_iteration(begin, weights) - per_iteration(stop, weights))
+
+    ones = np.ones(len(start))
+    rows = running_total(first, end, ones)
+    kv = running_total(first, end, (s.length - first).astype(np.float64)) + np.arange(until) * rows
+    prefill = per_iteration(start[prefills], s.prefill[prefills].astype(np.float64))
+    decoding = s.decode > 0
+    logits = per_iteration(start[prefills & decoding], ones[prefills & decoding]) + running_total(
+        first[decoding], end[decoding] - 1, ones[decoding]
+    )
+    cumulative = np.zeros((until + 1, 4))
+    cumulative[1:] = np.cumsum(np.stack([rows, prefill, kv, logits], axis=1), axis=0)
+    return cumulative
 
 
 @dataclass(frozen=True)

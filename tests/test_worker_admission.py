@@ -280,3 +280,38 @@ def test_the_time_spent_before_the_decision_counts_against_the_deadline():
     assert _decide(_idle(call), replace(call, received=0.0)).outcome == "accepted"
     decision = _decide(_idle(call), call)
     assert decision.outcome == "refused" and "its deadline leaves" in decision.detail
+
+
+def test_the_work_by_each_horizon_matches_an_iteration_by_iteration_count():
+    """The schedule's sums against walking its iterations one by one, on a random queue behind a running set."""
+    rng = np.random.default_rng(4)
+    running = Seqs.of([0] * 5, rng.integers(5, 50, 5).tolist(), rng.integers(1, 9, 5).tolist())
+    waiting = Seqs.waiting(rng.integers(3, 60, 30), rng.integers(0, 12, 30))
+    schedule = Schedule(running, slots=8, batch_tokens=10**6)
+    schedule.extend(waiting)
+    seqs = running.concat(waiting)
+    starts = [0] * 5 + list(_list_schedule(running.occupancy().tolist(), waiting.occupancy().tolist(), 8))
+    walked = np.zeros((schedule.makespan + 1, 4))
+    for t in range(schedule.makespan):
+        step = np.zeros(4)
+        for i, begin in enumerate(starts):
+            prefill, length, decode = int(seqs.prefill[i]), int(seqs.length[i]), int(seqs.decode[i])
+            first = begin + (prefill > 0)
+            if prefill and t == begin:
+                step += [0, prefill, 0, decode > 0]
+            if first <= t < first + decode:
+                step += [1, 0, length + t - first, t < first + decode - 1]
+        walked[t + 1] = walked[t] + step
+    horizons = np.arange(schedule.makespan + 1)
+    np.testing.assert_array_equal(schedule.work_at(horizons), walked)
+
+
+def _list_schedule(running: list[int], waiting: list[int], slots: int) -> list[int]:
+    """Start iterations of `waiting` in the first free of `slots`, the running ones holding theirs."""
+    free = sorted(running + [0] * (slots - len(running)))
+    starts = []
+    for occupancy in waiting:
+        begin = free.pop(0)
+        starts.append(begin)
+        free = sorted([*free, begin + occupancy])
+    return starts
