@@ -15,6 +15,8 @@ against the bounds (their caller bounds their concurrency), and wait out every 4
 Retry-After they were given, until they are answered. Slots are deduplicated per priority, so an online request
 never waits behind a batch call.
 
+An answered input stays in the table until `store` (the cache's write) has it, so a request that missed the cache
+a moment before still finds it here: an input is in flight or cached, never computed twice for want of either.
 A caller that leaves (client disconnect) releases its slots; a call whose every slot is abandoned is cancelled,
 which closes its connection so the worker drops the work. An online caller waits for its slots until its deadline
 plus a grace for the worker's own 504 (it drops sequences past their deadline at its next iteration).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +64,10 @@ class ItemOutcome:
     trajectory: np.ndarray | None = None  # [steps, D] when the item asked for it
 
 
+#: keeps a call's answered inputs (the cache's write); they leave the in-flight table once it returns
+Store = Callable[[list[EmbedItem], list["ItemOutcome"]], Awaitable[None]]
+
+
 @dataclass
 class Coalesced:
     outcomes: list[ItemOutcome]  # in the caller's order
@@ -75,6 +82,7 @@ class _Call:
     sent_at: float | None = None  # when its last try left
     finished_at: float | None = None
     task: asyncio.Task | None = None
+    stored: asyncio.Task | None = None  # the store of its answers
 
 
 @dataclass(eq=False)
@@ -96,10 +104,19 @@ def _mark_seen(future: asyncio.Future) -> None:
 class Coalescer:
     """One per model, in front of its workers."""
 
-    def __init__(self, model: str, workers: WorkerGroup, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        model: str,
+        workers: WorkerGroup,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        store: Store | None = None,
+    ) -> None:
         self.model = model
         self.workers = workers
         self.metrics = metrics
+        self._store = store
+        self._stores: set[asyncio.Task] = set()
         self._max_items = settings.max_queued_items
         self._max_calls = settings.max_worker_calls
         self._slots: dict[Priority, dict[bytes, _Slot]] = {"online": {}, "batch": {}}
@@ -111,10 +128,11 @@ class Coalescer:
         return sum(len(table) for table in self._slots.values())
 
     async def aclose(self) -> None:
+        """Cancel the calls in flight; let the stores of answered ones finish."""
         tasks = list(self._calls)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._stores, return_exceptions=True)
 
     async def embed(
         self, work: list[WorkItem], deadline: float | None, request_id: str, priority: Priority = "online"
@@ -148,14 +166,16 @@ class Coalescer:
             raise failed
         if pending:
             raise DeadlineExceeded(f"model {self.model!r}: the request did not finish within its deadline")
-        sent = [s.call.sent_at or submitted for s in slots]
+        # A slot answered before this request came (kept until stored) counts as sent and done on arrival.
+        sent = [max(s.call.sent_at or submitted, submitted) for s in slots]
+        finished = [max(s.call.finished_at or submitted, submitted) for s in slots]
         tracing.record_span(
             "queue", submitted, max(sent), {"genembed.items": len(slots), "genembed.new_items": len(fresh)}
         )
         return Coalesced(
             outcomes=[s.future.result() for s in slots],
-            queue_s=max(max(sent) - submitted, 0.0),
-            compute_s=max(s.call.finished_at or submitted for s in slots) - min(sent),
+            queue_s=max(sent) - submitted,
+            compute_s=max(finished) - min(sent),
         )
 
     def _admit(self, fresh: int) -> None:
@@ -219,22 +239,34 @@ class Coalescer:
             for slot in slots:
                 slot.future.set_exception(exc)
             return exc.code or "error"
-        for slot, item, result, output in zip(slots, request.items, response.results, response.outputs(), strict=True):
+        outcomes = []
+        for item, result, output in zip(request.items, response.results, response.outputs(), strict=True):
             vector, trajectory = output if output is not None else (None, None)
             trajectory = trajectory if item.trajectory else None
-            slot.future.set_result(
+            outcomes.append(
                 ItemOutcome(vector, result.prompt_tokens, result.truncated, result.error, result.steps, trajectory)
             )
+        if self._store is not None:
+            call.stored = asyncio.create_task(self._store(request.items, outcomes))
+            self._stores.add(call.stored)
+            call.stored.add_done_callback(self._stores.discard)
+        for slot, outcome in zip(slots, outcomes, strict=True):
+            slot.future.set_result(outcome)
         return "ok"
 
     def _release(self, slot: _Slot) -> None:
         slot.waiters -= 1
-        if slot.waiters > 0 or not slot.active:
-            return
+        if slot.waiters > 0 or not slot.active or slot.future.done():
+            return  # an answered slot leaves once stored (_call_done)
         self._retire(slot)  # abandoned: nobody waits for it any more
         slot.call.live -= 1
         if slot.call.live == 0 and slot.call.task is not None:
             slot.call.task.cancel()
+
+    def _retire_all(self, slots: list[_Slot]) -> None:
+        for slot in slots:
+            if slot.active:
+                self._retire(slot)
 
     def _retire(self, slot: _Slot) -> None:
         slot.active = False
@@ -257,7 +289,9 @@ class Coalescer:
         for slot in slots:
             if not slot.future.done():
                 slot.future.set_exception(ServiceError(f"the worker call for model {self.model!r} failed"))
-            if slot.active:
-                self._retire(slot)
+        if call.stored is not None and not call.stored.done():
+            call.stored.add_done_callback(lambda _: self._retire_all(slots))
+        else:
+            self._retire_all(slots)
         self.metrics.queue_seconds.labels(self.model).observe((call.sent_at or now) - call.created_at)
         self.metrics.worker_call_seconds.labels(self.model, outcome).observe(now - (call.sent_at or call.created_at))

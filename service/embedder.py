@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,7 +19,7 @@ from model_server import rules, tracing
 from model_server.protocol import INTERNAL_ERROR, INVALID_INPUT, EmbedItem, InputType, ItemError, ModelInfo, Priority
 from model_server.rules import ItemRejected
 from service.cache import CachedEmbedding, EmbeddingCache, cache_key
-from service.coalescer import Coalescer, WorkItem
+from service.coalescer import Coalescer, ItemOutcome, WorkItem
 from service.errors import InvalidRequest, ServiceError
 from service.limits import meter_tokens
 from service.metrics import GatewayMetrics
@@ -70,13 +71,15 @@ class Embedder:
         self.pool = pool
         self.cache = cache
         self.metrics = metrics
-        self.coalescers = {name: Coalescer(name, g, settings, metrics) for name, g in pool.groups.items()}
+        self.coalescers = {
+            name: Coalescer(name, g, settings, metrics, functools.partial(self._store, name))
+            for name, g in pool.groups.items()
+        }
         self._timeout_s = settings.request_timeout_s
         self._info_wait_s = settings.worker_probe_interval_s
-        self._writes: set[asyncio.Task] = set()  # cache stores run after the response
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self.coalescers.values()), *self._writes)
+        await asyncio.gather(*(c.aclose() for c in self.coalescers.values()))
 
     def model_info(self, model: str) -> ModelInfo:
         """The model's workers' last /info; raises ModelNotFound (404), or Unavailable (503) before the first.
@@ -104,7 +107,7 @@ class Embedder:
         results = await self._cached(keys, options.truncate)
         misses = [i for i, r in enumerate(results) if r is None]
         computed, queue_s, compute_s = await self._compute(
-            model, info, keys, items, misses, deadline, request_id, options.priority
+            model, keys, items, misses, deadline, request_id, options.priority
         )
         failure: ServiceError | None = None
         for i, outcome in zip(misses, computed, strict=True):
@@ -144,7 +147,7 @@ class Embedder:
         keys = [cache_key(info, item) for item in items]
         results = await self._cached(keys, truncate=True)
         misses = [i for i, r in enumerate(results) if r is None]
-        computed, _, _ = await self._compute(model, info, keys, items, misses, deadline, request_id, "online")
+        computed, _, _ = await self._compute(model, keys, items, misses, deadline, request_id, "online")
         for i, outcome in zip(misses, computed, strict=True):
             results[i] = outcome
         done = [r for r in results if isinstance(r, CachedEmbedding)]
@@ -169,7 +172,6 @@ class Embedder:
     async def _compute(
         self,
         model: str,
-        info: ModelInfo,
         keys: list[bytes],
         items: list[EmbedItem],
         misses: list[int],
@@ -178,34 +180,39 @@ class Embedder:
         priority: Priority,
     ) -> tuple[list[CachedEmbedding | ItemError], float, float]:
         """The `misses` through the model's coalescer: per miss its result or the worker's error, the queue and
-        compute seconds. Results are stored in the cache after the response, a step range's under the steps the
-        worker granted (the key a request for exactly those steps looks up)."""
+        compute seconds (the coalescer stores computed results in the cache: `_store`)."""
         if not misses:
             return [], 0.0, 0.0
         work = [WorkItem(_flight_key(keys[i], items[i]), items[i]) for i in misses]
         coalesced = await self.coalescers[model].embed(work, deadline, request_id, priority)
         computed: list[CachedEmbedding | ItemError] = []
-        fresh: dict[bytes, CachedEmbedding] = {}
         shed = 0
         for i, outcome in zip(misses, coalesced.outcomes, strict=True):
             if outcome.error is not None or outcome.vector is None:
                 computed.append(outcome.error or ItemError(INTERNAL_ERROR, "the worker sent no vector"))
                 continue
-            key, item = keys[i], items[i]
-            if item.min_steps is not None:
-                shed += (item.steps or 0) - outcome.steps
-                key = cache_key(info, dataclasses.replace(item, steps=outcome.steps, min_steps=None))
-            fresh[key] = CachedEmbedding(
-                outcome.vector, outcome.prompt_tokens, outcome.truncated, outcome.steps, outcome.trajectory
-            )
-            computed.append(fresh[key])
+            if items[i].min_steps is not None:
+                shed += (items[i].steps or 0) - outcome.steps
+            computed.append(_cached_embedding(outcome))
         if shed:
             self.metrics.steps_shed.labels(model).inc(shed)
-        if fresh:
-            task = asyncio.create_task(self.cache.put_many(fresh))
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
         return computed, coalesced.queue_s, coalesced.compute_s
+
+    async def _store(self, model: str, items: list[EmbedItem], outcomes: list[ItemOutcome]) -> None:
+        """A worker call's answers into the cache, while the coalescer still holds them in flight; a step range's
+        under the steps the worker granted (the key a request for exactly those steps looks up)."""
+        info = self.pool.get(model).info
+        if info is None:
+            return
+        fresh: dict[bytes, CachedEmbedding] = {}
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome.error is None and outcome.vector is not None:
+                exact = (
+                    item if item.min_steps is None else dataclasses.replace(item, steps=outcome.steps, min_steps=None)
+                )
+                fresh[cache_key(info, exact)] = _cached_embedding(outcome)
+        if fresh:
+            await self.cache.put_many(fresh)
 
     async def _wait_for_info(self, model: str) -> ModelInfo:
         """The model's /info, waiting (batch priority) while no worker has answered yet."""
@@ -266,6 +273,10 @@ class Embedder:
                 )
             )
         return items
+
+
+def _cached_embedding(outcome: ItemOutcome) -> CachedEmbedding:
+    return CachedEmbedding(outcome.vector, outcome.prompt_tokens, outcome.truncated, outcome.steps, outcome.trajectory)
 
 
 def _flight_key(key: bytes, item: EmbedItem) -> bytes:
