@@ -212,7 +212,13 @@ def fidelity(spec_path: Path, device: str, ks: tuple[int, ...], texts: int) -> d
 
 def speed(spec_path: Path, device: str, dtypes: list[str], requests: int, concurrency: int) -> list[dict]:
     args = argparse.Namespace(
-        model=str(spec_path), device=device, requests=requests, concurrency=concurrency, batch_tokens=4096
+        model=str(spec_path),
+        device=device,
+        requests=requests,
+        concurrency=concurrency,
+        batch_tokens=4096,
+        rounds=1,
+        lockstep=True,
     )
     return [asdict(row) for dtype in dtypes for row in bench_dtype(dtype, args, ("fast", "eager"))]
 
