@@ -43,16 +43,18 @@ def soft_tokens(
 
 @dataclass
 class Refinement:
-    """A sequence's soft-token state between steps (`Sequence.state`)."""
+    """A sequence's soft-token state between steps (`Sequence.state`); its running sum and next input are rows
+    of the method's slot-ordered tensors."""
 
-    total: torch.Tensor  # running sum of step states, at least fp32
     tolerance: float | None  # `refinement_steps: "auto"`: leave once a step moves the embedding by less (1 - cos)
     trajectory: list[torch.Tensor] | None  # embeddings after each step so far, when asked for
-    pending: torch.Tensor | None = None  # next input embedding [H]
     steps_done: int = 0
 
 
 class GircseMethod(DecoderMethod):
+    """Per slot (the runner's order, mirrored by `remove`): the next input embedding and the running sum of step
+    states, each one tensor, so a step feeds and accumulates without gathering per-sequence rows."""
+
     def __init__(self, loaded: LoadedModel, max_seqs: int) -> None:
         super().__init__(loaded, max_seqs)
         self.temperature = loaded.spec.soft_token_temperature
@@ -60,45 +62,65 @@ class GircseMethod(DecoderMethod):
         self.sum_dtype = torch.promote_types(loaded.dtype, torch.float32)
         # Where the projections are packed, `probs @ E` is too: a linear layer V -> H over E's transpose (a copy).
         self.mix = PackedLinear(self.embeddings.weight.t().contiguous()) if self.packed else None
+        self.pending: torch.Tensor | None = None  # [slots, H] each slot's next input
+        self.totals: torch.Tensor | None = None  # [slots, H] each slot's sum of step states (sum_dtype)
 
     @torch.inference_mode()
     def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
-        device = self.loaded.device
-        refinements: list[Refinement] = [s.state for s in running]
+        n = len(running)
         decoded, prefilled = self.runner.forward(
-            torch.stack([r.pending for r in refinements]) if running else None,
-            self.prompt_embeddings(admitted),
-            [s.kv_tokens for s in admitted],
+            self.pending if running else None, self.prompt_embeddings(admitted), [s.kv_tokens for s in admitted]
         )
-        # Rows that need a next soft token: one lm_head + softmax + @E for all of them together.
-        need_next: list[tuple[Refinement, torch.Tensor]] = []
-        for seq, hidden in zip(admitted, prefilled, strict=True):
-            if seq.steps == 0:
-                self.finish(seq, hidden.to(self.sum_dtype).mean(dim=0), steps=0)
-            else:
-                total = torch.zeros(hidden.shape[-1], dtype=self.sum_dtype, device=device)
-                seq.state = Refinement(total, seq.prepared.item.tolerance, [] if seq.prepared.trajectory else None)
-                need_next.append((seq.state, hidden[-1]))
+        weight = self.embeddings.weight
+        hidden_size = weight.shape[-1]
+        totals = self.totals if running else weight.new_zeros((0, hidden_size), dtype=self.sum_dtype)
+        # Slots whose next soft token is needed, and their states: one lm_head + softmax + @E for all together.
+        slots: list[int] = []
+        states: list[torch.Tensor] = []
         if running:
-            previous = torch.stack([r.total for r in refinements])
-            sums = previous + decoded.to(self.sum_dtype)
-            drifts = self._drifts(refinements, sums, previous)
-            for seq, r, hidden, total, drift in zip(running, refinements, decoded, sums, drifts, strict=True):
-                r.total = total
+            refinements: list[Refinement] = [s.state for s in running]
+            sums = totals + decoded.to(self.sum_dtype)
+            drifts = self._drifts(refinements, sums, totals)
+            totals = sums
+            for slot, (seq, r, drift) in enumerate(zip(running, refinements, drifts, strict=True)):
                 r.steps_done += 1
                 if r.trajectory is not None:
-                    r.trajectory.append(total / r.steps_done)
+                    r.trajectory.append(sums[slot] / r.steps_done)
                 if r.steps_done == seq.steps or drift < (r.tolerance or 0):
                     trajectory = torch.stack(r.trajectory) if r.trajectory is not None else None
                     # no lm_head on the final step
-                    self.finish(seq, total / r.steps_done, steps=r.steps_done, trajectory=trajectory)
+                    self.finish(seq, sums[slot] / r.steps_done, steps=r.steps_done, trajectory=trajectory)
                 else:
-                    need_next.append((r, hidden))
-        if need_next:
-            states = torch.stack([hidden for _, hidden in need_next])
-            nexts = soft_tokens(self.loaded.model, states, self.temperature, self.mix)
-            for (r, _), nxt in zip(need_next, nexts, strict=True):
-                r.pending = nxt
+                    slots.append(slot)
+            if slots:
+                states.append(decoded[slots] if len(slots) < n else decoded)
+        for slot, (seq, hidden) in enumerate(zip(admitted, prefilled, strict=True), start=n):
+            if seq.steps == 0:
+                self.finish(seq, hidden.to(self.sum_dtype).mean(dim=0), steps=0)
+            else:
+                seq.state = Refinement(seq.prepared.item.tolerance, [] if seq.prepared.trajectory else None)
+                slots.append(slot)
+                states.append(hidden[-1:])
+        self.totals = torch.cat([totals, totals.new_zeros((len(admitted), hidden_size))])
+        nexts = soft_tokens(self.loaded.model, torch.cat(states), self.temperature, self.mix) if slots else None
+        if nexts is not None and len(slots) == n + len(admitted):
+            self.pending = nexts
+        else:  # finished slots keep a zero row until the engine removes them
+            self.pending = weight.new_zeros((n + len(admitted), hidden_size))
+            if nexts is not None:
+                self.pending[slots] = nexts
+
+    @torch.inference_mode()
+    def remove(self, slot: int) -> None:
+        super().remove(slot)
+        last = len(self.pending) - 1
+        for rows in (self.pending, self.totals):
+            rows[slot] = rows[last]
+        self.pending, self.totals = self.pending[:last], self.totals[:last]
+
+    def clear(self) -> None:
+        super().clear()
+        self.pending = self.totals = None
 
     @staticmethod
     def _drifts(refinements: list[Refinement], sums: torch.Tensor, previous: torch.Tensor) -> list[float]:
