@@ -79,6 +79,7 @@ class Coalesced:
 class _Call:
     live: int  # its slots someone still waits for
     created_at: float
+    priority: Priority
     sent_at: float | None = None  # when its last try left
     finished_at: float | None = None
     task: asyncio.Task | None = None
@@ -120,7 +121,7 @@ class Coalescer:
         self._max_items = settings.max_queued_items
         self._max_calls = settings.max_worker_calls
         self._slots: dict[Priority, dict[bytes, _Slot]] = {"online": {}, "batch": {}}
-        self._calls: set[asyncio.Task] = set()
+        self._calls: dict[Priority, set[asyncio.Task]] = {"online": set(), "batch": set()}
 
     @property
     def in_flight(self) -> int:
@@ -129,7 +130,7 @@ class Coalescer:
 
     async def aclose(self) -> None:
         """Cancel the calls in flight; let the stores of answered ones finish."""
-        tasks = list(self._calls)
+        tasks = [task for calls in self._calls.values() for task in calls]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, *self._stores, return_exceptions=True)
@@ -180,8 +181,9 @@ class Coalescer:
 
     def _admit(self, fresh: int) -> None:
         """Raise Overloaded when `fresh` more inputs in one more call would pass the gateway's own bounds (an idle
-        model takes any request: the bound is on what is already in flight)."""
-        items, calls = self.in_flight, len(self._calls)
+        model takes any request: the bound is on what is already in flight). Online work only: batch work is bounded
+        by its caller, and must never crowd online requests out."""
+        items, calls = len(self._slots["online"]), len(self._calls["online"])
         if items and items + fresh > self._max_items:
             why = f"{items} inputs are in flight, the bound is {self._max_items}"
         elif calls >= self._max_calls:
@@ -198,7 +200,7 @@ class Coalescer:
     ) -> None:
         loop = asyncio.get_running_loop()
         table = self._slots[priority]
-        call = _Call(live=len(work), created_at=now)
+        call = _Call(live=len(work), created_at=now, priority=priority)
         slots = []
         for w in work:
             future = loop.create_future()
@@ -212,7 +214,7 @@ class Coalescer:
         context = contextvars.copy_context()  # the call's log lines carry the request's id
         context.run(request_id_var.set, request_id)
         call.task = asyncio.create_task(self._run_call(call, slots, request, deadline), context=context)
-        self._calls.add(call.task)
+        self._calls[priority].add(call.task)
         call.task.add_done_callback(lambda task: self._call_done(call, slots, task), context=context)
 
     async def _run_call(self, call: _Call, slots: list[_Slot], request: EmbedRequest, deadline: float | None) -> str:
@@ -278,7 +280,7 @@ class Coalescer:
         """Runs however the call ended, even cancelled before it started: frees its slots and its place."""
         now = asyncio.get_running_loop().time()
         call.finished_at = call.finished_at or now
-        self._calls.discard(task)
+        self._calls[call.priority].discard(task)
         if task.cancelled():
             outcome = "cancelled"
         elif task.exception() is not None:

@@ -311,3 +311,28 @@ async def test_batch_calls_wait_out_refusals_and_online_calls_do_not():
             await coalescer.embed(work, asyncio.get_running_loop().time() + 10, "online-1")
         assert worker.calls[-1].priority == "online"
         await coalescer.aclose()
+
+
+async def test_batch_work_in_flight_leaves_the_gateways_bounds_to_online_requests():
+    worker = StandIn(hold=1.0)
+    async with stand_in_group(worker) as (group, metrics):
+        settings = GatewaySettings(workers=[f"{MODEL}=http://unused:1"], max_queued_items=8, max_worker_calls=1)
+        coalescer = Coalescer(MODEL, group, settings, metrics)
+
+        def work(tag: str, n: int) -> list[WorkItem]:
+            return [WorkItem(f"{tag}{i}".encode(), EmbedItem(text=f"{tag} {i}", steps=0)) for i in range(n)]
+
+        batch = asyncio.create_task(coalescer.embed(work("batch", 8), None, "batch-1", "batch"))
+        await apoll(lambda: len(worker.calls) == 1, 10, "the batch call reached the worker")
+        deadline = asyncio.get_running_loop().time() + 10
+        # Eight batch inputs in one call are in flight: an online request still finds both bounds free...
+        first, second = await asyncio.gather(
+            coalescer.embed(work("online", 4), deadline, "online-1"),
+            coalescer.embed(work("other", 4), deadline, "online-2"),
+            return_exceptions=True,
+        )
+        # ...and the online bound (one call) holds among online requests.
+        assert len(first.outcomes) == 4
+        assert isinstance(second, Overloaded) and "1 worker calls are in flight, the bound is 1" in second.message
+        assert len((await batch).outcomes) == 8
+        await coalescer.aclose()
