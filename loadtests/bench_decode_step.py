@@ -8,7 +8,8 @@
    once for oneDNN (`model_server.packed.PackedLinear`); best of `--repeats` rounds, the two alternating.
 2. the decode step: the runner's `forward` for `rows` running sequences of `--context` cached positions each,
    built through the serving path (`build_method`) per variant: CPU `eager` vs `packed` projections, CUDA
-   `eager` vs `graphs` (replayed from CUDA graphs). Median step time over `--steps` steps after a warm-up.
+   `eager` vs `graphs` (replayed from CUDA graphs). Median step time over `--steps` steps after a warm-up, the
+   variants alternating twice per batch size (each one's best counts).
 Prints a table and writes JSON (results/decode-step-<tag>.json).
 """
 
@@ -134,25 +135,25 @@ def time_steps(runner, embeddings: torch.nn.Module, rows: int, context: int, ste
 
 
 def bench_steps(
-    model_name: str, device: str, dtype: str, rows_list: list[int], context: int, steps: int
+    model_name: str, device: str, dtype: str, rows_list: list[int], context: int, steps: int, rounds: int = 2
 ) -> list[StepRow]:
-    """The decode step per variant (the device type's `STEP_VARIANTS`), each on its own model copy."""
-    out: list[StepRow] = []
+    """The decode step per variant (the device type's `STEP_VARIANTS`), each on its own model copy, the variants
+    alternating `rounds` times per batch size (each one's best round counts)."""
     variants = STEP_VARIANTS["cuda" if device.startswith("cuda") else "cpu"]
+    methods = {}
     for variant, overrides in variants.items():
         loaded = load_model(load_spec(model_name, dtype=dtype, device=device, **overrides))
-        method = build_method(loaded, max(rows_list))
-        embeddings = loaded.model.get_input_embeddings()
-        for rows in rows_list:
-            ms = time_steps(method.runner, embeddings, rows, context, steps)
-            out.append(StepRow(dtype, variant, rows, context, ms, rows / ms * 1e3))
-            print(
-                f"  {dtype} {variant:7} {rows:3} rows: {ms:8.2f} ms/step, {rows / ms * 1e3:8.1f} tokens/s", flush=True
-            )
-        del method, loaded
-    eager = {r.rows: r.step_ms for r in out if r.variant == "eager"}
-    for row in out:
-        row.speedup_vs_eager = eager[row.rows] / row.step_ms
+        methods[variant] = build_method(loaded, max(rows_list))
+    out: list[StepRow] = []
+    for rows in rows_list:
+        best: dict[str, float] = {}
+        for _ in range(rounds):
+            for variant, method in methods.items():
+                ms = time_steps(method.runner, method.embeddings, rows, context, steps)
+                best[variant] = min(ms, best.get(variant, ms))
+        for variant, ms in best.items():
+            out.append(StepRow(dtype, variant, rows, context, ms, rows / ms * 1e3, best["eager"] / ms))
+            print(f"  {dtype} {variant:7} {rows:3} rows: {ms:8.2f} ms/step", flush=True)
     return out
 
 
@@ -165,9 +166,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64, help="cached positions per sequence")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per batch size")
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per projection shape")
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: its own choice)")
     parser.add_argument("--tag", default=None, help="name of the result file (default: the device)")
     args = parser.parse_args()
-    machine = _machine(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = f"{_machine(args.device)}, {torch.get_num_threads()} torch threads"
     print(f"machine: {machine}")
     linears: list[LinearRow] = []
     step_rows: list[StepRow] = []
