@@ -55,7 +55,7 @@ from loadtests.bench_engine import WORDS  # noqa: E402
 from loadtests.bench_gateway import machine  # noqa: E402
 from loadtests.load_suite import other_processes  # noqa: E402
 from model_server.loading import resolve_backbone  # noqa: E402
-from model_server.specs import load_spec  # noqa: E402
+from model_server.specs import METHOD_DEFAULTS, TEXT_SLOT, load_spec  # noqa: E402
 from tests.procs import free_port, genembed, running  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -79,6 +79,8 @@ SPECS = {
 
 @dataclass(frozen=True)
 class Work:
+    """One kind of work, the same inputs for every server; warm-up inputs differ from the measured ones."""
+
     name: str  # pooled | generation | minilm
     texts: list[str]  # measured, each once
     warmup: list[str]
@@ -109,8 +111,8 @@ def make_work(quick: bool) -> dict[str, Work]:
 
 
 def o1_prompt(text: str) -> str:
-    """The o1 query template (`model_server/specs.py`), as the text vLLM is asked to continue."""
-    return f"<query>{text}</query><thought>"
+    """The o1 query template, as the text vLLM is asked to continue."""
+    return METHOD_DEFAULTS["o1"].templates["query"].replace(TEXT_SLOT, text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def o1_prompt(text: str) -> str:
 
 @dataclass
 class Server:
-    """One server process at one setting, and how the work is sent to it."""
+    """One server process at one setting and the work it is measured on."""
 
     kind: str  # genembed | vllm | infinity
     setting: str  # default | best | the round for genembed
@@ -300,8 +302,9 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
 
 
 def busy_seconds() -> float:
+    """CPU time the machine's processes ran (guest time is inside user; steal is the hypervisor's)."""
     times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
 
 
 async def closed_loop(url: str, call: Call, chunks: list[list[str]], concurrency: int, seconds: float):
