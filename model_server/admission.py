@@ -58,15 +58,39 @@ class Load:
 
 class CostModel:
     """Seconds per iteration term, fitted online from the engine's own iterations (one writer: the engine thread;
-    readers take `coefficients`, an array replaced whole at each refit)."""
+    readers take `coefficients`, an array replaced whole at each refit).
 
-    def __init__(self, window: int = 512, trim: float = 0.1, refit_every: int = 16) -> None:
+    Iterations are not all a call waits for: the first pass of a new batch shape builds its kernels, neighbours
+    on shared cores come and go, the event loop competes with the engine for the interpreter. So the estimates
+    carry a `correction` for the model's bias, learned end to end from calls that finished (their time against
+    the model's estimate, `record_finish`): the median of the recent ratios, never below 1 (the deadline share is
+    the headroom for their spread; one writer: the serving loop)."""
+
+    def __init__(
+        self,
+        window: int = 512,
+        trim: float = 0.1,
+        refit_every: int = 16,
+        finishes: int = 32,
+        min_estimate_s: float = 0.2,
+    ) -> None:
         self._window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self._seed: list[tuple[np.ndarray, float]] = []
         self._trim = trim
         self._refit_every = refit_every
         self._since_fit = 0
+        self._ratios: deque[float] = deque(maxlen=finishes)
+        self._min_estimate_s = min_estimate_s
         self.coefficients: np.ndarray | None = None
+        self.correction = 1.0
+
+    def record_finish(self, estimated_s: float, actual_s: float) -> None:
+        """A call the model estimated at `estimated_s` (uncorrected) took `actual_s`; calls estimated below
+        `min_estimate_s` are left out (their time is mostly what no iteration sees: parsing, tokenization)."""
+        if estimated_s < self._min_estimate_s:
+            return
+        self._ratios.append(actual_s / estimated_s)
+        self.correction = max(1.0, float(np.median(np.array(self._ratios))))
 
     def observe(self, load: Load, seconds: float) -> None:
         self._window.append((load.vector(), seconds))
@@ -95,9 +119,17 @@ class CostModel:
         if coef.any():
             self.coefficients = coef
 
-    def seconds(self, load: Load) -> float | None:
+    def seconds(self, load: Load, corrected: bool = True) -> float | None:
         coef = self.coefficients
-        return None if coef is None else float(load.vector() @ coef)
+        if coef is None:
+            return None
+        return float(load.vector() @ coef) * (self.correction if corrected else 1.0)
+
+    def price(self, iterations: np.ndarray, work: np.ndarray) -> np.ndarray:
+        """Corrected seconds of many loads at once: `iterations` [n] and the other terms `work` [n, 4]."""
+        coef = self.coefficients
+        assert coef is not None
+        return (iterations * coef[0] + work @ coef[1:]) * self.correction
 
 
 def _trimmed_nnls(x: np.ndarray, y: np.ndarray, trim: float, pinned: int, rounds: int = 3) -> np.ndarray:
@@ -395,6 +427,7 @@ class Decision:
     outcome: Outcome
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # granted K per sequence (accepted)
     expected_s: float | None = None  # expected seconds until the call is answered (accepted, with an estimate)
+    uncorrected_s: float | None = None  # the same before `CostModel.correction` (what `record_finish` takes)
     retry_after_s: int = 0  # refused: when enough is expected to have drained
     detail: str = ""
 
@@ -402,35 +435,43 @@ class Decision:
 def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy: Policy, now: float) -> Decision:
     """Admit `call` behind `ahead` (the running set and the online queue) at time `now`, or say why not.
 
-    Batch calls and calls without a deadline are accepted at their highest steps (batch waits; the gateway bounds
-    it). A call whose cheapest form (every range at its lowest) does not fit the deadline's share even on an `idle`
+    Batch calls and calls without a deadline are accepted at their highest steps (batch waits and the gateway
+    bounds it; an online call without a deadline still gets its expected finish, which the model learns from).
+    A call whose cheapest form (every range at its lowest) does not fit the deadline's share even on an `idle`
     worker never will: `never_fits`. One that fits idle but not behind the queue, or whose work would make a call
     already accepted miss the answer it was planned for, is `refused`, with a Retry-After of about when enough
     will have drained. A step range sheds as the queue fills, as the gateway did: every step while the wait ahead
     is under half of what the deadline allows, then linearly fewer down to the lowest at the limit, and never
     more than fits.
     """
-    if call.priority == "batch" or call.deadline_s is None or model.coefficients is None:
+    if call.priority == "batch" or model.coefficients is None:
         return Decision("accepted", call.steps(call.levels))
-    coef = model.coefficients
-    allowed = call.deadline_s * policy.deadline_share
     due = call.due(policy)
     promised = ahead.commitments()
-    promised_s = promised.horizons * coef[0] + promised.work @ coef[1:]
+    promised_s = model.price(promised.horizons, promised.work)
 
-    def trial(level: int) -> tuple[float, float | None]:
-        """Seconds from now until the call is answered, and until the promises it would break are kept (None:
+    def trial(level: int) -> tuple[Load, float | None]:
+        """The work until the call is answered, and the seconds until the promises it would break are kept (None:
         it breaks none)."""
         schedule = ahead.copy()
         seqs = call.seqs(level, due)
         horizon = schedule.extend(seqs)
-        finish_s = model.seconds(schedule.work(horizon)) or 0.0
         # the call's own work inside the iterations that promised sequences wait for makes those longer
-        added = schedule.work_at(promised.horizons, last=len(seqs)) @ coef[1:]
+        added = model.price(np.zeros(len(promised.horizons)), schedule.work_at(promised.horizons, last=len(seqs)))
         broken = (added > 0) & (now + promised_s + added > promised.due)
-        return finish_s, float((promised_s + added)[broken].max()) if broken.any() else None
+        return schedule.work(horizon), float((promised_s + added)[broken].max()) if broken.any() else None
 
-    alone = model.seconds(_extended(idle, call.seqs(0))) or 0.0
+    def accept(level: int) -> Decision:
+        work = trial(level)[0]
+        return Decision(
+            "accepted", call.steps(level), expected_s=model.seconds(work), uncorrected_s=model.seconds(work, False)
+        )
+
+    if call.deadline_s is None:
+        return accept(call.levels)
+    allowed = call.deadline_s * policy.deadline_share
+    # never fits: by the model alone, uncorrected (a correction learned in a busy spell is no reason to say never)
+    alone = model.seconds(_extended(idle, call.seqs(0)), corrected=False) or 0.0
     if alone > allowed:
         return Decision("never_fits", detail=_never_fits(call, alone, allowed))
     wait_s = drain_seconds(model, ahead)
@@ -440,13 +481,14 @@ def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy
     low, high = -1, cap
     while low < high:
         mid = (low + high + 1) // 2
-        finish_s, blocked_s = trial(mid)
-        if finish_s <= remaining and blocked_s is None:
+        work, blocked_s = trial(mid)
+        if (model.seconds(work) or 0.0) <= remaining and blocked_s is None:
             low = mid
         else:
             high = mid - 1
     if low < 0:
-        finish_s, blocked_s = trial(0)
+        work, blocked_s = trial(0)
+        finish_s = model.seconds(work) or 0.0
         retry = min(max(math.ceil(max(finish_s - remaining, blocked_s or 0.0)), 1), policy.max_retry_after_s)
         why = (
             f"would finish after the {remaining:.1f} s its deadline leaves"
@@ -458,7 +500,7 @@ def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy
             retry_after_s=retry,
             detail=f"the worker's queue is expected to take {wait_s:.1f} s; this call {why}; retry after {retry} s",
         )
-    return Decision("accepted", call.steps(low), expected_s=trial(low)[0])
+    return accept(low)
 
 
 def _extended(schedule: Schedule, seqs: Seqs) -> Load:

@@ -172,8 +172,11 @@ class EmbeddingWorker:
                 raise
         if expired := next((o for o in outcomes if isinstance(o, DeadlineExceeded)), None):
             raise expired
-        if decision is not None and decision.expected_s is not None:
-            self.metrics.finish_error.observe(decision.expected_s - (time.monotonic() - received))
+        if decision is not None and decision.expected_s is not None and decision.uncorrected_s is not None:
+            took = time.monotonic() - received
+            self.engine.cost.record_finish(decision.uncorrected_s, took)
+            if request.deadline_s is not None:
+                self.metrics.finish_error.observe(decision.expected_s - took)
         vectors = []
         slots = iter(outcomes)
         for result, p in zip(results, prepared, strict=True):
@@ -282,7 +285,9 @@ class EmbeddingWorker:
         await self._timed_call(1, steps)
         self.engine.cost.discard()  # the first pass paid for lazy initialisation
         most = self.engine.limits.max_waiting_seqs  # a call of more would be refused
-        shapes = [(1, steps), (min(8, most), steps), (min(32, most), steps), (min(32, most), spec.min_refinement_steps)]
+        full = min(self.engine.limits.max_running_seqs, most)  # the widest prefill: the fit spans what bursts do
+        lowest = spec.min_refinement_steps
+        shapes = [(1, steps), (min(8, most), steps), (min(32, most), steps), (min(32, most), lowest), (full, lowest)]
         self.calibration = [await self._timed_call(items, k) for items, k in shapes]
         self.engine.cost.pin()  # the calibration's iterations seed the cost model before the first request
 

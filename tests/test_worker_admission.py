@@ -315,3 +315,33 @@ def _list_schedule(running: list[int], waiting: list[int], slots: int) -> list[i
         starts.append(begin)
         free = sorted([*free, begin + occupancy])
     return starts
+
+
+def test_finished_calls_correct_the_estimates_never_below_the_model():
+    model = _model()
+    load = Load(10, 40, 800, 4000, 40)
+    raw = model.seconds(load)
+    model.record_finish(0.05, 5.0)  # too small to tell: parsing and tokenization, not iterations
+    assert model.correction == 1.0
+    for ratio in (1.1, 1.3, 1.2, 1.5, 1.25):
+        model.record_finish(2.0, 2.0 * ratio)
+    assert model.correction == pytest.approx(1.25)  # the median: the model's bias (the share covers the spread)
+    assert model.seconds(load) == pytest.approx(raw * model.correction)
+    assert model.seconds(load, corrected=False) == pytest.approx(raw)
+    fast = _model()
+    fast.record_finish(2.0, 1.0)  # faster than the model: the estimates stay the model's
+    assert fast.correction == 1.0
+    # admission plans with the corrected estimate and reports the uncorrected one for the next record
+    call = _call(4, 5)
+    decision = decide(model, _idle(call), _idle(call), call, Policy(), now=0.0)
+    assert decision.expected_s == pytest.approx(decision.uncorrected_s * model.correction)
+    # a call that fits an idle worker by the model, but not with the correction, is refused for now, not for ever
+    tight = replace(call, deadline_s=decision.uncorrected_s / 0.7 * 1.1)
+    assert decide(model, _idle(call), _idle(call), tight, Policy(), now=0.0).outcome == "refused"
+
+
+def test_a_call_without_a_deadline_is_accepted_with_its_expected_finish():
+    call = _call(4, 5, deadline_s=None)
+    decision = _decide(_busy(400, 5), call)
+    assert decision.outcome == "accepted" and decision.steps.tolist() == [5] * 4
+    assert decision.expected_s == pytest.approx(_model().seconds(_extended(_busy(400, 5), call.seqs(0))))
