@@ -514,7 +514,7 @@ def plot(report: dict, path: Path) -> None:
     rows = [r for r in report["rows"]]
     works = [w for w in ("pooled", "generation", "minilm") if any(r["work"] == w for r in rows)]
     colors = {"genembed": "tab:blue", "vllm": "tab:orange", "infinity": "tab:green"}
-    fig, axes = plt.subplots(1, len(works), figsize=(5 * len(works), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(works), figsize=(max(5 * len(works), 9), 4.8), squeeze=False)
     for ax, work in zip(axes[0], works, strict=True):
         mine = [r for r in rows if r["work"] == work]
         names = [f"{r['server']}\n{r['setting']}\nothers {r['other_cores']:.1f} cores" for r in mine]
