@@ -105,7 +105,8 @@ def test_revision_tracks_dtype_and_templates(tiny_dir):
 
 def test_peft_adapter_loads_through_a_spec_and_changes_output(tmp_path):
     """On the real default backbone: an adapter saved here changes the vectors and the revision."""
-    base_spec = load_spec("smollm2-gircse-base", dtype="float32")
+    # eager projections: peft wraps the served model's nn.Linear layers below (a packed one has no weight to adapt)
+    base_spec = load_spec("smollm2-gircse-base", dtype="float32", linear="eager")
     base = start_worker(base_spec)
     try:
         items = [EmbedItem(text="the adapter should move this vector", steps=2)]
