@@ -62,6 +62,11 @@ class WorkerMetrics:
             ["term"],
             registry=reg,
         )
+        self.cost_correction = Gauge(
+            "genembed_worker_cost_correction",
+            "What the estimates are multiplied by: the median of finished calls' time over the model's estimate (>= 1)",
+            registry=reg,
+        )
         self.admission = Counter(
             "genembed_worker_admission_decisions",
             "Online calls by admission outcome (accepted, refused, never_fits, queue_full, deadline_passed); batch "

@@ -266,6 +266,7 @@ class EmbeddingWorker:
         if ahead.drain_s is None:
             ahead.drain_s = admission.drain_seconds(self.engine.cost, ahead.schedule)
         self.metrics.drain_seconds.set(ahead.drain_s)
+        self.metrics.cost_correction.set(self.engine.cost.correction)
         coefficients = self.engine.cost.coefficients
         if coefficients is not None:
             for term, value in zip(admission.TERMS, coefficients, strict=True):

@@ -113,6 +113,7 @@ def test_metrics_exposed(gircse_worker):
         "genembed_worker_expected_drain_seconds",
         "genembed_worker_queued_sequences",
         "genembed_worker_cost_coefficient_seconds",
+        "genembed_worker_cost_correction",
         "genembed_worker_admission_decisions_total",
         "genembed_worker_deadline_dropped_sequences_total",
         "genembed_worker_finish_error_seconds_bucket",
