@@ -72,7 +72,7 @@ class CostModel:
         trim: float = 0.1,
         refit_every: int = 16,
         finishes: int = 32,
-        min_estimate_s: float = 0.2,
+        min_estimate_s: float = 1.0,
     ) -> None:
         self._window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self._seed: list[tuple[np.ndarray, float]] = []
@@ -85,8 +85,9 @@ class CostModel:
         self.correction = 1.0
 
     def record_finish(self, estimated_s: float, actual_s: float) -> None:
-        """A call the model estimated at `estimated_s` (uncorrected) took `actual_s`; calls estimated below
-        `min_estimate_s` are left out (their time is mostly what no iteration sees: parsing, tokenization)."""
+        """A call the model estimated at `estimated_s` (uncorrected) took `actual_s`. Calls estimated below
+        `min_estimate_s` are left out: a good part of their time is what no iteration sees (parsing, tokenization,
+        the wake-ups between passes), and a deadline is missed by calls that take long, not by them."""
         if estimated_s < self._min_estimate_s:
             return
         self._ratios.append(actual_s / estimated_s)
