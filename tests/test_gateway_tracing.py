@@ -149,7 +149,7 @@ def test_given_request_id_is_returned_and_in_both_processes_json_logs(traced) ->
 
     worker = _wait_log(worker_log, lambda e: any("done" in x["message"] and x["request_id"] == request_id for x in e))
     mine = [e for e in worker if e["request_id"] == request_id]
-    assert any(e["message"] == "embed: 1 items accepted" for e in mine), mine
+    assert any(e["message"] == "embed: 1 items received" for e in mine), mine
     assert any(e["message"].startswith("embed: 1 items done in") for e in mine), mine
     for entry in worker:
         assert set(entry) >= {"time", "level", "logger", "message", "request_id"}
