@@ -174,7 +174,14 @@ class EmbedResponse:
 
 
 #: fields added after the first version, and their defaults: left out of a message while at them
-_ADDED = {"tolerance": None, "trajectory": False, "min_steps": None, "runner": "fast", "calibration": [], "max_thought_samples": None}
+_ADDED = {
+    "tolerance": None,
+    "trajectory": False,
+    "min_steps": None,
+    "runner": "fast",
+    "calibration": [],
+    "max_thought_samples": None,
+}
 
 
 def _fields(value: EmbedItem | ItemResult | ModelInfo) -> dict:

@@ -49,9 +49,9 @@ def test_known_item_retrieval_matches_a_direct_computation(minilm_gateway):
     model = GenembedEncoder("minilm-l6", base_url=minilm_gateway, refinement_steps=0, batch_size=8)
     scores = evaluate(model, LeeKnownItemRetrieval(limit=QUERIES))
     queries, documents = lee_known_items()
-    similarity = embed(minilm_gateway, queries[:QUERIES], "query") @ embed(
-        minilm_gateway, documents[:QUERIES], "document"
-    ).T
+    similarity = (
+        embed(minilm_gateway, queries[:QUERIES], "query") @ embed(minilm_gateway, documents[:QUERIES], "document").T
+    )
     ranks = (similarity > np.diag(similarity)[:, None]).sum(axis=1) + 1
     assert scores["mrr_at_10"] == pytest.approx(np.mean([1 / r if r <= 10 else 0 for r in ranks]), abs=1e-4)
     assert scores["ndcg_at_10"] == pytest.approx(
