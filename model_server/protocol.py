@@ -206,8 +206,8 @@ class ModelInfo:
     #: which path runs the model's passes: "fast", genembed's batched runner (llama, mistral, qwen2, qwen3
     #: decoders), or "hf", the model's own Hugging Face forward (other families; one-pass encoders)
     runner: Literal["fast", "hf"] = "fast"
-    #: timed warm-up calls, [calls, inputs, prompt tokens, steps, seconds] each: the first periods of the
-    #: gateway's admission cost model (service/admission.py)
+    #: timed warm-up calls, [calls, inputs, prompt tokens, steps, seconds] each (admission now happens in the worker,
+    #: which fits its own iterations; kept for gateways older than that)
     calibration: list[list[float]] = field(default_factory=list)
     #: o1: the most thoughts a request may sample per input (`samples`), so the gateway checks the range the worker
     #: does (model_server/rules.py); None for other methods, and from a worker older than the field

@@ -108,6 +108,7 @@ class WorkerClient:
         self._probe_timeout = settings.worker_probe_timeout_s
         self._retry_after = math.ceil(settings.worker_probe_interval_s)
         self._has_load = True  # GET /load answers (a worker older than it does not)
+        self._refused_token = False  # the last /info answered 401: logged once until the worker is ready
         # Each call's own timeout follows its deadline (none for batch calls); connections are bounded by the calls
         # a model may have in flight, so a call never waits in httpx's pool behind others.
         timeout = httpx.Timeout(None, connect=2.0)
@@ -138,10 +139,20 @@ class WorkerClient:
                 if self._down.is_set():
                     self._down = asyncio.Event()
                 self._accepting = True
+                self._refused_token = False
                 log.info("worker %s at %s ready: %s revision %s", self.name, self.url, self.info.id, self.info.revision)
         except httpx.TransportError as exc:
             self.mark_down(f"probe failed: {exc!r}")
-        except (httpx.HTTPStatusError, ValueError, TypeError) as exc:
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 401 and not self._refused_token:  # once, not on every probe
+                log.error(
+                    "worker %s at %s refuses this gateway's token (401): set the same GENEMBED_WORKER_TOKEN on both",
+                    self.name,
+                    self.url,
+                )
+            self._refused_token = exc.response.status_code == 401
+            self.take_out(f"/info failed: {exc!r}")
+        except (ValueError, TypeError) as exc:
             self.take_out(f"/info failed: {exc!r}")
 
     async def poll_load(self) -> None:

@@ -23,6 +23,7 @@ def gateway_process(
     url = f"http://127.0.0.1:{port}"
     entries = [(m, u) for m, urls in workers.items() for u in ([urls] if isinstance(urls, str) else urls)]
     cmd = genembed("gateway", "--port", str(port), *(f"--worker={m}={u}" for m, u in entries))
+    env = {"GENEMBED_BATCH_DIR": str(tmp_dir / f"batches-{port}"), **(env or {})}  # never the user's own directory
     with running(cmd, f"{url}/health", timeout=60, env=env, log_path=tmp_dir / f"gateway-{port}.log") as proc:
         if ready:
             wait_http(f"{url}/ready", 30, proc)

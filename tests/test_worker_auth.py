@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +87,10 @@ def test_the_gateway_with_the_token_is_served_and_one_without_is_refused(guarded
         poll(lambda: sample(url, REFUSED, reason="missing") > refused, 20, "the gateway's probe refused")
         assert httpx.get(f"{gateway}/ready").status_code == 503
         assert httpx.post(f"{gateway}/v1/embeddings", json=body, timeout=60).status_code == 503
+        port = gateway.rsplit(":", 1)[1]
+        time.sleep(3)  # more probes: the refusal is logged once, not on each
+        log = (tmp_path / f"gateway-{port}.log").read_text()
+        assert log.count("refuses this gateway's token (401)") == 1, log
 
 
 @pytest.mark.slow
