@@ -83,11 +83,25 @@ def workers32():
 
 def test_gircse_float32_packed_equals_eager(workers32):
     packed, eager = workers32["packed"], workers32["eager"]
-    assert type(packed.loaded.model.lm_head) is PackedLinear and packed.method.mix is not None
-    assert type(eager.loaded.model.lm_head) is torch.nn.Linear and eager.method.mix is None
+    assert type(packed.loaded.model.lm_head) is PackedLinear
+    assert type(eager.loaded.model.lm_head) is torch.nn.Linear
+    assert packed.method.mix is None and eager.method.mix is None  # fp32 keeps the matmul for probs @ E
     items = [EmbedItem(text=t, input_type="query", steps=k) for t in TEXTS for k in (0, 1, 5)]
     for a, b in zip(embed_all(packed, items), embed_all(eager, items), strict=True):
         assert cosine(a, b) >= 0.99999
+
+
+def test_gircse_bfloat16_packs_the_soft_token_mix():
+    vectors = {}
+    for linear in ("packed", "eager"):
+        worker = start_worker(load_spec("smollm2-gircse", dtype="bfloat16", linear=linear))
+        try:
+            assert (worker.method.mix is not None) == (linear == "packed")
+            vectors[linear] = embed_all(worker, [EmbedItem(text=t, input_type="query", steps=2) for t in TEXTS])
+        finally:
+            worker.stop()
+    for a, b in zip(vectors["packed"], vectors["eager"], strict=True):
+        assert cosine(a, b) >= 0.99
 
 
 def test_o1_bfloat16_packed_close_to_eager():
