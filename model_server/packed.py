@@ -4,9 +4,12 @@
 rows a decode step has, re-laying it out costs as much as the product itself. `torch.ops.mkldnn` lets a
 weight be reordered once into oneDNN's blocked layout (`_reorder_linear_weight`) and multiplied from there
 (`_linear_pointwise`): the path inductor's freezing pass emits, without compiling anything. Measured on the
-2-core AMX Xeon (16 rows, bf16): 576→1536 229 → 42 µs; the LM head 576→49,152 10.4 → 3.8 ms; fp32 1.3-2x.
-`torch.compile` with freezing measured the same within noise (it emits these ops) but compiles for ~20 s per
-shape and needs fixed row counts, which the engine's packed prefills do not have.
+2-core AMX Xeon at 1 thread (loadtests/bench_decode_step.py; results/decode-step-cpu-1thread.json), 16 rows:
+bf16 576→1536 136 → 65 µs, the LM head 576→49,152 5.8 → 3.4 ms, a whole SmolLM2 decode step 1.18-1.30x;
+fp32 1.3-1.6x on the projections at 16 rows, but 0.5-0.8x at 1 row (a step: 0.92x at 1 row, 1.05-1.11x at
+16-64). `torch.compile` with freezing measured alike within noise on one MLP block (fp32 4.7 ms compiled, 5.7
+packed, 7.7 eager; bf16 2.6, 2.8, 8.7; load ~5), but compiles for ~20 s per shape and needs fixed row counts,
+which the engine's packed prefills do not have.
 
 Only for serving: a packed projection has no autograd, so a model being trained (ICR) is never packed. The
 swap is in place and drops the plain weight (no second copy), except where another module shares it (the LM
