@@ -138,6 +138,9 @@ class WorkerClient:
                 self.info = ModelInfo(**response.json())
                 if self._down.is_set():
                     self._down = asyncio.Event()
+                # Back in rotation: what it held before (a restart lost it) and what was sent to it while it failed
+                # are not its queue; until its next report it counts as idle.
+                self.backlog = Backlog()
                 self._accepting = True
                 self._refused_token = False
                 log.info("worker %s at %s ready: %s revision %s", self.name, self.url, self.info.id, self.info.revision)
