@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from loadtests.bench_gateway import Sentences, load_average, machine, percentile  # noqa: E402
 from loadtests.load_suite import Outcome, other_processes, send  # noqa: E402
-from tests.procs import free_port, genembed, running  # noqa: E402
+from harness.procs import free_port, genembed, running  # noqa: E402
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 

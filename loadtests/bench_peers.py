@@ -56,7 +56,7 @@ from loadtests.bench_gateway import machine  # noqa: E402
 from loadtests.load_suite import other_processes  # noqa: E402
 from model_server.loading import resolve_backbone  # noqa: E402
 from model_server.specs import METHOD_DEFAULTS, TEXT_SLOT, load_spec  # noqa: E402
-from tests.procs import free_port, genembed, running  # noqa: E402
+from harness.procs import free_port, genembed, running  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PEERS = Path(os.environ.get("GENEMBED_PEERS_DIR", Path.home() / ".cache" / "genembed" / "peers"))

@@ -42,7 +42,7 @@ from loadtests.bench_gateway import (  # noqa: E402
     percentile,
     sweep_point,
 )
-from tests.procs import free_port, genembed, running, worker_process  # noqa: E402
+from harness.procs import free_port, genembed, running, worker_process  # noqa: E402
 
 
 class _Collector(BaseHTTPRequestHandler):

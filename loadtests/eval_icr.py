@@ -33,10 +33,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_server.engine import EngineLimits
-from model_server.protocol import EmbedItem, EmbedRequest
+from common.protocol import EmbedItem, EmbedRequest
 from model_server.serving import EmbeddingWorker
 from model_server.specs import ModelSpec, load_spec
-from model_server.training.data import lee_known_items, lee_sts, mrr10, ndcg10, ranks_of_the_right_document, read_jsonl
+from evaluation.lee import lee_known_items, lee_sts, mrr10, ndcg10, ranks_of_the_right_document
+from model_server.training.data import read_jsonl
 
 RESULTS = Path(__file__).parent / "results"
 KS = (0, 1, 2, 3, 5, 10, 20)

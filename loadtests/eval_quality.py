@@ -5,8 +5,8 @@
     python loadtests/eval_quality.py --models minilm-l6,smollm2-gircse --limit 20 --tag quick
 
 For each model (default: all that GET /v1/models lists) and each K in --ks (default 0, 1, 2, 3, 5, 10, 20, auto),
-through `service.quality.GenembedEncoder` and mteb's own evaluators on the offline Lee tasks
-(`service/quality/tasks.py`):
+through `evaluation.mteb_model.GenembedEncoder` and mteb's own evaluators on the offline Lee tasks
+(`evaluation/tasks.py`):
 - LeeSTS: cosine Spearman ρ of the 50 articles' pairs against the human ratings (articles embedded as documents);
 - Lee known-item retrieval: nDCG@10 and MRR@10 of each background article's first sentence among the rests;
 - latency: p50 / mean of single-query requests (a nonce in front of each Lee query, so the cache never answers),
@@ -36,9 +36,9 @@ import mteb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_server.training.data import lee_known_items
-from service.quality.mteb_model import GenembedEncoder, RefinementSteps
-from service.quality.tasks import LeeKnownItemRetrieval, LeeSTS
+from evaluation.lee import lee_known_items
+from evaluation.mteb_model import GenembedEncoder, RefinementSteps
+from evaluation.tasks import LeeKnownItemRetrieval, LeeSTS
 
 RESULTS = Path(__file__).parent / "results"
 KS: tuple[RefinementSteps, ...] = (0, 1, 2, 3, 5, 10, 20, "auto")

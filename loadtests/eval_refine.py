@@ -33,10 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_server.training.data import lee_known_items
+from evaluation.lee import lee_known_items
 from service.refine.optimizer import OptimConfig, refine
-from tests.llama import JUDGE_MODEL, llama_server
-from tests.procs import free_port, genembed, running
+from harness.llama import JUDGE_MODEL, llama_server
+from harness.procs import free_port, genembed, running
 
 RESULTS = Path(__file__).parent / "results"
 STUDENTS = (("smollm2-gircse", 0), ("smollm2-gircse", 5), ("minilm-l6", 0))

@@ -23,11 +23,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model_server import tracing
 from model_server.auth import require_token
-from model_server.drain import Drain, DrainMiddleware
+from common.drain import Drain, DrainMiddleware
 from model_server.engine import DeadlineExceeded, EngineStopped, QueueFull
-from model_server.logs import request_id_var
+from common.logs import request_id_var
 from model_server.metrics import WorkerMetrics
-from model_server.protocol import (
+from common.protocol import (
     CONTENT_TYPE,
     DEADLINE_PASSED,
     EXCEEDS_DEADLINE,

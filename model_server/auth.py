@@ -19,7 +19,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from model_server.protocol import WORKER_TOKEN_HEADER
+from common.protocol import WORKER_TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 

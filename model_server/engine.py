@@ -31,7 +31,7 @@ from model_server.admission import Backlog, CostModel, Load, Seqs
 from model_server.methods import EngineMethod, Sequence
 from model_server.metrics import WorkerMetrics
 from model_server.prompts import PreparedInput
-from model_server.protocol import Priority
+from common.protocol import Priority
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from model_server import protocol, rules
-from model_server.protocol import EmbedItem
-from model_server.rules import ItemRejected
+from common.protocol import EmbedItem
+from common.rules import ItemRejected
 from model_server.specs import O1_EMB_TOKEN, TEXT_SLOT, ModelSpec
 
 

@@ -18,8 +18,8 @@ from model_server.loading import LoadedModel, load_model
 from model_server.methods import build_method
 from model_server.metrics import WorkerMetrics
 from model_server.prompts import PreparedInput
-from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse, ItemError, ItemResult, ModelInfo
-from model_server.rules import ItemRejected
+from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ItemError, ItemResult, ModelInfo
+from common.rules import ItemRejected
 from model_server.specs import ModelSpec
 
 log = logging.getLogger(__name__)

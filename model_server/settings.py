@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_server.admission import Policy
 from model_server.engine import EngineLimits
-from model_server.logs import LogFormat
+from common.logs import LogFormat
 from model_server.specs import DEFAULT_MODEL
 
 

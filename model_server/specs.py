@@ -15,10 +15,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from common.protocol import InputType
+
 Method = Literal["gircse", "pooled", "cross_encoder", "o1", "debater"]
 Pooling = Literal["mean", "cls", "last"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
-InputType = Literal["query", "document"]
 
 # The text placeholder every template must contain exactly once.
 TEXT_SLOT = "{text}"

@@ -23,9 +23,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_server import tracing
-from model_server.drain import Drain, DrainMiddleware
-from model_server.logs import request_id_var
-from model_server.protocol import REQUEST_ID_HEADER
+from common.drain import Drain, DrainMiddleware
+from common.logs import request_id_var
+from common.protocol import REQUEST_ID_HEADER
 from service.auth import ApiKeys, load_api_keys
 from service.batches.routes import batch_router
 from service.batches.runner import BatchRunner

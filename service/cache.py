@@ -30,7 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 
-from model_server.protocol import EmbedItem, ModelInfo
+from common.protocol import EmbedItem, ModelInfo
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model_server import tracing
-from model_server.logs import request_id_var
-from model_server.protocol import EmbedItem, EmbedRequest, ItemError, Priority
+from common.logs import request_id_var
+from common.protocol import EmbedItem, EmbedRequest, ItemError, Priority
 from service.errors import DeadlineExceeded, Overloaded, ServiceError, Unavailable
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings

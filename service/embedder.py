@@ -16,8 +16,8 @@ from typing import Literal
 import numpy as np
 
 from model_server import rules, tracing
-from model_server.protocol import INTERNAL_ERROR, INVALID_INPUT, EmbedItem, InputType, ItemError, ModelInfo, Priority
-from model_server.rules import ItemRejected
+from common.protocol import INTERNAL_ERROR, INVALID_INPUT, EmbedItem, InputType, ItemError, ModelInfo, Priority
+from common.rules import ItemRejected
 from service.cache import CachedEmbedding, EmbeddingCache, cache_key
 from service.coalescer import Coalescer, ItemOutcome, WorkItem
 from service.errors import InvalidRequest, ServiceError
@@ -230,7 +230,7 @@ class Embedder:
 
     @staticmethod
     def _items(model: str, info: ModelInfo, inputs: list[str | list[int]], options: EmbedOptions) -> list[EmbedItem]:
-        """Resolve K and check the request by the worker's own rules (model_server/rules.py) against the model's
+        """Resolve K and check the request by the worker's own rules (common/rules.py) against the model's
         /info card, early: no queue place, no worker round trip."""
         tolerance = None
         lowest: int | None = None  # a step range's floor: the worker grants lowest..steps

@@ -17,7 +17,7 @@ import orjson
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from model_server.protocol import InputType, Priority
+from common.protocol import InputType, Priority
 from service.embedder import DEFAULT_TOLERANCE, EmbedOptions
 from service.errors import (
     Conflict,

@@ -9,8 +9,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model_server.logs import LogFormat
-from model_server.protocol import WORKER_TOKEN_HEADER
+from common.logs import LogFormat
+from common.protocol import WORKER_TOKEN_HEADER
 
 
 class GatewaySettings(BaseSettings):

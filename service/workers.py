@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from model_server import tracing
-from model_server.protocol import (
+from common.protocol import (
     DRAIN_HEADER,
     EXCEEDS_DEADLINE,
     REQUEST_CONTENT_TYPE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.procs import worker_process
+from harness.procs import worker_process
 
 
 @pytest.fixture(scope="session")

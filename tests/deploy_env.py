@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings
 
 from model_server.settings import WorkerSettings
 from service.settings import GatewaySettings
-from tests.procs import REPO
+from harness.procs import REPO
 
 SETTINGS: dict[str, tuple[type[BaseSettings], str]] = {
     "gateway": (GatewaySettings, "GENEMBED_"),

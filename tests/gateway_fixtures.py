@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.procs import free_port, genembed, running, wait_http
+from harness.procs import free_port, genembed, running, wait_http
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from transformers import (
 
 from model_server.engine import EngineLimits
 from model_server.loading import resolve_backbone
-from model_server.protocol import EmbedItem, EmbedRequest
+from common.protocol import EmbedItem, EmbedRequest
 from model_server.serving import EmbeddingWorker
 from model_server.specs import ModelSpec, load_spec
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.procs import free_port
+from harness.procs import free_port
 
 BUCKET = "genembed"
 CREDENTIALS = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}

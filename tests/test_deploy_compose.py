@@ -28,9 +28,9 @@ import pytest
 import redis
 import yaml
 
-from service.cli import build_parser
+from cli.main import build_parser
 from tests.deploy_env import SETTINGS, settings_field
-from tests.procs import REPO, free_port, genembed, running
+from harness.procs import REPO, free_port, genembed, running
 
 COMPOSE_DIR = REPO / "docker"
 BASE = "docker-compose.yml"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.cli import build_parser
-from tests.procs import REPO
+from cli.main import build_parser
+from harness.procs import REPO
 
 DOCKER = REPO / "docker"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from model_server.specs import ModelSpec
-from service.cli import build_parser
+from cli.main import build_parser
 from tests.ci import tool_missing
 from tests.deploy_env import SETTINGS, settings_field
-from tests.procs import REPO
+from harness.procs import REPO
 
 CHART = REPO / "helm" / "genembed"
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())

@@ -11,10 +11,10 @@ from collections import Counter
 import httpx
 import pytest
 
-from model_server.protocol import REQUEST_CONTENT_TYPE, EmbedItem, EmbedRequest, EmbedResponse
+from common.protocol import REQUEST_CONTENT_TYPE, EmbedItem, EmbedRequest, EmbedResponse
 from tests.gateway_fixtures import gateway_process
 from tests.load import MODEL, apoll, body, post_all, sample, texts
-from tests.procs import alive, children, free_port, genembed, running, worker_process
+from harness.procs import alive, children, free_port, genembed, running, worker_process
 
 pytestmark = pytest.mark.slow
 

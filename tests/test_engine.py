@@ -11,7 +11,7 @@ import pytest
 
 from model_server.engine import DeadlineExceeded, QueueFull
 from model_server.prompts import PreparedInput
-from model_server.protocol import EmbedItem, EmbedRequest
+from common.protocol import EmbedItem, EmbedRequest
 from tests.models import cosine, gircse_spec, make_tiny_llama, reference_gircse, start_worker
 
 

@@ -20,10 +20,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
+from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
 from model_server.specs import O1_TOKENS, load_spec
 from tests.models import TINY_FAMILIES, cosine, embed_all, make_random_lora, make_tiny_decoder, start_worker
-from tests.procs import worker_process
+from harness.procs import worker_process
 from tests.test_o1 import last_state
 
 INSTRUCTION = "Given a query, retrieve relevant passages that answer the query"

@@ -21,7 +21,7 @@ from service.settings import GatewaySettings
 from service.workers import WorkerPool
 from tests.gateway_fixtures import gateway_process
 from tests.load import sample, texts
-from tests.procs import worker_process
+from harness.procs import worker_process
 
 GIRCSE, MINILM = "smollm2-gircse", "minilm-l6"
 

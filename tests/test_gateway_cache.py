@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import redis
 
-from model_server.protocol import EmbedItem, ModelInfo
+from common.protocol import EmbedItem, ModelInfo
 from service.cache import CachedEmbedding, MemoryCache, cache_key
 from tests.gateway_fixtures import gateway_process, redis_process
-from tests.procs import free_port
+from harness.procs import free_port
 
 
 def embed(url: str, value: str | list[str], **extra: object) -> httpx.Response:

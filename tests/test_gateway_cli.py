@@ -8,7 +8,7 @@ import subprocess
 import httpx
 import pytest
 
-from tests.procs import REPO, alive, children, free_port, genembed, running
+from harness.procs import REPO, alive, children, free_port, genembed, running
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse
+from common.protocol import EmbedItem, EmbedRequest, EmbedResponse
 from tests.gateway_fixtures import gateway_process
 
 pytestmark = pytest.mark.slow

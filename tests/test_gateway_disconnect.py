@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from tests.gateway_fixtures import gateway_process
-from tests.procs import app_in_thread
+from harness.procs import app_in_thread
 from tests.test_gateway_coalescing import metric
 
 MODEL = "minilm-l6"

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from tests.gateway_fixtures import gateway_process
-from tests.procs import free_port
+from harness.procs import free_port
 
 pytestmark = pytest.mark.slow
 

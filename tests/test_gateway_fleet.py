@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from model_server.protocol import (
+from common.protocol import (
     CONTENT_TYPE,
     DRAIN_HEADER,
     EXCEEDS_DEADLINE,
@@ -43,7 +43,7 @@ from service.settings import GatewaySettings
 from service.workers import WorkerGroup, resolve_addresses
 from tests.gateway_fixtures import gateway_process
 from tests.load import MODEL, apoll, body, items_done, poll, post_all, sample, texts
-from tests.procs import app_in_thread, genembed, running, worker_process
+from harness.procs import app_in_thread, genembed, running, worker_process
 
 
 def test_worker_entries_group_by_model():

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from tests.procs import free_port, genembed, running
+from harness.procs import free_port, genembed, running
 
 
 def test_o1_gircse_debater_and_pooled_in_flight_together(tmp_path):

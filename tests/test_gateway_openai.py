@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from model_server.loading import resolve_backbone
-from model_server.protocol import CONTENT_TYPE, EmbedItem, EmbedRequest, EmbedResponse
+from common.protocol import CONTENT_TYPE, EmbedItem, EmbedRequest, EmbedResponse
 from model_server.specs import BUILTIN_SPECS
 
 pytestmark = pytest.mark.slow

@@ -11,11 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse
+from common.protocol import EmbedItem, EmbedRequest, EmbedResponse
 from service.refine.llm import judge_payload, yes_no_score
 from tests.gateway_fixtures import gateway_process
-from tests.llama import JUDGE_MODEL, llama_server
-from tests.procs import api_error, worker_process
+from harness.llama import JUDGE_MODEL, llama_server
+from harness.procs import api_error, worker_process
 
 pytestmark = pytest.mark.slow
 

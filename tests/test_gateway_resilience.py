@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.gateway_fixtures import gateway_process
-from tests.procs import worker_process
+from harness.procs import worker_process
 
 pytestmark = pytest.mark.slow
 

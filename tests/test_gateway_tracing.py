@@ -30,7 +30,7 @@ from model_server import tracing
 from service.app import create_app
 from service.settings import GatewaySettings
 from tests.gateway_fixtures import gateway_process
-from tests.procs import REPO, worker_process
+from harness.procs import REPO, worker_process
 
 MODEL = "minilm-l6"
 GATEWAY_SPANS = {"POST /v1/embeddings", "validate", "cache.lookup", "queue", "worker.call"}

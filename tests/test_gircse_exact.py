@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model_server.protocol import EmbedItem
+from common.protocol import EmbedItem
 from model_server.specs import load_spec
 from tests.models import cosine, embed_all, reference_gircse, start_worker
 

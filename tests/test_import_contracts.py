@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.ci import tool_missing
-from tests.procs import REPO
+from harness.procs import REPO
 
 
 def test_import_contracts_hold() -> None:

@@ -22,7 +22,7 @@ from model_server.loading import (
     resolve_backbone,
     resolve_dtype,
 )
-from model_server.protocol import EmbedItem
+from common.protocol import EmbedItem
 from model_server.specs import ModelSpec, load_spec
 from tests.models import cosine, default_backbone_dir, embed_all, gircse_spec, make_tiny_llama, start_worker
 
@@ -155,7 +155,7 @@ def test_a_built_wheel_carries_the_adapter(tmp_path):
 def test_the_trained_default_beats_its_untrained_backbone():
     """The shipped adapter is what makes smollm2-gircse usable: Lee known-item retrieval at the default K
     (out of domain: it was trained on Debian package descriptions) against the same spec without it."""
-    from model_server.training.data import lee_known_items, mrr10, ranks_of_the_right_document
+    from evaluation.lee import lee_known_items, mrr10, ranks_of_the_right_document
 
     queries, documents = (texts[:40] for texts in lee_known_items())
     scores = {}

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from model_server.loading import load_model
 from model_server.prompts import PromptBuilder
-from model_server.protocol import EmbedItem
+from common.protocol import EmbedItem
 from model_server.specs import ModelSpec, load_spec
 from tests.models import make_tiny_decoder
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_server.packed import PackedLinear, pack_linears
-from model_server.protocol import EmbedItem
+from common.protocol import EmbedItem
 from model_server.runner import GRAPH_BUCKETS, DecodeGraphs, graph_bucket
 from model_server.settings import WorkerSettings
 from model_server.specs import load_spec

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model_server.protocol import EmbedItem
+from common.protocol import EmbedItem
 from model_server.specs import load_spec
 from tests.models import embed_all, start_worker
 

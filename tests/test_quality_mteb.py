@@ -19,10 +19,10 @@ from mteb.types import PromptType
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
-from model_server.training.data import lee_known_items, lee_sts
-from service.quality.mteb_model import GenembedEncoder
-from service.quality.tasks import LeeKnownItemRetrieval, LeeSTS
-from tests.procs import app_in_thread
+from evaluation.lee import lee_known_items, lee_sts
+from evaluation.mteb_model import GenembedEncoder
+from evaluation.tasks import LeeKnownItemRetrieval, LeeSTS
+from harness.procs import app_in_thread
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from tests.gateway_fixtures import gateway_process, redis_process
-from tests.llama import JUDGE_MODEL, llama_server
-from tests.procs import api_error, worker_process
+from harness.llama import JUDGE_MODEL, llama_server
+from harness.procs import api_error, worker_process
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 
-from model_server.protocol import ModelInfo
+from common.protocol import ModelInfo
 from service.embedder import Embeddings, EmbedOptions
 from service.errors import Conflict, CorpusNotFound, ServiceError
 from service.openai_api import http_error

@@ -26,8 +26,8 @@ from service.refine.llm import CallError, ChatClient, yes_no_score
 from service.refine.teachers import Teachers
 from service.settings import GatewaySettings
 from service.workers import WorkerPool
-from tests.llama import JUDGE_MODEL, llama_server
-from tests.procs import app_in_thread, free_port
+from harness.llama import JUDGE_MODEL, llama_server
+from harness.procs import app_in_thread, free_port
 
 
 def completion(*positions: list[tuple[str, float]]) -> dict:

@@ -15,10 +15,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_server.loading import ModelLoadError, load_model, resolve_adapter
-from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
+from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
 from model_server.specs import load_spec
 from tests.models import embed_all, make_random_lora, make_tiny_decoder, start_worker
-from tests.procs import worker_process
+from harness.procs import worker_process
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "specs"
 FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "minicpm3")

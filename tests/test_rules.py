@@ -1,4 +1,4 @@
-"""Each request rule is written once (model_server/rules.py): the gateway's early check against a worker's /info
+"""Each request rule is written once (common/rules.py): the gateway's early check against a worker's /info
 card and the worker's own check of the item break it with the same message, param and code (the gateway answers
 a generic `invalid_input` as its `invalid_request`; a token id's message names its input)."""
 
@@ -10,8 +10,8 @@ import pytest
 
 from model_server.engine import EngineLimits
 from model_server.loading import load_model
-from model_server.protocol import EmbedItem, ItemError, ModelInfo
-from model_server.rules import ItemRejected
+from common.protocol import EmbedItem, ItemError, ModelInfo
+from common.rules import ItemRejected
 from model_server.serving import EmbeddingWorker
 from model_server.specs import load_spec
 from service.embedder import Embedder, EmbedOptions

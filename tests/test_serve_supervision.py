@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.load import MODEL, body, items_done, poll, post_all
-from tests.procs import alive, children, free_port, genembed, running
+from harness.procs import alive, children, free_port, genembed, running
 
 pytestmark = pytest.mark.slow
 

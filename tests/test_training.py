@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from model_server.loading import load_model
-from model_server.protocol import EmbedItem
+from common.protocol import EmbedItem
+from evaluation import lee
 from model_server.training import data
 from model_server.training.config import TrainConfig, command_line, config_from_args
 from model_server.training.icr import (
@@ -25,7 +26,7 @@ from model_server.training.icr import (
     refinement_regulariser,
     rollout,
 )
-from service.cli import build_parser
+from cli.main import build_parser
 from tests.models import cosine, embed_all, gircse_spec, make_tiny_llama, reference_gircse, start_worker
 
 TOPICS = ["apples", "trains", "music", "rivers", "chess", "bread", "stars", "glass"]
@@ -379,10 +380,10 @@ def test_pairs_round_trip_through_jsonl(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="pip install --no-deps gensim==4.4.0")
 def test_lee_loaders():
-    texts, ratings = data.lee_sts()
+    texts, ratings = lee.lee_sts()
     assert len(texts) == 50 and ratings.shape == (50 * 49 // 2,)
     assert ratings.min() >= 0 and ratings.max() <= 1
-    queries, targets = data.lee_known_items()
+    queries, targets = lee.lee_known_items()
     assert len(queries) == len(targets) > 250
     assert all(len(q) > 20 and len(t) > 100 for q, t in zip(queries, targets, strict=True))
 
@@ -396,7 +397,7 @@ def test_ranking_metrics_by_hand():
     queries[1, [1, 4, 5]] = [0.5, 0.5, 0.9]
     queries[2] = 1.0
     queries[2, 2] = 0.0
-    ranks = data.ranks_of_the_right_document(queries, docs)[:3]
+    ranks = lee.ranks_of_the_right_document(queries, docs)[:3]
     assert ranks.tolist() == [1, 2, 12]
-    assert data.mrr10(ranks) == pytest.approx((1 + 1 / 2 + 0) / 3)
-    assert data.ndcg10(ranks) == pytest.approx((1 + 1 / math.log2(3) + 0) / 3)
+    assert lee.mrr10(ranks) == pytest.approx((1 + 1 / 2 + 0) / 3)
+    assert lee.ndcg10(ranks) == pytest.approx((1 + 1 / math.log2(3) + 0) / 3)

@@ -15,11 +15,11 @@ import httpx
 import pytest
 
 from model_server.app import create_app
-from model_server.protocol import WORKER_TOKEN_HEADER, EmbedItem, EmbedRequest, EmbedResponse
+from common.protocol import WORKER_TOKEN_HEADER, EmbedItem, EmbedRequest, EmbedResponse
 from model_server.settings import WorkerSettings
 from tests.gateway_fixtures import gateway_process
 from tests.load import MODEL, poll, sample
-from tests.procs import REPO, children, free_port, genembed, running, worker_process
+from harness.procs import REPO, children, free_port, genembed, running, worker_process
 
 TOKEN = "gateway-token-for-the-tests"
 NEXT_TOKEN = "the-token-that-replaces-it"

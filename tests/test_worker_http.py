@@ -11,7 +11,7 @@ import msgpack
 import numpy as np
 
 from model_server import protocol
-from model_server.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
+from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
 
 
 def _embed(url: str, *items: EmbedItem) -> EmbedResponse:
@@ -126,7 +126,7 @@ def test_metrics_exposed(gircse_worker):
 def test_unloadable_model_exits_with_the_reason(tmp_path):
     import subprocess
 
-    from tests.procs import free_port, genembed
+    from harness.procs import free_port, genembed
 
     spec = tmp_path / "broken.toml"
     spec.write_text(
@@ -141,7 +141,7 @@ def test_unloadable_model_exits_with_the_reason(tmp_path):
 
 
 def test_cross_encoder_worker_serves_pairs(tmp_path):
-    from tests.procs import worker_process
+    from harness.procs import worker_process
 
     with worker_process("minilm-l6-cross-encoder", tmp_path) as (url, _):
         response = _embed(url, EmbedItem(text="a query", text_pair="a document"), EmbedItem(text="no pair"))

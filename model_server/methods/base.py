@@ -15,7 +15,7 @@ from model_server.hf_runner import HFRunner
 from model_server.loading import LoadedModel
 from model_server.packed import pack_for_serving
 from model_server.prompts import PreparedInput, PromptBuilder
-from model_server.protocol import Priority
+from common.protocol import Priority
 from model_server.runner import FAMILIES, DecoderRunner
 
 log = logging.getLogger(__name__)

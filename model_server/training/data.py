@@ -1,4 +1,4 @@
-"""Data this machine has offline: Debian package descriptions for training, the Lee corpus for evaluation.
+"""Training data this machine has offline: Debian package descriptions.
 
 Debian: every binary package has a one-line synopsis and a long description. A pair is (query =
 synopsis, document = long description). `apt-cache dumpavail` gives the packages; where the archive
@@ -9,12 +9,7 @@ joined in by Description-md5, as apt does. Build the pairs with
     python -m model_server.training.data --out data/debian
 
 which writes train.jsonl and heldout.jsonl (not committed: they are derived from the archive).
-
-Lee (gensim's test data, located without importing gensim): `lee.cor` (50 news articles) with
-`similarities0-1.txt` (human pair ratings) for STS, and `lee_background.cor` (300 articles) for
-known-item retrieval: the query is an article's first sentence, the one relevant document its rest.
-The ranking metrics (MRR@10, nDCG@10 with one relevant document) are here too, shared by the trainer's
-held-out evaluation and loadtests/eval_icr.py.
+The Lee evaluation sets and ranking metrics live in evaluation/lee.py.
 """
 
 from __future__ import annotations
@@ -187,56 +182,6 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
-
-
-# ---------------------------------------------------------------------------------------------
-# Lee (gensim test data)
-
-
-def lee_dir() -> Path:
-    spec = importlib.util.find_spec("gensim")  # finding it does not import it (nor numpy/scipy of its own)
-    if spec is None or spec.origin is None:
-        raise SystemExit("the Lee corpus ships with gensim: pip install --no-deps gensim==4.4.0")
-    return Path(spec.origin).parent / "test" / "test_data"
-
-
-def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-
-
-def lee_sts() -> tuple[list[str], np.ndarray]:
-    """The 50 Lee articles and the human similarity of each pair i < j, in np.triu_indices order."""
-    texts = _lines(lee_dir() / "lee.cor")
-    ratings = np.loadtxt(lee_dir() / "similarities0-1.txt")
-    if ratings.shape != (len(texts), len(texts)):
-        raise ValueError(f"{len(texts)} Lee articles but a {ratings.shape} rating matrix")
-    return texts, ratings[np.triu_indices(len(texts), 1)]
-
-
-def lee_known_items() -> tuple[list[str], list[str]]:
-    """(first sentences, rests) of the Lee background articles: query i's only answer is rest i."""
-    queries, targets = [], []
-    for line in _lines(lee_dir() / "lee_background.cor"):
-        parts = _SENTENCE_END.split(line, maxsplit=1)
-        if len(parts) == 2 and len(parts[0]) > 20 and len(parts[1]) > 100:
-            queries.append(parts[0])
-            targets.append(parts[1])
-    return queries, targets
-
-
-def ranks_of_the_right_document(queries: np.ndarray, documents: np.ndarray) -> np.ndarray:
-    """1-based rank of document i for query i among all the documents (a tie does not count against
-    it); rows L2-normalised. Every task here has one relevant document per query."""
-    scores = queries @ documents.T
-    return (scores > np.diag(scores)[:, None]).sum(axis=1) + 1
-
-
-def mrr10(ranks: np.ndarray) -> float:
-    return float(np.mean(np.where(ranks <= 10, 1.0 / ranks, 0.0)))
-
-
-def ndcg10(ranks: np.ndarray) -> float:
-    return float(np.mean(np.where(ranks <= 10, 1.0 / np.log2(ranks + 1.0), 0.0)))
 
 
 def main(argv: list[str] | None = None) -> int:

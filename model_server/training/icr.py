@@ -35,11 +35,12 @@ from model_server.hf_compat import cache_kwarg, enable_activation_checkpointing
 from model_server.loading import load_model
 from model_server.methods.gircse import soft_tokens
 from model_server.prompts import PromptBuilder
-from model_server.protocol import EmbedItem
+from common.protocol import EmbedItem
 from model_server.runner import group_by_length
 from model_server.specs import ModelSpec, load_spec
 from model_server.training.config import RUNTIME_FIELDS, TrainConfig, command_line
-from model_server.training.data import mrr10, ranks_of_the_right_document, read_jsonl
+from evaluation.lee import mrr10, ranks_of_the_right_document
+from model_server.training.data import read_jsonl
 
 log = logging.getLogger(__name__)
 

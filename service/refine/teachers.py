@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from model_server.protocol import ItemError
+from common.protocol import ItemError
 from service.cache import CachedEmbedding, EmbeddingCache
 from service.embedder import Embedder, EmbedOptions
 from service.errors import DeadlineExceeded, InvalidRequest, TeacherFailed

@@ -210,7 +210,7 @@ class ModelInfo:
     #: which fits its own iterations; kept for gateways older than that)
     calibration: list[list[float]] = field(default_factory=list)
     #: o1: the most thoughts a request may sample per input (`samples`), so the gateway checks the range the worker
-    #: does (model_server/rules.py); None for other methods, and from a worker older than the field
+    #: does (common/rules.py); None for other methods, and from a worker older than the field
     max_thought_samples: int | None = None
 
     def to_json(self) -> dict:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.procs import free_port, running
+from harness.procs import free_port, running
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 JUDGE_MODEL = "smollm2-judge"

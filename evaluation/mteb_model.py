@@ -2,7 +2,7 @@
 serves (its cache, batching and refinement steps included) rather than a re-implementation of the model.
 
     import mteb
-    from service.quality.mteb_model import GenembedEncoder
+    from evaluation.mteb_model import GenembedEncoder
 
     model = GenembedEncoder("smollm2-gircse", base_url="http://127.0.0.1:8000", refinement_steps=5)
     mteb.evaluate(model, mteb.get_tasks(["STSBenchmark"]), cache=None)
@@ -20,7 +20,7 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-from model_server.protocol import InputType
+from common.protocol import InputType
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata

@@ -79,7 +79,7 @@ def running(
 
 
 def genembed(*args: str) -> list[str]:
-    return [sys.executable, "-m", "service.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
-from model_server.protocol import INVALID_INPUT, STEPS_OUT_OF_RANGE, TOKEN_OUT_OF_VOCAB, ItemError
+from common.protocol import INVALID_INPUT, STEPS_OUT_OF_RANGE, TOKEN_OUT_OF_VOCAB, ItemError
 
 
 class Card(Protocol):

@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
 import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
 
 from pydantic import SecretStr
 
-from model_server.logs import configure_logging
+from common.logs import configure_logging
 from model_server.specs import DEFAULT_MODEL
+from cli.supervisor import Supervisor, Worker, free_port, wait_ready
 from service.settings import GatewaySettings
-
-log = logging.getLogger("genembed.serve")
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +39,7 @@ def run_worker(args: argparse.Namespace) -> int:
     import uvicorn
 
     from model_server.app import create_app
-    from model_server.drain import DrainingServer
+    from common.drain import DrainingServer
     from model_server.settings import WorkerSettings
 
     flags = {k: v for k, v in vars(args).items() if k not in ("run", "command") and v is not None}
@@ -122,7 +116,7 @@ def _gateway_settings(args: argparse.Namespace, **extra: object) -> GatewaySetti
 def _run_gateway(settings: GatewaySettings) -> int:
     import uvicorn
 
-    from model_server.drain import DrainingServer
+    from common.drain import DrainingServer
     from service.app import create_app
     from service.cache import check_redis
 
@@ -151,97 +145,6 @@ def run_gateway(args: argparse.Namespace) -> int:
     return _run_gateway(settings)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float, headers: dict[str, str]) -> str:
-    """Poll the worker's /ready; returns the served model id from /info. Raises RuntimeError."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the worker for {url} exited with status {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return httpx.get(f"{url}/info", headers=headers, timeout=5).raise_for_status().json()["id"]
-        time.sleep(0.25)
-    raise RuntimeError(f"the worker at {url} was not ready after {timeout:g} s")
-
-
-class _Worker:
-    """One `genembed worker` child of `serve`, on a fixed port (the gateway's URL for it never changes)."""
-
-    def __init__(self, cmd: list[str], port: int, env: dict[str, str]) -> None:
-        self.cmd = [*cmd, "--port", str(port)]
-        self.env = env
-        self.url = f"http://127.0.0.1:{port}"
-        self.backoff_s = 0.0
-        self.restart_at: float | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, env=self.env)  # GENEMBED_WORKER_* pass through
-        self.started_at = time.monotonic()
-
-
-class _Supervisor:
-    """Keeps `serve`'s workers running: one that exits is started again on its port after a backoff that
-    doubles with each quick failure (1 s up to 60 s; back to 1 s once a worker has run 60 s). The gateway's
-    probe takes it back when it is ready; nothing else restarts."""
-
-    BACKOFF_MIN_S, BACKOFF_MAX_S, STABLE_S, POLL_S = 1.0, 60.0, 60.0, 0.5
-
-    def __init__(self) -> None:
-        self.workers: list[_Worker] = []
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="genembed-supervisor", daemon=True)
-
-    def watch(self) -> None:
-        self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._stopping.wait(self.POLL_S):
-            now = time.monotonic()
-            for worker in self.workers:
-                if worker.proc.poll() is None:
-                    continue
-                if worker.restart_at is None:
-                    quick = now - worker.started_at < self.STABLE_S and worker.backoff_s > 0
-                    worker.backoff_s = min(worker.backoff_s * 2, self.BACKOFF_MAX_S) if quick else self.BACKOFF_MIN_S
-                    worker.restart_at = now + worker.backoff_s
-                    log.warning(
-                        "worker %s exited with status %s after %.0f s; restarting it in %g s",
-                        worker.url,
-                        worker.proc.returncode,
-                        now - worker.started_at,
-                        worker.backoff_s,
-                    )
-                elif now >= worker.restart_at:
-                    worker.restart_at = None
-                    worker.start()
-                    log.warning("worker %s restarted (pid %d)", worker.url, worker.proc.pid)
-
-    def stop(self) -> None:
-        """No more restarts; then SIGTERM every worker (each drains what it still has) and wait for them."""
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        procs = [w.proc for w in self.workers]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def run_serve(args: argparse.Namespace) -> int:
     """Workers first, then the gateway in the foreground. On SIGTERM the gateway drains first (its in-flight
     requests finish on the workers), then the workers are stopped: the order that drops nothing."""
@@ -253,7 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         print("genembed serve: --replicas must be at least 1", file=sys.stderr)
         return 2
-    supervisor = _Supervisor()
+    supervisor = Supervisor()
     try:
         # The workers answer only this gateway: the configured token, else one made for this run (in the
         # environment, not on a command line other users can read).
@@ -261,11 +164,11 @@ def run_serve(args: argparse.Namespace) -> int:
         settings.worker_token = token = settings.worker_token or SecretStr(secrets.token_urlsafe(32))
         env = {**os.environ, "GENEMBED_WORKER_TOKEN": token.get_secret_value()}
         for model in args.models or [DEFAULT_MODEL]:
-            cmd = [sys.executable, "-m", "service.cli", "worker", "--model", model, "--host", "127.0.0.1"]
+            cmd = [sys.executable, "-m", "cli.main", "worker", "--model", model, "--host", "127.0.0.1"]
             cmd += ["--log-format", args.log_format] if args.log_format else []
-            supervisor.workers += [_Worker(cmd, _free_port(), env) for _ in range(args.replicas)]
+            supervisor.workers += [Worker(cmd, free_port(), env) for _ in range(args.replicas)]
         headers = settings.worker_headers()
-        named = [f"{_wait_ready(w.url, w.proc, args.ready_timeout, headers)}={w.url}" for w in supervisor.workers]
+        named = [f"{wait_ready(w.url, w.proc, args.ready_timeout, headers)}={w.url}" for w in supervisor.workers]
         supervisor.watch()
         return _run_gateway(_gateway_settings(args, workers=named, worker_token=token))
     except ValueError as exc:  # pydantic's ValidationError: the settings name what is wrong

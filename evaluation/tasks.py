@@ -20,7 +20,7 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.sts import AbsTaskSTS
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from model_server.training.data import lee_known_items, lee_sts
+from evaluation.lee import lee_known_items, lee_sts
 
 _LEE = {
     "reference": "https://github.com/piskvorky/gensim/tree/develop/gensim/test/test_data",
