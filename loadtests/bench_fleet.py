@@ -27,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the process helpers the tests use
 
-from loadtests.bench_gateway import MODEL, RESULTS, Sentences, SweepRow, load_average, machine, sweep_point  # noqa: E402
 from harness.procs import free_port, genembed, running, worker_process  # noqa: E402
+from loadtests.bench_gateway import MODEL, RESULTS, Sentences, SweepRow, load_average, machine, sweep_point  # noqa: E402
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

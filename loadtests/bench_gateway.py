@@ -39,9 +39,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the process helpers the tests use
 
-from loadtests.bench_engine import WORDS  # noqa: E402
 from common.protocol import EmbedItem, EmbedRequest  # noqa: E402
 from harness.procs import free_port, genembed, running, worker_process  # noqa: E402
+from loadtests.bench_engine import WORDS  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "minilm-l6"

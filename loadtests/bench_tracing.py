@@ -33,6 +33,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the process helpers the tests use
 
+from harness.procs import free_port, genembed, running, worker_process  # noqa: E402
 from loadtests.bench_gateway import (  # noqa: E402
     MODEL,
     RESULTS,
@@ -42,7 +43,6 @@ from loadtests.bench_gateway import (  # noqa: E402
     percentile,
     sweep_point,
 )
-from harness.procs import free_port, genembed, running, worker_process  # noqa: E402
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -87,7 +87,7 @@ def span_cost_us(collector_port: int, n: int) -> dict[str, float]:
     this on a shared machine."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    from model_server import tracing
+    from common import tracing
 
     def per_span() -> float:
         started = time.thread_time()

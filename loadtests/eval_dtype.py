@@ -23,14 +23,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.protocol import EmbedItem  # noqa: E402
+from evaluation.lee import lee_known_items  # noqa: E402
 from loadtests.bench_engine import _machine, run_engine  # noqa: E402
 from model_server.engine import EngineLimits  # noqa: E402
 from model_server.loading import load_model  # noqa: E402
 from model_server.methods import Sequence, build_method  # noqa: E402
-from common.protocol import EmbedItem  # noqa: E402
 from model_server.serving import EmbeddingWorker  # noqa: E402
 from model_server.specs import load_spec  # noqa: E402
-from evaluation.lee import lee_known_items  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = ("float32", "bfloat16")

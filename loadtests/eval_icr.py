@@ -32,11 +32,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_server.engine import EngineLimits
 from common.protocol import EmbedItem, EmbedRequest
+from evaluation.lee import lee_known_items, lee_sts, mrr10, ndcg10, ranks_of_the_right_document
+from model_server.engine import EngineLimits
 from model_server.serving import EmbeddingWorker
 from model_server.specs import ModelSpec, load_spec
-from evaluation.lee import lee_known_items, lee_sts, mrr10, ndcg10, ranks_of_the_right_document
 from model_server.training.data import read_jsonl
 
 RESULTS = Path(__file__).parent / "results"

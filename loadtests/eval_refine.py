@@ -34,9 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.lee import lee_known_items
-from service.refine.optimizer import OptimConfig, refine
 from harness.llama import JUDGE_MODEL, llama_server
 from harness.procs import free_port, genembed, running
+from service.refine.optimizer import OptimConfig, refine
 
 RESULTS = Path(__file__).parent / "results"
 STUDENTS = (("smollm2-gircse", 0), ("smollm2-gircse", 5), ("minilm-l6", 0))

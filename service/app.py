@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model_server import tracing
+from common import tracing
 from common.drain import Drain, DrainMiddleware
 from common.logs import request_id_var
 from common.protocol import REQUEST_ID_HEADER

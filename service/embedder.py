@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from model_server import rules, tracing
+from common import rules, tracing
 from common.protocol import INTERNAL_ERROR, INVALID_INPUT, EmbedItem, InputType, ItemError, ModelInfo, Priority
 from common.rules import ItemRejected
 from service.cache import CachedEmbedding, EmbeddingCache, cache_key

@@ -7,9 +7,9 @@ import warnings
 
 from pydantic_settings import BaseSettings
 
+from harness.procs import REPO
 from model_server.settings import WorkerSettings
 from service.settings import GatewaySettings
-from harness.procs import REPO
 
 SETTINGS: dict[str, tuple[type[BaseSettings], str]] = {
     "gateway": (GatewaySettings, "GENEMBED_"),

@@ -26,9 +26,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from common.protocol import EmbedItem, EmbedRequest
 from model_server.engine import EngineLimits
 from model_server.loading import resolve_backbone
-from common.protocol import EmbedItem, EmbedRequest
 from model_server.serving import EmbeddingWorker
 from model_server.specs import ModelSpec, load_spec
 

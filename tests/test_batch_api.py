@@ -17,11 +17,11 @@ import numpy as np
 import openai
 import pytest
 
+from harness.procs import free_port, genembed, running, worker_process
 from service.batches.models import Batch, RequestCounts, StoredBatch, new_id
 from service.batches.storage import LocalStore
 from service.batches.store import BatchStore
 from tests.gateway_fixtures import gateway_process, redis_process
-from harness.procs import free_port, genembed, running, worker_process
 from tests.s3 import gateway_env, moto_s3
 
 MODEL = "minilm-l6"

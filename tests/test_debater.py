@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from common.protocol import EmbedItem, EmbedRequest
+from common.rules import ItemRejected
 from model_server.engine import EngineLimits
 from model_server.loading import load_model
 from model_server.prompts import PromptBuilder
-from common.protocol import EmbedItem, EmbedRequest
-from common.rules import ItemRejected
 from model_server.serving import EmbeddingWorker
 from model_server.specs import load_spec
 from tests.models import cosine

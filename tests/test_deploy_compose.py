@@ -29,8 +29,8 @@ import redis
 import yaml
 
 from cli.main import build_parser
-from tests.deploy_env import SETTINGS, settings_field
 from harness.procs import REPO, free_port, genembed, running
+from tests.deploy_env import SETTINGS, settings_field
 
 COMPOSE_DIR = REPO / "docker"
 BASE = "docker-compose.yml"

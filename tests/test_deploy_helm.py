@@ -19,11 +19,11 @@ import jsonschema
 import pytest
 import yaml
 
-from model_server.specs import ModelSpec
 from cli.main import build_parser
+from harness.procs import REPO
+from model_server.specs import ModelSpec
 from tests.ci import tool_missing
 from tests.deploy_env import SETTINGS, settings_field
-from harness.procs import REPO
 
 CHART = REPO / "helm" / "genembed"
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from common.protocol import REQUEST_CONTENT_TYPE, EmbedItem, EmbedRequest, EmbedResponse
+from harness.procs import alive, children, free_port, genembed, running, worker_process
 from tests.gateway_fixtures import gateway_process
 from tests.load import MODEL, apoll, body, post_all, sample, texts
-from harness.procs import alive, children, free_port, genembed, running, worker_process
 
 pytestmark = pytest.mark.slow
 

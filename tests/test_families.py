@@ -21,9 +21,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
+from harness.procs import worker_process
 from model_server.specs import O1_TOKENS, load_spec
 from tests.models import TINY_FAMILIES, cosine, embed_all, make_random_lora, make_tiny_decoder, start_worker
-from harness.procs import worker_process
 from tests.test_o1 import last_state
 
 INSTRUCTION = "Given a query, retrieve relevant passages that answer the query"

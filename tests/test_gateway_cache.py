@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from common.protocol import EmbedItem, ModelInfo
+from harness.procs import free_port
 from service.cache import CachedEmbedding, MemoryCache, cache_key
 from tests.gateway_fixtures import gateway_process, redis_process
-from harness.procs import free_port
 
 
 def embed(url: str, value: str | list[str], **extra: object) -> httpx.Response:

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.gateway_fixtures import gateway_process
 from harness.procs import app_in_thread
+from tests.gateway_fixtures import gateway_process
 from tests.test_gateway_coalescing import metric
 
 MODEL = "minilm-l6"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.gateway_fixtures import gateway_process
 from harness.procs import free_port
+from tests.gateway_fixtures import gateway_process
 
 pytestmark = pytest.mark.slow
 

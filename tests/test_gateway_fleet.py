@@ -36,6 +36,7 @@ from common.protocol import (
     ItemResult,
     ModelInfo,
 )
+from harness.procs import app_in_thread, genembed, running, worker_process
 from service.coalescer import Coalescer, WorkItem
 from service.errors import InvalidRequest, Overloaded
 from service.metrics import GatewayMetrics
@@ -43,7 +44,6 @@ from service.settings import GatewaySettings
 from service.workers import WorkerGroup, resolve_addresses
 from tests.gateway_fixtures import gateway_process
 from tests.load import MODEL, apoll, body, items_done, poll, post_all, sample, texts
-from harness.procs import app_in_thread, genembed, running, worker_process
 
 
 def test_worker_entries_group_by_model():

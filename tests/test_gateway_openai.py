@@ -9,8 +9,8 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from model_server.loading import resolve_backbone
 from common.protocol import CONTENT_TYPE, EmbedItem, EmbedRequest, EmbedResponse
+from model_server.loading import resolve_backbone
 from model_server.specs import BUILTIN_SPECS
 
 pytestmark = pytest.mark.slow

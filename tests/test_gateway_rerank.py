@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from common.protocol import EmbedItem, EmbedRequest, EmbedResponse
-from service.refine.llm import judge_payload, yes_no_score
-from tests.gateway_fixtures import gateway_process
 from harness.llama import JUDGE_MODEL, llama_server
 from harness.procs import api_error, worker_process
+from service.refine.llm import judge_payload, yes_no_score
+from tests.gateway_fixtures import gateway_process
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.gateway_fixtures import gateway_process
 from harness.procs import worker_process
+from tests.gateway_fixtures import gateway_process
 
 pytestmark = pytest.mark.slow
 

@@ -26,11 +26,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
 
-from model_server import tracing
+from common import tracing
+from harness.procs import REPO, worker_process
 from service.app import create_app
 from service.settings import GatewaySettings
 from tests.gateway_fixtures import gateway_process
-from harness.procs import REPO, worker_process
 
 MODEL = "minilm-l6"
 GATEWAY_SPANS = {"POST /v1/embeddings", "validate", "cache.lookup", "queue", "worker.call"}
@@ -225,7 +225,7 @@ def test_tracing_off_loads_no_opentelemetry_of_ours() -> None:
     script = """
 import sys
 from starlette.testclient import TestClient
-from model_server import tracing
+from common import tracing
 from model_server.app import create_app as create_worker
 from model_server.settings import WorkerSettings
 from service.app import create_app

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.ci import tool_missing
 from harness.procs import REPO
+from tests.ci import tool_missing
 
 
 def test_import_contracts_hold() -> None:

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import model_server
+from common.protocol import EmbedItem
 from model_server.loading import (
     ModelLoadError,
     cpu_has_native_bf16,
@@ -22,7 +23,6 @@ from model_server.loading import (
     resolve_backbone,
     resolve_dtype,
 )
-from common.protocol import EmbedItem
 from model_server.specs import ModelSpec, load_spec
 from tests.models import cosine, default_backbone_dir, embed_all, gircse_spec, make_tiny_llama, start_worker
 

@@ -47,10 +47,11 @@ def test_bf16_agrees_with_fp32(reference):
 
 
 def test_length_groups_bound_padding():
+    from model_server.runner import MAX_PADDING_RATIO
+
     from model_server.methods.base import Sequence
     from model_server.methods.pooled import length_groups
     from model_server.prompts import PreparedInput
-    from model_server.runner import MAX_PADDING_RATIO
 
     seqs = [Sequence(PreparedInput(token_ids=[1] * n, steps=0, truncated=False)) for n in (5, 250, 6, 7, 240, 5)]
     groups = length_groups(seqs)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from harness.procs import REPO, free_port, genembed
 from service.settings import GatewaySettings
 from tests.gateway_fixtures import gateway_process, redis_process
 from tests.load import poll, sample
-from harness.procs import REPO, free_port, genembed
 from tests.test_gateway_cache import embed, log_count, wait_for_hit
 
 PASSWORD = "s3cret/with:odd@chars"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import redis
 
-from tests.gateway_fixtures import gateway_process, redis_process
 from harness.llama import JUDGE_MODEL, llama_server
 from harness.procs import api_error, worker_process
+from tests.gateway_fixtures import gateway_process, redis_process
 
 pytestmark = pytest.mark.slow
 

@@ -16,6 +16,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from harness.llama import JUDGE_MODEL, llama_server
+from harness.procs import app_in_thread, free_port
 from service.cache import MemoryCache
 from service.embedder import Embedder
 from service.errors import DeadlineExceeded, InvalidRequest, TeacherFailed
@@ -26,8 +28,6 @@ from service.refine.llm import CallError, ChatClient, yes_no_score
 from service.refine.teachers import Teachers
 from service.settings import GatewaySettings
 from service.workers import WorkerPool
-from harness.llama import JUDGE_MODEL, llama_server
-from harness.procs import app_in_thread, free_port
 
 
 def completion(*positions: list[tuple[str, float]]) -> dict:

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.load import MODEL, body, items_done, poll, post_all
 from harness.procs import alive, children, free_port, genembed, running
+from tests.load import MODEL, body, items_done, poll, post_all
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 import yaml
 
-from model_server.loading import load_model
+from cli.main import build_parser
 from common.protocol import EmbedItem
 from evaluation import lee
+from model_server.loading import load_model
 from model_server.training import data
 from model_server.training.config import TrainConfig, command_line, config_from_args
 from model_server.training.icr import (
@@ -26,7 +27,6 @@ from model_server.training.icr import (
     refinement_regulariser,
     rollout,
 )
-from cli.main import build_parser
 from tests.models import cosine, embed_all, gircse_spec, make_tiny_llama, reference_gircse, start_worker
 
 TOPICS = ["apples", "trains", "music", "rivers", "chess", "bread", "stars", "glass"]

@@ -7,9 +7,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from common.protocol import EmbedItem, EmbedRequest
 from model_server.engine import EngineLimits
 from model_server.loading import load_model
-from common.protocol import EmbedItem, EmbedRequest
 from model_server.serving import EmbeddingWorker
 from model_server.specs import load_spec
 from tests.models import cosine

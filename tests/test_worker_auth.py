@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model_server.app import create_app
 from common.protocol import WORKER_TOKEN_HEADER, EmbedItem, EmbedRequest, EmbedResponse
+from harness.procs import REPO, children, free_port, genembed, running, worker_process
+from model_server.app import create_app
 from model_server.settings import WorkerSettings
 from tests.gateway_fixtures import gateway_process
 from tests.load import MODEL, poll, sample
-from harness.procs import REPO, children, free_port, genembed, running, worker_process
 
 TOKEN = "gateway-token-for-the-tests"
 NEXT_TOKEN = "the-token-that-replaces-it"

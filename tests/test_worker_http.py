@@ -10,7 +10,7 @@ import httpx
 import msgpack
 import numpy as np
 
-from model_server import protocol
+from common import protocol
 from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import random
 import re
@@ -25,8 +24,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 #: synopses of packages that only exist to pull in another: not descriptions of anything
 _PLACEHOLDER = re.compile(r"\b(transitional|dummy)\b", re.IGNORECASE)
