@@ -58,42 +58,31 @@ class Load:
 
 class CostModel:
     """Seconds per iteration term, fitted online from the engine's own iterations (one writer: the engine thread;
-    readers take `coefficients`, an array replaced whole at each refit).
+    readers take `coefficients`, an array replaced whole at each refit, and `correction`, a float).
 
-    Iterations are not all a call waits for: the first pass of a new batch shape builds its kernels, neighbours
-    on shared cores come and go, the event loop competes with the engine for the interpreter. So the estimates
-    carry a `correction` for the model's bias, learned end to end from calls that finished (their time against
-    the model's estimate, `record_finish`): the median of the recent ratios, never below 1 (the deadline share is
-    the headroom for their spread; one writer: the serving loop)."""
+    The fit spans a window of hundreds of iterations, so it follows a change in the device's speed (a neighbour on
+    shared cores starting or stopping, the event loop busy parsing a burst) only slowly. Estimates carry a
+    `correction` for that: the median of the last `recent` iterations' measured over modelled seconds, so a
+    neighbour's load shows within `recent` / 2 iterations and goes when it goes (below 1 while the fit still
+    remembers a slower spell). It is learned from iterations, not from calls: a call's time also holds the
+    iterations widened by calls admitted after it, which the queue it was admitted against could not know, and a
+    correction learned from that made estimates on an idle burst 3x too long (docs/benchmarks.md, issue 22)."""
 
-    def __init__(
-        self,
-        window: int = 512,
-        trim: float = 0.1,
-        refit_every: int = 16,
-        finishes: int = 32,
-        min_estimate_s: float = 1.0,
-    ) -> None:
+    def __init__(self, window: int = 512, trim: float = 0.1, refit_every: int = 16, recent: int = 16) -> None:
         self._window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self._seed: list[tuple[np.ndarray, float]] = []
         self._trim = trim
         self._refit_every = refit_every
         self._since_fit = 0
-        self._ratios: deque[float] = deque(maxlen=finishes)
-        self._min_estimate_s = min_estimate_s
+        self._ratios: deque[float] = deque(maxlen=recent)
         self.coefficients: np.ndarray | None = None
         self.correction = 1.0
 
-    def record_finish(self, estimated_s: float, actual_s: float) -> None:
-        """A call the model estimated at `estimated_s` (uncorrected) took `actual_s`. Calls estimated below
-        `min_estimate_s` are left out: a good part of their time is what no iteration sees (parsing, tokenization,
-        the wake-ups between passes), and a deadline is missed by calls that take long, not by them."""
-        if estimated_s < self._min_estimate_s:
-            return
-        self._ratios.append(actual_s / estimated_s)
-        self.correction = max(1.0, float(np.median(np.array(self._ratios))))
-
     def observe(self, load: Load, seconds: float) -> None:
+        modelled = self.seconds(load, corrected=False)
+        if modelled:
+            self._ratios.append(seconds / modelled)
+            self.correction = float(np.median(np.array(self._ratios)))
         self._window.append((load.vector(), seconds))
         self._since_fit += 1
         # refit at every sample while there are few, then every `refit_every` (a fit is ~1 ms of numpy)
@@ -105,9 +94,12 @@ class CostModel:
         self._window.clear()
 
     def pin(self) -> None:
-        """Keep the window's samples in every later fit (warm-up: the calibration's batch shapes)."""
+        """Keep the window's samples in every later fit (warm-up: the calibration's batch shapes); the correction
+        starts afresh from the fit they give."""
         self._seed = list(self._window)
         self.refit()
+        self._ratios.clear()
+        self.correction = 1.0
 
     def refit(self) -> None:
         self._since_fit = 0
@@ -291,6 +283,11 @@ class Schedule:
         return max(max(finishes, default=0), math.ceil(self._prefill / self._batch_tokens))
 
     @property
+    def first_free(self) -> int:
+        """The iteration at which a sequence appended now would start."""
+        return self._free[0]
+
+    @property
     def makespan(self) -> int:
         """Iterations until everything scheduled is done."""
         last = int(self._finish.max()) if len(self._finish) else 0
@@ -428,7 +425,6 @@ class Decision:
     outcome: Outcome
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # granted K per sequence (accepted)
     expected_s: float | None = None  # expected seconds until the call is answered (accepted, with an estimate)
-    uncorrected_s: float | None = None  # the same before `CostModel.correction` (what `record_finish` takes)
     retry_after_s: int = 0  # refused: when enough is expected to have drained
     detail: str = ""
 
@@ -464,9 +460,7 @@ def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy
 
     def accept(level: int) -> Decision:
         work = trial(level)[0]
-        return Decision(
-            "accepted", call.steps(level), expected_s=model.seconds(work), uncorrected_s=model.seconds(work, False)
-        )
+        return Decision("accepted", call.steps(level), expected_s=model.seconds(work))
 
     if call.deadline_s is None:
         return accept(call.levels)
@@ -502,6 +496,32 @@ def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy
             detail=f"the worker's queue is expected to take {wait_s:.1f} s; this call {why}; retry after {retry} s",
         )
     return accept(low)
+
+
+def soonest_seconds(model: CostModel, ahead: Schedule) -> float:
+    """Seconds until any call appended to `ahead` could be answered at the soonest: its first sequence starts in
+    the first slot that frees and takes an iteration there (0 without a fitted model). A lower bound of every
+    `decide` estimate against the same queue, known before the call is tokenized."""
+    return model.seconds(ahead.work(ahead.first_free + 1)) or 0.0
+
+
+def refuse_unseen(soonest_s: float, deadline_s: float, received: float, policy: Policy, now: float) -> Decision | None:
+    """A refusal decided before the call is even tokenized (None: it needs `decide`): when the queue ahead alone,
+    `soonest_s` (`soonest_seconds`), outlasts what the deadline leaves, `decide` would refuse whatever the call
+    holds, and at overload most calls are refused, so they should cost the worker the least. (A call that would
+    never fit is told so once it meets a worker with room to say it: that needs its token counts.)"""
+    remaining = received + deadline_s * policy.deadline_share - now
+    if soonest_s <= remaining:
+        return None
+    retry = min(max(math.ceil(soonest_s - remaining), 1), policy.max_retry_after_s)
+    return Decision(
+        "refused",
+        retry_after_s=retry,
+        detail=(
+            f"the worker's queue is expected to hold any new call for {soonest_s:.1f} s, more than the "
+            f"{max(remaining, 0.0):.1f} s its deadline leaves; retry after {retry} s"
+        ),
+    )
 
 
 def _extended(schedule: Schedule, seqs: Seqs) -> Load:

@@ -64,13 +64,13 @@ class WorkerMetrics:
         )
         self.cost_correction = Gauge(
             "genembed_worker_cost_correction",
-            "What the estimates are multiplied by: the median of finished calls' time over the model's estimate (>= 1)",
+            "What the estimates are multiplied by: the median of the recent iterations' measured over modelled seconds",
             registry=reg,
         )
         self.admission = Counter(
             "genembed_worker_admission_decisions",
-            "Online calls by admission outcome (accepted, refused, never_fits, queue_full, deadline_passed); batch "
-            "calls as accepted_batch",
+            "Online calls by admission outcome (accepted, refused, refused_unseen: refused before tokenization, "
+            "never_fits, queue_full, deadline_passed); batch calls as accepted_batch",
             ["outcome"],
             registry=reg,
         )

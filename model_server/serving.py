@@ -11,15 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_server import admission, protocol, tracing
+from common import protocol, tracing
+from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ItemError, ItemResult, ModelInfo
+from common.rules import ItemRejected
+from model_server import admission
 from model_server.admission import Call, Capacity, Decision, Policy, Schedule, Seqs
 from model_server.engine import DeadlineExceeded, Engine, EngineLimits, EngineStopped
 from model_server.loading import LoadedModel, load_model
 from model_server.methods import build_method
 from model_server.metrics import WorkerMetrics
 from model_server.prompts import PreparedInput
-from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ItemError, ItemResult, ModelInfo
-from common.rules import ItemRejected
 from model_server.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class _Ahead:
     waiting_online: int
     waiting_batch: int
     drain_s: float | None = None  # computed when first asked for
+    soonest_s: float | None = None  # likewise: admission.soonest_seconds
 
 
 class EmbeddingWorker:
@@ -141,6 +143,8 @@ class EmbeddingWorker:
         """Embed a call; per-item failures are results. `received`: when the call arrived (time.monotonic()), which
         its `deadline_s` counts from. Raises NotAdmitted, QueueFull, DeadlineExceeded, EngineStopped."""
         received = time.monotonic() if received is None else received
+        if request.priority == "online" and request.deadline_s is not None:
+            self._refuse_unseen(request.deadline_s, received)
         with tracing.span("prepare", attributes={"genembed.items": len(request.items)}):
             results, prepared = await asyncio.to_thread(self._prepare, request.items)
         # An input with n samples (o1 thoughts) runs as n sequences, combined below.
@@ -172,11 +176,8 @@ class EmbeddingWorker:
                 raise
         if expired := next((o for o in outcomes if isinstance(o, DeadlineExceeded)), None):
             raise expired
-        if decision is not None and decision.expected_s is not None and decision.uncorrected_s is not None:
-            took = time.monotonic() - received
-            self.engine.cost.record_finish(decision.uncorrected_s, took)
-            if request.deadline_s is not None:
-                self.metrics.finish_error.observe(decision.expected_s - took)
+        if decision is not None and decision.expected_s is not None and request.deadline_s is not None:
+            self.metrics.finish_error.observe(decision.expected_s - (time.monotonic() - received))
         vectors = []
         slots = iter(outcomes)
         for result, p in zip(results, prepared, strict=True):
@@ -237,6 +238,17 @@ class EmbeddingWorker:
             raise NotAdmitted(decision)
         return decision
 
+    def _refuse_unseen(self, deadline_s: float, received: float) -> None:
+        """Raise NotAdmitted, before the call is tokenized, when the queue alone outlasts its deadline's share."""
+        ahead = self._current()
+        if ahead.soonest_s is None:
+            ahead.soonest_s = admission.soonest_seconds(self.engine.cost, ahead.schedule)
+        decision = admission.refuse_unseen(ahead.soonest_s, deadline_s, received, self.policy, time.monotonic())
+        if decision is not None:
+            self.metrics.admission.labels("refused_unseen").inc()
+            log.info("embed: refused unseen: %s", decision.detail)
+            raise NotAdmitted(decision)
+
     def _current(self) -> _Ahead:
         ahead = self._ahead
         if ahead is None or ahead.version != self.engine.version:
@@ -258,7 +270,7 @@ class EmbeddingWorker:
             ahead.waiting_online += len(seqs)
         else:
             ahead.waiting_batch += len(seqs)
-        ahead.version, ahead.drain_s = ahead.version + 1, None
+        ahead.version, ahead.drain_s, ahead.soonest_s = ahead.version + 1, None, None
 
     def backlog(self) -> LoadReport:
         """The backlog now (also refreshes the gauges that describe it)."""

@@ -1,12 +1,15 @@
-"""The worker's admission (model_server/admission.py), pure: the cost model's fit, the schedule, the decisions."""
+"""The worker's admission (model_server/admission.py), pure: the cost model's fit, the schedule, the decisions; and
+one in-process worker (real minilm-l6 weights) for what a refusal costs it."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from common.protocol import EmbedItem, EmbedRequest
 from model_server.admission import (
     EMPTY,
     TERMS,
@@ -21,8 +24,14 @@ from model_server.admission import (
     Seqs,
     decide,
     drain_seconds,
+    refuse_unseen,
+    soonest_seconds,
     step_cap,
 )
+from model_server.engine import EngineLimits
+from model_server.loading import load_model
+from model_server.serving import EmbeddingWorker, NotAdmitted
+from model_server.specs import load_spec
 
 TRUE = np.array([0.01, 0.002, 0.0001, 1e-6, 0.001])  # seconds per iteration, decode row, prefill token, KV, logits
 CAPACITY = Capacity(slots=4, batch_tokens=4096, kv_tokens=65536)
@@ -317,27 +326,89 @@ def _list_schedule(running: list[int], waiting: list[int], slots: int) -> list[i
     return starts
 
 
-def test_finished_calls_correct_the_estimates_never_below_the_model():
-    model = _model()
-    load = Load(10, 40, 800, 4000, 40)
-    raw = model.seconds(load)
-    model.record_finish(0.05, 5.0)  # too small to tell: parsing and tokenization, not iterations
+def _fitted(rng: np.random.Generator) -> CostModel:
+    """A cost model fitted on iterations at the true cost, as after a quiet spell."""
+    model = CostModel()
+    for load in _random_iterations(rng, 300):
+        model.observe(load, _seconds(load))
+    return model
+
+
+def test_the_correction_follows_a_step_change_in_iteration_time_and_returns_when_it_goes():
+    rng = np.random.default_rng(1)
+    model = _fitted(rng)
+    probe = Load(10, 400, 800, 40000, 400)
+    assert model.correction == pytest.approx(1.0, abs=0.01)
+    # a neighbour starts on the shared cores: every iteration takes twice as long
+    estimates = []
+    for load in _random_iterations(rng, 16):
+        model.observe(load, 2 * _seconds(load))
+        estimates.append(model.seconds(probe) / _seconds(probe))
+    assert estimates[6] < 1.5 < 1.9 < estimates[8]  # the median of the last 16 turns after half of them
+    assert estimates[-1] == pytest.approx(2.0, rel=0.05)
+    # it stops: the estimates come back as fast (whatever the fit kept of the slow spell)
+    estimates = []
+    for load in _random_iterations(rng, 16):
+        model.observe(load, _seconds(load))
+        estimates.append(model.seconds(probe) / _seconds(probe))
+    assert estimates[-1] == pytest.approx(1.0, rel=0.05)
+    assert model.seconds(probe, corrected=False) == pytest.approx(model.seconds(probe) / model.correction)
+
+
+def test_one_slow_iteration_does_not_move_the_correction():
+    rng = np.random.default_rng(2)
+    model = _fitted(rng)
+    load = _random_iterations(rng, 1)[0]
+    model.observe(load, 50 * _seconds(load))  # a GC pause
+    assert model.correction == pytest.approx(1.0, abs=0.01)
+
+
+def test_pinning_the_calibration_starts_the_correction_afresh():
+    rng = np.random.default_rng(3)
+    model = CostModel()
+    for load in _random_iterations(rng, 40):
+        model.observe(load, _seconds(load) * (3 if rng.random() < 0.5 else 1))
+    model.pin()
     assert model.correction == 1.0
-    for ratio in (1.1, 1.3, 1.2, 1.5, 1.25):
-        model.record_finish(2.0, 2.0 * ratio)
-    assert model.correction == pytest.approx(1.25)  # the median: the model's bias (the share covers the spread)
-    assert model.seconds(load) == pytest.approx(raw * model.correction)
-    assert model.seconds(load, corrected=False) == pytest.approx(raw)
-    fast = _model()
-    fast.record_finish(2.0, 1.0)  # faster than the model: the estimates stay the model's
-    assert fast.correction == 1.0
-    # admission plans with the corrected estimate and reports the uncorrected one for the next record
+
+
+def test_admission_plans_with_the_correction_but_never_fits_only_by_the_model():
+    model = _model()
     call = _call(4, 5)
+    raw = decide(model, _idle(call), _idle(call), call, Policy(), now=0.0).expected_s
+    model.correction = 1.5
     decision = decide(model, _idle(call), _idle(call), call, Policy(), now=0.0)
-    assert decision.expected_s == pytest.approx(decision.uncorrected_s * model.correction)
+    assert decision.expected_s == pytest.approx(raw * 1.5)
     # a call that fits an idle worker by the model, but not with the correction, is refused for now, not for ever
-    tight = replace(call, deadline_s=decision.uncorrected_s / 0.7 * 1.1)
+    tight = replace(call, deadline_s=raw / 0.7 * 1.1)
     assert decide(model, _idle(call), _idle(call), tight, Policy(), now=0.0).outcome == "refused"
+
+
+def test_soonest_is_a_lower_bound_of_every_estimate_against_the_same_queue():
+    rng = np.random.default_rng(4)
+    model = _model()
+    for _ in range(30):
+        ahead = _busy(int(rng.integers(0, 300)), int(rng.integers(0, 21)))
+        call = _call(
+            int(rng.integers(1, 17)), int(rng.integers(0, 21)), deadline_s=None, prompt=int(rng.integers(1, 60))
+        )
+        soonest = soonest_seconds(model, ahead)
+        assert 0 < soonest <= decide(model, ahead, _idle(call), call, Policy(), now=0.0).expected_s
+
+
+def test_a_call_the_queue_alone_makes_late_is_refused_unseen_as_decide_would():
+    model = _model()
+    ahead = _busy(400, 5)
+    soonest = soonest_seconds(model, ahead)
+    call = _call(1, 0, deadline_s=0.9 * soonest / 0.7)  # the cheapest call there is: one pooled sequence
+    refusal = refuse_unseen(soonest, call.deadline_s, 0.0, Policy(), now=0.0)
+    assert refusal is not None and refusal.outcome == "refused"
+    assert decide(model, ahead, _idle(call), call, Policy(), now=0.0).outcome == "refused"
+    assert refusal.retry_after_s == max(1, int(np.ceil(soonest - 0.9 * soonest)))
+    assert "retry after" in refusal.detail
+    # time already spent before the check counts; a deadline that leaves room goes on to `decide`
+    assert refuse_unseen(soonest, 2 * soonest / 0.7, 0.0, Policy(), now=0.0) is None
+    assert refuse_unseen(soonest, 2 * soonest / 0.7, 0.0, Policy(), now=1.5 * soonest) is not None
 
 
 def test_a_call_without_a_deadline_is_accepted_with_its_expected_finish():
@@ -345,3 +416,42 @@ def test_a_call_without_a_deadline_is_accepted_with_its_expected_finish():
     decision = _decide(_busy(400, 5), call)
     assert decision.outcome == "accepted" and decision.steps.tolist() == [5] * 4
     assert decision.expected_s == pytest.approx(_model().seconds(_extended(_busy(400, 5), call.seqs(0))))
+
+
+def test_a_call_refused_at_overload_is_not_tokenized():
+    """At 4x most calls are refused; the worker refuses them from the queue alone, before paying for their prompts
+    (which share the cores with the engine)."""
+    worker = EmbeddingWorker(load_model(load_spec("minilm-l6")), EngineLimits())
+    worker.engine.start()
+    tokenized = []
+    prepare = worker.method.prompts.prepare
+
+    def counted(item: EmbedItem):
+        tokenized.append(item)
+        return prepare(item)
+
+    async def scenario() -> NotAdmitted:
+        await worker.warmup()
+        documents = [EmbedItem(text=f"document {i} about solar panels", input_type="document") for i in range(3000)]
+        backlog = asyncio.create_task(worker.embed(EmbedRequest(items=documents)))  # no deadline: accepted
+        while worker.engine.pending_work() < 1000:
+            await asyncio.sleep(0.01)
+        worker.method.prompts.prepare = counted
+        query = EmbedRequest(items=[EmbedItem(text="a query", input_type="query")], deadline_s=0.05)
+        try:
+            await worker.embed(query)
+        except NotAdmitted as refused:
+            return refused
+        finally:
+            worker.method.prompts.prepare = prepare
+            await backlog
+        raise AssertionError("a call that cannot start before its deadline was accepted")
+
+    try:
+        refused = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert refused.decision.outcome == "refused" and refused.decision.retry_after_s >= 1
+    assert tokenized == []
+    unseen = {"outcome": "refused_unseen"}
+    assert worker.metrics.registry.get_sample_value("genembed_worker_admission_decisions_total", unseen) == 1
