@@ -258,6 +258,7 @@ class Schedule:
         self._batch_tokens = batch_tokens
         self._prefill = 0
         self._commitments: Commitments | None = None
+        self._cumulative: np.ndarray | None = None  # `_cumulative_work` of everything scheduled, until `extend`
 
     def copy(self) -> Schedule:
         twin = Schedule.__new__(Schedule)
@@ -278,7 +279,7 @@ class Schedule:
         self._start = np.concatenate([self._start, np.asarray(starts, np.int64)])
         self._finish = np.concatenate([self._finish, np.asarray(finishes, np.int64)])
         self._prefill += int(seqs.prefill.sum())
-        self._commitments = None
+        self._commitments = self._cumulative = None
         # a queue needs at least its prefill tokens over the per-iteration budget
         return max(max(finishes, default=0), math.ceil(self._prefill / self._batch_tokens))
 
@@ -299,11 +300,15 @@ class Schedule:
 
     def work_at(self, horizons: np.ndarray, last: int | None = None) -> np.ndarray:
         """[len(horizons), 4]: decode rows, prefill tokens, KV read and logits rows before each horizon, of every
-        scheduled sequence (or of the `last` appended ones)."""
+        scheduled sequence (or of the `last` appended ones). Every sequence's table is kept until the next `extend`:
+        each call decided against a queue reads it instead of walking the queue again."""
         s, start = self._seqs, self._start
-        if last is not None:
-            s = Seqs(*(a[len(a) - last :] for a in (s.prefill, s.length, s.decode, s.due)))
-            start = start[len(start) - last :]
+        if last is None:
+            if self._cumulative is None:
+                self._cumulative = _cumulative_work(s, start, self.makespan)
+            return self._cumulative[np.minimum(horizons, len(self._cumulative) - 1)]  # nothing runs after the makespan
+        s = Seqs(*(a[len(a) - last :] for a in (s.prefill, s.length, s.decode, s.due)))
+        start = start[len(start) - last :]
         return _cumulative_work(s, start, int(horizons.max(initial=0)))[horizons]
 
     def commitments(self) -> Commitments:
@@ -447,16 +452,22 @@ def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy
     promised = ahead.commitments()
     promised_s = model.price(promised.horizons, promised.work)
 
+    trials: dict[int, tuple[Load, float | None]] = {}
+
     def trial(level: int) -> tuple[Load, float | None]:
         """The work until the call is answered, and the seconds until the promises it would break are kept (None:
-        it breaks none)."""
-        schedule = ahead.copy()
-        seqs = call.seqs(level, due)
-        horizon = schedule.extend(seqs)
-        # the call's own work inside the iterations that promised sequences wait for makes those longer
-        added = model.price(np.zeros(len(promised.horizons)), schedule.work_at(promised.horizons, last=len(seqs)))
-        broken = (added > 0) & (now + promised_s + added > promised.due)
-        return schedule.work(horizon), float((promised_s + added)[broken].max()) if broken.any() else None
+        it breaks none). The queue's share comes from its kept table; only the call's own sequences are walked."""
+        if level not in trials:
+            schedule = ahead.copy()
+            seqs = call.seqs(level, due)
+            horizon = schedule.extend(seqs)
+            own = schedule.work_at(np.append(promised.horizons, horizon), last=len(seqs))
+            # the call's own work inside the iterations that promised sequences wait for makes those longer
+            added = model.price(np.zeros(len(promised.horizons)), own[:-1])
+            broken = (added > 0) & (now + promised_s + added > promised.due)
+            work = Load(horizon, *(ahead.work_at(np.array([horizon]))[0] + own[-1]).tolist())
+            trials[level] = work, float((promised_s + added)[broken].max()) if broken.any() else None
+        return trials[level]
 
     def accept(level: int) -> Decision:
         work = trial(level)[0]
@@ -469,9 +480,9 @@ def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy
     alone = model.seconds(_extended(idle, call.seqs(0)), corrected=False) or 0.0
     if alone > allowed:
         return Decision("never_fits", detail=_never_fits(call, alone, allowed))
-    wait_s = drain_seconds(model, ahead)
     remaining = due - now
-    cap = step_cap(wait_s, remaining, 0, call.levels)
+    # the wait ahead only moves the step cap of a ranged call (and names the refusal's cause)
+    cap = step_cap(drain_seconds(model, ahead), remaining, 0, call.levels) if call.levels else 0
     # the highest level <= cap that fits (both checks grow with the level): a bisection over the levels
     low, high = -1, cap
     while low < high:
@@ -493,7 +504,10 @@ def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy
         return Decision(
             "refused",
             retry_after_s=retry,
-            detail=f"the worker's queue is expected to take {wait_s:.1f} s; this call {why}; retry after {retry} s",
+            detail=(
+                f"the worker's queue is expected to take {drain_seconds(model, ahead):.1f} s; this call {why}; "
+                f"retry after {retry} s"
+            ),
         )
     return accept(low)
 
