@@ -1,9 +1,11 @@
 """Each request rule, written once: the gateway checks a request against the model's `/info` card before it
 queues anything (service/embedder.py), the worker checks every item again (prompts.py), with the same code,
-message and param on both sides. Part of the shared layer: stdlib and the wire format only, never torch.
+message and param on both sides. Part of the shared layer: stdlib, the wire format and the methods' facts only,
+never torch.
 
-A rule reads its model off a `Card`: the gateway's `ModelInfo`, or the worker's `ModelSpec`. `model` is the
-name the messages use (the gateway's name for the model, the worker's spec id).
+A rule reads its model off a `Card`: the gateway's `ModelInfo`, or the worker's `ModelSpec`, and what the card's
+method allows off that method's facts (common/methods/). `model` is the name the messages use (the gateway's name
+for the model, the worker's spec id).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+from common.methods import facts, which
 from common.protocol import INVALID_INPUT, STEPS_OUT_OF_RANGE, TOKEN_OUT_OF_VOCAB, ItemError
 
 
@@ -71,29 +74,32 @@ def check_step_options(model: str, method: str, tolerance: float | None, traject
     """Early exit (`refinement_steps: "auto"`, a tolerance) needs an embedding after every step, which only gircse
     has before its last one; an o1 thought has an embedding only once it ends."""
     if tolerance is not None:
-        if method != "gircse":
+        if not facts(method).early_exit:
             raise ItemRejected(
                 INVALID_INPUT,
-                f"refinement_steps 'auto' is only for gircse models; model {model!r} is {method}",
+                f"refinement_steps 'auto' is only for {which(lambda m: m.early_exit)} models; "
+                f"model {model!r} is {method}",
                 "refinement_steps",
             )
         if not 0 <= tolerance < math.inf:
             raise ItemRejected(
                 INVALID_INPUT, "refinement_tolerance must be a finite number >= 0", "refinement_tolerance"
             )
-    if trajectory and method == "o1":
+    if trajectory and not facts(method).trajectory:
         raise ItemRejected(
             INVALID_INPUT,
-            "return_trajectory is not available for o1 models: a thought has an embedding only at its end",
+            f"return_trajectory is not available for {method} models: they have an embedding only once their steps end",
             "return_trajectory",
         )
 
 
 def check_sampling(model: str, card: Card, seed: int | None, samples: int | None) -> None:
     """Only o1 samples (its thoughts); other methods ignore a seed but refuse a sample count."""
-    if card.method != "o1":
+    if not facts(card.method).samples_thoughts:
         if samples is not None:
-            raise ItemRejected(INVALID_INPUT, "samples is only for o1 models", "samples")
+            raise ItemRejected(
+                INVALID_INPUT, f"samples is only for {which(lambda m: m.samples_thoughts)} models", "samples"
+            )
         return
     if seed is not None and seed < 0:
         raise ItemRejected(INVALID_INPUT, "seed must be a non-negative integer", "seed")

@@ -51,12 +51,14 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the process helpers the tests use
 
+from common.methods import facts  # noqa: E402
+from common.methods.base import TEXT_SLOT  # noqa: E402
+from harness.procs import free_port, genembed, running  # noqa: E402
 from loadtests.bench_engine import WORDS  # noqa: E402
 from loadtests.bench_gateway import machine  # noqa: E402
 from loadtests.load_suite import other_processes  # noqa: E402
 from model_server.loading import resolve_backbone  # noqa: E402
-from model_server.specs import METHOD_DEFAULTS, TEXT_SLOT, load_spec  # noqa: E402
-from harness.procs import free_port, genembed, running  # noqa: E402
+from model_server.specs import load_spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PEERS = Path(os.environ.get("GENEMBED_PEERS_DIR", Path.home() / ".cache" / "genembed" / "peers"))
@@ -112,7 +114,7 @@ def make_work(quick: bool) -> dict[str, Work]:
 
 def o1_prompt(text: str) -> str:
     """The o1 query template, as the text vLLM is asked to continue."""
-    return METHOD_DEFAULTS["o1"].templates["query"].replace(TEXT_SLOT, text)
+    return facts("o1").templates["query"].replace(TEXT_SLOT, text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -261,7 +261,7 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
         return DTYPES[spec.dtype]
     if device.type == "cuda":
         return torch.bfloat16
-    if spec.method in ("pooled", "cross_encoder") and cpu_has_native_bf16():
+    if spec.facts.cpu_bf16 and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 
@@ -327,14 +327,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     # trust_remote_code runs the repository's own Python (MiniCPM-2B ships its model that way): the spec opts in.
     remote = {"trust_remote_code": spec.trust_remote_code}
     common = {"dtype": dtype, "attn_implementation": attention, **remote}
-    if spec.method == "cross_encoder":
+    if spec.facts.scores_pairs:
         # A checkpoint without a classification head gets a fresh one: seeded, so every worker
         # of the same spec scores alike (and the revision, which covers the weights, still holds).
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(
             str(backbone.directory), num_labels=spec.num_labels, **common
         )
-    elif spec.is_generative:
+    elif spec.facts.generates:
         model = AutoModelForCausalLM.from_pretrained(str(backbone.directory), **common)
     else:
         # Pooled models and DEBATER: the base model's final states, as DEBATER's code loads it (AutoModel),
@@ -352,11 +352,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         adapter_digest = digest_directory(adapter_dir)
 
     window = getattr(model.config, "sliding_window", None)
-    if spec.is_generative and window and spec.max_input_tokens + spec.max_refinement_steps > window:
+    if spec.facts.generates and window and spec.max_input_tokens + spec.max_refinement_steps > window:
         raise ModelLoadError(f"max_input_tokens + max_refinement_steps exceeds the sliding window ({window})")
 
     model.to(device).eval().requires_grad_(False)
-    dimension = spec.num_labels if spec.method == "cross_encoder" else model.config.hidden_size
+    dimension = spec.num_labels if spec.facts.scores_pairs else model.config.hidden_size
     if spec.dimensions is not None and spec.dimensions != dimension:
         raise ModelLoadError(f"spec says {spec.dimensions} dimensions, the model has {dimension}")
     return LoadedModel(

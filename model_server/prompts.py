@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from model_server import protocol, rules
+from common import protocol, rules
+from common.methods.base import TEXT_SLOT
 from common.protocol import EmbedItem
 from common.rules import ItemRejected
-from model_server.specs import O1_EMB_TOKEN, TEXT_SLOT, ModelSpec
+from model_server.specs import ModelSpec
 
 
 @dataclass
@@ -40,7 +41,7 @@ def format_prompt(spec: ModelSpec, input_type: str, instruction: str | None, ste
     if not instruction:
         template = template.replace("{instruction} ", "")
     prefix, _, suffix = template.replace("{instruction}", instruction).partition(TEXT_SLOT)
-    if spec.method == "debater" and input_type == "document":
+    if spec.facts.deliberates and input_type == "document":
         suffix += "".join(spec.deliberation_tokens[:steps])
     return prefix, suffix
 
@@ -52,9 +53,9 @@ class PromptBuilder:
         self.vocab_size = vocab_size
         self._special_head, self._special_tail = self._special_frame() if spec.add_special_tokens else ([], [])
         self._specials = len(self._special_head) + len(self._special_tail)
-        if spec.method == "o1" and tokenizer.eos_token_id is None:
-            raise ValueError("method 'o1' needs a tokenizer with an EOS token")
-        if spec.method == "debater":
+        if spec.facts.emb_token is not None and tokenizer.eos_token_id is None:
+            raise ValueError(f"method {spec.method!r} needs a tokenizer with an EOS token")
+        if spec.facts.deliberates:
             self._check_deliberation()
 
     def _check_deliberation(self) -> None:
@@ -73,7 +74,7 @@ class PromptBuilder:
         steps = rules.check_steps(self.spec.id, self.spec, item.steps)
         rules.check_step_range(self.spec.id, self.spec, item.min_steps, steps)
         rules.check_step_options(self.spec.id, self.spec.method, item.tolerance, item.trajectory)
-        if self.spec.method == "cross_encoder":
+        if self.spec.facts.scores_pairs:
             return self._pair(item)
         if item.text_pair is not None:
             raise ItemRejected(protocol.INVALID_INPUT, "text_pair is only for cross_encoder models", "input")
@@ -101,7 +102,8 @@ class PromptBuilder:
         prompt does not depend on K (gircse; an o1 thought of one token or more); else the item is prepared again."""
         if steps == prepared.steps:
             return prepared
-        if self.spec.method == "gircse" or (self.spec.method == "o1" and steps > 0 and prepared.steps > 0):
+        fixed_from = self.spec.facts.prompt_fixed_from
+        if fixed_from is not None and min(steps, prepared.steps) >= fixed_from:
             return replace(prepared, steps=steps)
         return self.prepare(replace(prepared.item, steps=steps, min_steps=None))
 
@@ -109,7 +111,7 @@ class PromptBuilder:
         """The sequences an input runs as: an o1 query's sampled thoughts; one wherever nothing is random."""
         spec = self.spec
         rules.check_sampling(spec.id, spec, item.seed, item.samples)
-        if spec.method != "o1":
+        if not spec.facts.samples_thoughts:
             return 1
         samples = spec.thought_samples if item.samples is None else item.samples
         stochastic = item.input_type == "query" and steps > 0 and spec.thought_temperature > 0
@@ -123,13 +125,13 @@ class PromptBuilder:
         `<emb>` (2 more), or with K = 0 both join the prompt. debater: a document's K deliberation
         tokens end its template (`format_prompt`), all in one pass; queries deliberate not (K = 0).
         """
-        method, eos = self.spec.method, self.tokenizer.eos_token_id
-        if method == "o1":
-            emb = self.tokenizer.convert_tokens_to_ids(O1_EMB_TOKEN)
+        method, eos = self.spec.facts, self.tokenizer.eos_token_id
+        if method.emb_token is not None:
+            emb = self.tokenizer.convert_tokens_to_ids(method.emb_token)
             if input_type == "document":
                 return [emb], 0, 0
             return ([], steps, 2) if steps else ([eos, emb], 0, 0)
-        if method == "debater" and input_type == "query":
+        if method.deliberates and input_type == "query":
             return [], 0, 0
         return [], steps, 0
 

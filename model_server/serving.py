@@ -123,7 +123,7 @@ class EmbeddingWorker:
             revision=loaded.revision,
             runner=self.method.runner_kind,
             calibration=self.calibration,
-            max_thought_samples=spec.max_thought_samples if spec.method == "o1" else None,
+            max_thought_samples=spec.max_thought_samples if spec.facts.samples_thoughts else None,
         )
 
     def _prepare(self, items: list[EmbedItem]) -> tuple[list[ItemResult], list[PreparedInput | None]]:
@@ -306,7 +306,7 @@ class EmbeddingWorker:
 
     async def _timed_call(self, items: int, steps: int) -> list[float]:
         """[calls, inputs, prompt tokens, steps, seconds] of one call of `items` distinct inputs at `steps`."""
-        pair = "warm up" if self.loaded.spec.method == "cross_encoder" else None  # a cross-encoder scores pairs
+        pair = "warm up" if self.loaded.spec.facts.scores_pairs else None  # a cross-encoder scores pairs
         batch = [
             EmbedItem(text=f"warm up {i}: a sentence to time", text_pair=pair, input_type="query", steps=steps)
             for i in range(items)

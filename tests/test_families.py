@@ -20,9 +20,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common.methods import o1
 from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
 from harness.procs import worker_process
-from model_server.specs import O1_TOKENS, load_spec
+from model_server.specs import load_spec
 from tests.models import TINY_FAMILIES, cosine, embed_all, make_random_lora, make_tiny_decoder, start_worker
 from tests.test_o1 import last_state
 
@@ -156,7 +157,7 @@ def test_gircse_matches_the_reference(gircse_files, family):
 
 @pytest.mark.parametrize("family", ["llama", "minicpm3"])
 def test_o1_greedy_equals_generate_then_the_reference_embedding(tmp_path, family):
-    backbone, adapter = _checkpoint(tmp_path, family, extra_tokens=O1_TOKENS)
+    backbone, adapter = _checkpoint(tmp_path, family, extra_tokens=o1.TOKENS)
     templates = {"query": "<query>{text}</query><thought>", "document": "{text}"}
     spec_path = write_spec(
         tmp_path,

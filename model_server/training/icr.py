@@ -31,15 +31,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from common.methods import which
+from common.protocol import EmbedItem
+from evaluation.lee import mrr10, ranks_of_the_right_document
 from model_server.hf_compat import cache_kwarg, enable_activation_checkpointing
 from model_server.loading import load_model
 from model_server.methods.gircse import soft_tokens
 from model_server.prompts import PromptBuilder
-from common.protocol import EmbedItem
 from model_server.runner import group_by_length
 from model_server.specs import ModelSpec, load_spec
 from model_server.training.config import RUNTIME_FIELDS, TrainConfig, command_line
-from evaluation.lee import mrr10, ranks_of_the_right_document
 from model_server.training.data import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -230,8 +231,9 @@ class IcrTrainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         spec = load_spec(config.model)
-        if spec.method != "gircse":
-            raise ValueError(f"ICR trains gircse models; {config.model!r} is a {spec.method} model")
+        if not spec.facts.soft_tokens:
+            trains = which(lambda m: m.soft_tokens)
+            raise ValueError(f"ICR trains {trains} models; {config.model!r} is a {spec.method} model")
         if spec.adapter:
             log.info("spec %s names an adapter; training a fresh one on its backbone", spec.id)
         self.loaded = load_model(spec.model_copy(update={"adapter": None, "dtype": "float32", "device": config.device}))

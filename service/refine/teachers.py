@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
+from common.methods import facts
 from common.protocol import ItemError
 from service.cache import CachedEmbedding, EmbeddingCache
 from service.embedder import Embedder, EmbedOptions
@@ -161,7 +162,7 @@ class Teachers:
     ) -> TeacherScores:
         model = teacher.model or ""
         info = self.embedder.model_info(model)
-        if info.method != "cross_encoder":
+        if not facts(info.method).scores_pairs:
             raise InvalidRequest(f"model {model!r} is a {info.method} model, not a cross_encoder", param="teacher")
         scored = await self.embedder.score_pairs(model, query, documents, request_id, budget_s)
         result = TeacherScores(
