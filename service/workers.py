@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from model_server import tracing
+from common import tracing
 from common.protocol import (
     DRAIN_HEADER,
     EXCEEDS_DEADLINE,
@@ -92,6 +92,13 @@ class Backlog:
         return max(self.drain_s - (now - self.at), 0.0) + self.sent_seqs * self.per_seq_s
 
 
+#: what a request fails with when it went out on a pooled connection the worker was closing: uvicorn drops idle
+#: connections after 5 s and the pool expires them at 4 s, but an event loop busy for over a second (a burst on a
+#: loaded machine) expires them late. Sent again once, on another connection, before the worker counts as down:
+#: one such failure used to take the worker out and abort every call in flight on it (docs/benchmarks.md, issue 22)
+_CLOSED_BY_WORKER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
 class WorkerClient:
     """One worker at one address."""
 
@@ -131,12 +138,12 @@ class WorkerClient:
     async def probe(self) -> None:
         """Check /ready; on the way back up, refetch /info (the revision may have changed)."""
         try:
-            response = await self._http.get("/ready", timeout=self._probe_timeout)
+            response = await self._request("GET", "/ready", timeout=self._probe_timeout)
             if response.status_code != 200:
                 self.take_out(f"/ready answered {response.status_code}: {response.text[:200]}")
                 return
             if not self.ready:
-                response = await self._http.get("/info", timeout=self._probe_timeout)
+                response = await self._request("GET", "/info", timeout=self._probe_timeout)
                 response.raise_for_status()
                 self.info = ModelInfo(**response.json())
                 if self._down.is_set():
@@ -167,7 +174,7 @@ class WorkerClient:
         if not self.ready or not self._has_load:
             return
         try:
-            response = await self._http.get("/load", timeout=self._probe_timeout)
+            response = await self._request("GET", "/load", timeout=self._probe_timeout)
         except httpx.TransportError:
             return
         if response.status_code == 404:
@@ -187,6 +194,14 @@ class WorkerClient:
         """The backlog every /embed answer carries (absent from an older worker: nothing changes)."""
         with contextlib.suppress(KeyError, ValueError):
             self._report(float(headers[DRAIN_HEADER]))
+
+    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """One request to the worker, sent again once if its connection turned out closed (`_CLOSED_BY_WORKER`): a
+        worker that is really gone fails the second try too (an embedding call is safe to repeat)."""
+        try:
+            return await self._http.request(method, path, **kwargs)
+        except _CLOSED_BY_WORKER:
+            return await self._http.request(method, path, **kwargs)
 
     def take_out(self, reason: str) -> None:
         """No new calls; the ones in flight run on (a loading or draining worker finishes what it has)."""
@@ -239,7 +254,7 @@ class WorkerClient:
         # The worker answers 504 once the deadline has passed; this bound only catches one that never answers.
         read = None if request.deadline_s is None else max(request.deadline_s, 0.0) + _ANSWER_GRACE_S
         timeout = httpx.Timeout(read, connect=2.0)
-        post = self._http.post("/embed", content=request.encode(), headers=headers, timeout=timeout)
+        post = self._request("POST", "/embed", content=request.encode(), headers=headers, timeout=timeout)
         call = asyncio.ensure_future(post)
         watch = asyncio.ensure_future(down.wait())
         try:

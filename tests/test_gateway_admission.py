@@ -2,26 +2,29 @@
 and calls in flight per model) refuse at once with 429 + Retry-After and leave nothing behind; a heavy burst on an
 idle server, through one gateway or two sharing the worker, is answered or refused at once, never accepted and
 then late; a request that cannot fit even alone gets a 400 at once; a worker's 429 sends the request to another
-worker. A step range is granted by the worker."""
+worker. A step range is granted by the worker. A connection the worker closed under a request is not a dead
+worker."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 import httpx
 import numpy as np
 import pytest
 
+from common.protocol import ModelInfo
+from harness.procs import worker_process
 from service.cache import MemoryCache
 from service.embedder import Embedder, EmbedOptions
 from service.errors import InvalidRequest
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
-from service.workers import WorkerPool
+from service.workers import WorkerClient, WorkerPool
 from tests.gateway_fixtures import gateway_process
 from tests.load import sample, texts
-from harness.procs import worker_process
 
 GIRCSE, MINILM = "smollm2-gircse", "minilm-l6"
 
@@ -181,3 +184,44 @@ async def test_a_step_range_is_granted_by_the_worker_and_cached_at_the_granted_s
         assert again.cache == "hit" and np.array_equal(again.vectors, result.vectors)
     finally:
         await pool.aclose()
+
+
+async def test_a_connection_the_worker_closed_under_a_request_is_not_a_dead_worker():
+    """uvicorn closes a keep-alive connection idle for 5 s; a gateway whose event loop was too busy to expire it first
+    sends a request on it and reads nothing back. That request goes again on a new connection, and the worker stays
+    in rotation (it used to be marked down, aborting every call in flight on it); one that closes every connection
+    is down."""
+    info = ModelInfo("m", "pooled", 4, 0, 0, 0, 512, 100, "float32", "cpu", "r")
+    connections = 0
+    closes: set[int] = {1}  # which connections close as the request arrives
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        mine = connections
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")  # GETs: no body
+                if mine in closes:
+                    return
+                body = json.dumps(info.to_json() if head.split()[1] == b"/info" else {"status": "ready"}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            return
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(worker, "127.0.0.1", 0)
+    client = WorkerClient(
+        "m", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", GatewaySettings(), GatewayMetrics()
+    )
+    try:
+        await client.probe()
+        assert client.ready and connections == 2
+        closes.update(range(2, 10))  # from now on every connection closes unanswered: the worker is gone
+        await client.probe()
+        assert not client.ready and connections == 3
+    finally:
+        await client.aclose()
+        server.close()
