@@ -5,7 +5,7 @@
 
 1. projections (CPU): each of the model's linear shapes (q, k/v, o, gate/up, down, the LM head) and gircse's
    soft-token mix `probs @ E` at decode's row counts, eager (`F.linear`, the matmul) against the weight packed
-   once for oneDNN (`model_server.packed.PackedLinear`); best of `--repeats` rounds, the two alternating.
+   once for oneDNN (`model_server.runners.packed.PackedLinear`); best of `--repeats` rounds, the two alternating.
 2. the decode step: the runner's `forward` for `rows` running sequences of `--context` cached positions each,
    built through the serving path (`build_method`) per variant: CPU `eager` vs `packed` projections, CUDA
    `eager` vs `graphs` (replayed from CUDA graphs). Median step time over `--steps` steps after a warm-up, the
@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 from loadtests.bench_engine import _machine, _sync  # noqa: E402
 from model_server.loading import load_model  # noqa: E402
 from model_server.methods import build_method  # noqa: E402
-from model_server.packed import PackedLinear  # noqa: E402
+from model_server.runners import Prefill  # noqa: E402
+from model_server.runners.packed import PackedLinear  # noqa: E402
 from model_server.specs import load_spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -119,15 +120,15 @@ def time_steps(runner, embeddings: torch.nn.Module, rows: int, context: int, ste
     vocab = embeddings.weight.shape[0]
     runner.clear()
     prompts = [embeddings(torch.randint(vocab, (context,), generator=generator).to(device)) for _ in range(rows)]
-    runner.forward(None, prompts, [context + steps + 8] * rows)
+    runner.forward(None, [Prefill(i, p, context + steps + 8) for i, p in enumerate(prompts)])
     inputs = embeddings(torch.randint(vocab, (rows,), generator=generator).to(device))
     for _ in range(3):  # warm-up (a graph is captured here)
-        runner.forward(inputs, [], [])
+        runner.forward(inputs, [])
     times = []
     for _ in range(steps):
         _sync(device)
         start = time.perf_counter()
-        runner.forward(inputs, [], [])
+        runner.forward(inputs, [])
         _sync(device)
         times.append(time.perf_counter() - start)
     runner.clear()

@@ -37,7 +37,7 @@ from transformers import DynamicCache
 from model_server.engine import EngineLimits
 from model_server.hf_compat import cache_kwarg
 from model_server.loading import LoadedModel, load_model
-from model_server.prompts import PreparedInput
+from model_server.sequence import Input
 from model_server.serving import EmbeddingWorker
 from model_server.specs import load_spec
 
@@ -133,7 +133,7 @@ def run_engine(worker: EmbeddingWorker, cases: list[tuple[list[int], int]], conc
     start = time.perf_counter()
     for index, (ids, k) in enumerate(cases):
         slots.acquire()
-        future = worker.engine.submit([PreparedInput(token_ids=ids, steps=k, truncated=False)])[0]
+        future = worker.engine.submit([Input(ids, k)])[0]
         future.add_done_callback(lambda f, i=index: finished(i, f))
     done.wait()
     return time.perf_counter() - start, np.stack(results)
@@ -182,7 +182,7 @@ def drift(worker: EmbeddingWorker, cases, loaded_vectors: np.ndarray, sample: in
     cosines = []
     for index in range(0, len(cases), max(1, len(cases) // sample)):
         ids, k = cases[index]
-        alone = worker.engine.submit([PreparedInput(token_ids=ids, steps=k, truncated=False)])[0].result().vector
+        alone = worker.engine.submit([Input(ids, k)])[0].result().vector
         cosines.append(float(np.dot(alone, loaded_vectors[index])))
     cos = np.array(cosines)
     return float(cos.min()), float(np.mean(1 - cos))

@@ -28,7 +28,8 @@ from evaluation.lee import lee_known_items  # noqa: E402
 from loadtests.bench_engine import _machine, run_engine  # noqa: E402
 from model_server.engine import EngineLimits  # noqa: E402
 from model_server.loading import load_model  # noqa: E402
-from model_server.methods import Sequence, build_method  # noqa: E402
+from model_server.methods import build_method  # noqa: E402
+from model_server.sequence import Iteration, Joining, as_input  # noqa: E402
 from model_server.serving import EmbeddingWorker  # noqa: E402
 from model_server.specs import load_spec  # noqa: E402
 
@@ -41,19 +42,15 @@ def o1_thoughts(dtype: str, queries: list[str], steps: int) -> tuple[list[list[i
     """Greedy thoughts and vectors of `queries`, all in one batch, stepped as the engine steps them."""
     loaded = load_model(load_spec("smollm2-o1", dtype=dtype, device="cpu", thought_temperature=0.0))
     method = build_method(loaded, len(queries))
-    seqs = [Sequence(method.prompts.prepare(EmbedItem(text=q, input_type="query", steps=steps))) for q in queries]
-    running: list[Sequence] = []
-    admitted = list(seqs)
-    while running or admitted:
-        method.step(running, admitted)
-        running += admitted
-        admitted = []
-        for slot in range(len(running) - 1, -1, -1):  # the engine's retire: the last slot moves in
-            if running[slot].finished:
-                method.remove(slot)
-                running[slot] = running[-1]
-                running.pop()
-    return [s.state.tokens for s in seqs], np.stack([s.result.vector for s in seqs])
+    items = [method.prompts.prepare(EmbedItem(text=q, input_type="query", steps=steps)) for q in queries]
+    iteration = Iteration([], [Joining(i, as_input(p)) for i, p in enumerate(items)])
+    thoughts, vectors = {}, {}
+    while iteration.decode or iteration.join:  # as the engine steps them: all in one batch until each finishes
+        finished = method.step(iteration).finished
+        thoughts.update(method.states)  # a thought is forgotten when it finishes: keep it
+        vectors.update(finished)
+        iteration = Iteration(list(method.states), [])
+    return [thoughts[i].tokens for i in range(len(queries))], np.stack([vectors[i].vector for i in range(len(queries))])
 
 
 def gircse_vectors(dtype: str, queries: list[str], ks: tuple[int, ...]) -> np.ndarray:

@@ -1,5 +1,9 @@
 """The step-level batching engine: scheduling only, the methods compute.
 
+The engine owns its sequences. Each iteration it hands the method plain data, an `Iteration` (who decodes, who
+joins with what input, who left), and gets an `IterationResult` back (who finished, with what vector): see
+model_server/sequence.py. The method keeps its own per-sequence state and KV slots by id.
+
 A single thread runs the loop. Every iteration is one forward pass over the next step of every
 running sequence *and* the prefill of newly admitted ones (their prompts packed beside the decode
 rows), so arrivals never stall the running batch. A sequence leaves as soon as its own K is
@@ -18,6 +22,7 @@ did (`admission.Load`), which fits the cost model admission estimates with.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -25,13 +30,12 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from model_server.admission import Backlog, CostModel, Load, Seqs
-from model_server.methods import EngineMethod, Sequence
-from model_server.metrics import WorkerMetrics
-from model_server.prompts import PreparedInput
 from common.protocol import Priority
+from model_server.admission import Backlog, CostModel, Load, Seqs
+from model_server.metrics import WorkerMetrics
+from model_server.sequence import Embedded, Input, Iteration, Joining, Method, Prepared, SeqId, as_input
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,37 @@ class DeadlineExceeded(RuntimeError):
     """The sequence's deadline passed before it finished; it was dropped (the HTTP layer answers 504)."""
 
 
+@dataclass(eq=False)
+class Sequence:
+    """One input in flight, as the engine schedules it: its work, its future, when it is due and how far it got.
+    The method sees only its id and `input` (`sequence.Joining`)."""
+
+    id: SeqId
+    input: Input
+    future: Future = field(default_factory=Future)
+    deadline: float | None = None  # time.monotonic() after which nobody reads its answer: dropped, not run
+    finish_by: float | None = None  # when admission planned its call to be answered by (admission.Seqs.due)
+    priority: Priority = "online"  # batch runs only in the capacity online work leaves
+    iterations: int = 0  # engine iterations it has run in (its prefill is the first)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input.prompt_tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.input.kv_tokens
+
+    @property
+    def decode_iterations(self) -> int:
+        """Iterations after its prefill, for a method whose sequences live on (o1: the thought, EOS and `<emb>`)."""
+        return self.input.steps + self.input.reserve if self.input.steps else 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     max_running_seqs: int = 64
@@ -58,14 +93,16 @@ class EngineLimits:
 
 
 class Engine:
-    def __init__(self, method: EngineMethod, limits: EngineLimits, metrics: WorkerMetrics) -> None:
+    def __init__(self, method: Method, limits: EngineLimits, metrics: WorkerMetrics) -> None:
         self.method = method
         self.limits = limits
         self.metrics = metrics
         self.cost = CostModel()  # fed by the engine thread alone
         self.waiting: deque[Sequence] = deque()  # online
         self.waiting_batch: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # index == the sequence's slot in the method
+        self.running: list[Sequence] = []
+        self._left: list[SeqId] = []  # running sequences dropped since the last iteration: the method frees them
+        self._ids = itertools.count()
         self.version = 0  # changes whenever the queue does: a backlog snapshot's identity
         self._running_view = Seqs.of([], [], [])  # the running set as admission sees it, published per iteration
         self._next_expiry = math.inf  # the earliest deadline among waiting sequences
@@ -90,7 +127,7 @@ class Engine:
 
     def submit(
         self,
-        prepared: list[PreparedInput],
+        inputs: list[Prepared],
         deadline: float | None = None,
         priority: Priority = "online",
         finish_by: float | None = None,
@@ -99,7 +136,10 @@ class Engine:
         `DeadlineExceeded` once `deadline` (time.monotonic()) passes before it is done. `finish_by`: when admission
         planned them to be done (later admissions keep to it). Batch calls are never refused: the gateway bounds
         how many it has in flight."""
-        seqs = [Sequence(p, deadline=deadline, priority=priority, finish_by=finish_by) for p in prepared]
+        seqs = [
+            Sequence(next(self._ids), as_input(i), deadline=deadline, priority=priority, finish_by=finish_by)
+            for i in inputs
+        ]
         with self._cv:
             if not self.alive:
                 raise EngineStopped("the engine is not running")
@@ -144,15 +184,13 @@ class Engine:
                     break
                 started = time.perf_counter()
                 self._drop_expired_waiting()
+                left = self._drop_gone()  # before admission: a freed slot is taken in this very iteration
                 admitted = self._admit()
                 self._publish(admitted)  # this iteration's work is in the backlog while it runs
             try:
-                self._drop_gone()
-                load = self._run(self.running, admitted)
+                load = self._run(admitted, left)
                 if load is not None:
                     self.cost.observe(load, time.perf_counter() - started)
-                self.running.extend(admitted)
-                self._retire()
             except Exception as exc:  # a failed pass fails its sequences, never the engine
                 log.exception("engine iteration failed")
                 self.metrics.errors.inc()
@@ -207,43 +245,48 @@ class Engine:
         self._count_waiting()
         return admitted
 
-    def _run(self, running: list[Sequence], admitted: list[Sequence]) -> Load | None:
-        """One forward pass; what it did, for the cost model (None when there was nothing to run)."""
-        if not running and not admitted:
+    def _run(self, admitted: list[Sequence], left: list[SeqId]) -> Load | None:
+        """One forward pass over the running sequences and `admitted` (after the method frees `left`); resolves
+        the finished ones. What it did, for the cost model (None when there was nothing to run)."""
+        running = self.running
+        if not running and not admitted and not left:
             return None
         started = time.perf_counter()
-        kv_read = sum(s.prompt_tokens + s.iterations for s in running) if self.method.stateful else 0
-        self.method.step(running, admitted)
-        for seq in running + admitted:
+        stateful = self.method.stateful
+        kv_read = sum(s.prompt_tokens + s.iterations for s in running) if stateful else 0
+        iteration = Iteration([s.id for s in running], [Joining(s.id, s.input) for s in admitted], left)
+        finished = self.method.step(iteration).finished
+        if not running and not admitted:
+            return None  # the method only freed the slots of dropped sequences
+        stepped = running + admitted
+        for seq in stepped:
             seq.iterations += 1
         phase = "mixed" if running and admitted else ("decode" if running else "prefill")
         prefill_tokens = sum(s.prompt_tokens for s in admitted)
         self.metrics.steps.inc(len(running))
         self.metrics.forward_seconds.labels(phase).observe(time.perf_counter() - started)
-        self.metrics.batch_seqs.labels(phase).observe(len(running) + len(admitted))
+        self.metrics.batch_seqs.labels(phase).observe(len(stepped))
         self.metrics.batch_tokens.labels(phase).observe(len(running) + prefill_tokens)
+        self.running = [s for s in stepped if s.id not in finished]
+        for seq in stepped:
+            if (embedded := finished.get(seq.id)) is not None:
+                self._resolve(seq, embedded, None)
         # a sequence that goes on needed the logits of this pass (gircse's next soft token, o1's next token)
-        logits = sum(not s.finished for s in running + admitted) if self.method.stateful else 0
+        logits = len(self.running) if stateful else 0
         return Load(1, len(running), prefill_tokens, kv_read, logits)
 
-    def _retire(self) -> None:
-        """Remove finished sequences (descending slots: each swap moves a still-running one)."""
-        for slot in range(len(self.running) - 1, -1, -1):
-            seq = self.running[slot]
-            if seq.finished:
-                self._remove(slot)
-                self._resolve(seq, seq.result, None)
-
-    def _drop_gone(self) -> None:
-        """Free the slots of running sequences that were cancelled or whose deadline passed."""
+    def _drop_gone(self) -> list[SeqId]:
+        """Drop running sequences that were cancelled or whose deadline passed; their ids (the method frees them).
+        Caller holds the lock."""
         now = time.monotonic()
-        for slot in range(len(self.running) - 1, -1, -1):
-            seq = self.running[slot]
-            if seq.cancelled:
-                self._remove(slot)
-            elif seq.deadline is not None and seq.deadline <= now:
-                self._remove(slot)
-                self._expire([seq])
+        gone = {
+            s.id: s.cancelled for s in self.running if s.cancelled or (s.deadline is not None and s.deadline <= now)
+        }
+        if gone:
+            expired = [s for s in self.running if s.id in gone and not gone[s.id]]
+            self.running = [s for s in self.running if s.id not in gone]  # first: an answered caller may look
+            self._expire(expired)
+        return list(gone)
 
     def _drop_expired_waiting(self) -> None:
         """Drop waiting sequences past their deadline (a sweep only once the earliest deadline has passed);
@@ -269,11 +312,6 @@ class Engine:
             self.metrics.deadline_dropped.inc()
             self._resolve(seq, None, DeadlineExceeded("the request's deadline passed before it was done"))
 
-    def _remove(self, slot: int) -> None:
-        self.method.remove(slot)
-        self.running[slot] = self.running[-1]
-        self.running.pop()
-
     def _publish(self, admitted: list[Sequence]) -> None:
         """The running set for admission (other threads read it: replaced whole), `admitted` still to prefill, and
         a new queue version; caller holds the lock."""
@@ -295,14 +333,14 @@ class Engine:
         self.metrics.queued.labels("batch").set(len(self.waiting_batch))
 
     def _fail_all(self, seqs: list[Sequence], exc: BaseException) -> None:
-        """Fail `seqs` (which include every running one) and empty the method's slots."""
+        """Fail `seqs` (which include every running one); the method forgets all it holds."""
         self.method.clear()
         self.running = []
         for seq in seqs:
             self._resolve(seq, None, exc)
 
     @staticmethod
-    def _resolve(seq: Sequence, result, exc: BaseException | None) -> None:
+    def _resolve(seq: Sequence, result: Embedded | None, exc: BaseException | None) -> None:
         try:  # the client may have cancelled the future between our check and here
             if exc is None:
                 seq.future.set_result(result)

@@ -13,13 +13,14 @@ from common import protocol, rules
 from common.methods.base import TEXT_SLOT
 from common.protocol import EmbedItem
 from common.rules import ItemRejected
+from model_server.sequence import Params
 from model_server.specs import ModelSpec
 
 
 @dataclass
 class PreparedInput:
-    """An input ready for the engine: what the engine and every method read. A method's own request options
-    (o1's seed, gircse's tolerance) stay on `item`, for that method alone to read."""
+    """An input ready for the engine (`sequence.Prepared`). The engine copies what it runs (`sequence.as_input`):
+    the tokens, the budget and `params`, the request options compute code reads, typed; `item` stays here."""
 
     token_ids: list[int]
     steps: int
@@ -30,6 +31,11 @@ class PreparedInput:
     samples: int = 1  # sequences this input runs as, their vectors combined (o1: its sampled thoughts)
     sample: int = 0  # which of them this sequence is
     item: EmbedItem = field(default_factory=EmbedItem)  # the validated request item
+
+    @property
+    def params(self) -> Params:
+        item = self.item
+        return Params(tolerance=item.tolerance, seed=item.seed, sample=self.sample, trajectory=self.trajectory)
 
 
 def format_prompt(spec: ModelSpec, input_type: str, instruction: str | None, steps: int = 0) -> tuple[str, str]:

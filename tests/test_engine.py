@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_server.engine import DeadlineExceeded, QueueFull
-from model_server.prompts import PreparedInput
 from common.protocol import EmbedItem, EmbedRequest
+from model_server.engine import DeadlineExceeded, QueueFull
+from model_server.sequence import Input
 from tests.models import cosine, gircse_spec, make_tiny_llama, reference_gircse, start_worker
 
 
@@ -36,7 +36,7 @@ def _steps(worker) -> float:
 
 
 def _submit(worker, ids: list[int], steps: int):
-    return worker.engine.submit([PreparedInput(token_ids=ids, steps=steps, truncated=False)])[0]
+    return worker.engine.submit([Input(ids, steps)])[0]
 
 
 def test_mixed_lengths_and_budgets_equal_their_references(worker64):
@@ -145,10 +145,10 @@ def test_a_sequence_past_its_deadline_is_dropped_and_its_slot_reused(tiny_dir):
     worker = start_worker(gircse_spec(tiny_dir, max_refinement_steps=100000, max_input_tokens=64), max_running_seqs=1)
     try:
         now = time.monotonic()
-        long = worker.engine.submit([PreparedInput(_ids(5, 3), 100000, False)], deadline=now + 0.6)[0]
+        long = worker.engine.submit([Input(_ids(5, 3), 100000)], deadline=now + 0.6)[0]
         while _steps(worker) < 3:
             time.sleep(0.001)
-        queued = worker.engine.submit([PreparedInput(_ids(4, 4), 2, False)], deadline=now + 0.3)[0]
+        queued = worker.engine.submit([Input(_ids(4, 4), 2)], deadline=now + 0.3)[0]
         with pytest.raises(DeadlineExceeded):
             queued.result(timeout=30)
         assert not long.done(), "the waiting one was dropped at its deadline, not when the slot freed"
@@ -185,7 +185,7 @@ def test_batch_runs_in_what_online_leaves(tiny_dir):
     spec = gircse_spec(tiny_dir, max_refinement_steps=100000, max_input_tokens=64)
     worker = start_worker(spec, max_running_seqs=4, max_kv_tokens=10**6, batch_share=0.5)
     try:
-        batch = worker.engine.submit([PreparedInput(_ids(4, i), 100000, False) for i in range(6)], priority="batch")
+        batch = worker.engine.submit([Input(_ids(4, i), 100000) for i in range(6)], priority="batch")
         while len(worker.engine.running) < 2:
             time.sleep(0.001)
         time.sleep(0.1)

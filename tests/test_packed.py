@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_server.packed import PackedLinear, pack_linears
 from common.protocol import EmbedItem
-from model_server.runner import GRAPH_BUCKETS, DecodeGraphs, graph_bucket
+from model_server.runners.fast import GRAPH_BUCKETS, DecodeGraphs, graph_bucket
+from model_server.runners.packed import PackedLinear, pack_linears
 from model_server.settings import WorkerSettings
 from model_server.specs import load_spec
 from tests.models import cosine, embed_all, gircse_spec, make_tiny_llama, reference_gircse, start_worker

@@ -47,18 +47,16 @@ def test_bf16_agrees_with_fp32(reference):
 
 
 def test_length_groups_bound_padding():
-    from model_server.runner import MAX_PADDING_RATIO
-
-    from model_server.methods.base import Sequence
     from model_server.methods.pooled import length_groups
-    from model_server.prompts import PreparedInput
+    from model_server.runners.fast import MAX_PADDING_RATIO
+    from model_server.sequence import Input, Joining
 
-    seqs = [Sequence(PreparedInput(token_ids=[1] * n, steps=0, truncated=False)) for n in (5, 250, 6, 7, 240, 5)]
+    seqs = [Joining(i, Input(token_ids=[1] * n, steps=0)) for i, n in enumerate((5, 250, 6, 7, 240, 5))]
     groups = length_groups(seqs)
     assert sorted(len(g) for g in groups) == [2, 4]
     for group in groups:
-        widest = max(s.prompt_tokens for s in group)
-        assert widest * len(group) <= MAX_PADDING_RATIO * sum(s.prompt_tokens for s in group)
+        widest = max(s.input.prompt_tokens for s in group)
+        assert widest * len(group) <= MAX_PADDING_RATIO * sum(s.input.prompt_tokens for s in group)
 
 
 def test_cross_encoder_scores_pairs_like_the_plain_model():

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import torch
 
-from model_server.methods.base import Sequence
 from model_server.methods.pooled import PooledMethod
+from model_server.sequence import Embedded, Joining
 
 
 class DebaterMethod(PooledMethod):
     padding_side = "left"
 
-    def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
+    def _finish_group(self, seqs: list[Joining], output, mask: torch.Tensor) -> list[Embedded]:
         states = output.last_hidden_state[: len(seqs)]
         states = states.to(torch.promote_types(states.dtype, torch.float32))
+        results = []
         for seq, rows in zip(seqs, states, strict=True):
             # The state of deliberation token i is what K = i would give (causal attention): the trajectory.
-            self.finish(seq, rows[-1], trajectory=rows[len(rows) - seq.steps :] if seq.steps else None)
+            k = seq.input.steps
+            results.append(
+                self.embedded(rows[-1], k, seq.input.params.trajectory, rows[len(rows) - k :] if k else None)
+            )
+        return results

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from model_server.loading import LoadedModel
-from model_server.methods.base import DecoderMethod, Sequence
-from model_server.packed import PackedLinear
-from model_server.runner import lm_logits
+from model_server.methods.base import DecoderMethod
+from model_server.runners import lm_logits
+from model_server.runners.packed import PackedLinear
+from model_server.sequence import Embedded, Joining, SeqId
 
 
 def soft_tokens(
@@ -43,17 +44,19 @@ def soft_tokens(
 
 @dataclass
 class Refinement:
-    """A sequence's soft-token state between steps (`Sequence.state`); its running sum and next input are rows
-    of the method's slot-ordered tensors."""
+    """A sequence's soft-token state between steps; its running sum and next input are rows of the runner's
+    per-slot tensors (`runner.rows`)."""
 
+    steps: int  # the budget K
     tolerance: float | None  # `refinement_steps: "auto"`: leave once a step moves the embedding by less (1 - cos)
     trajectory: list[torch.Tensor] | None  # embeddings after each step so far, when asked for
     steps_done: int = 0
 
 
-class GircseMethod(DecoderMethod):
-    """Per slot (the runner's order, mirrored by `remove`): the next input embedding and the running sum of step
-    states, each one tensor, so a step feeds and accumulates without gathering per-sequence rows."""
+class GircseMethod(DecoderMethod[Refinement]):
+    """Per slot, as rows of the runner's per-slot tensors (which follow their slot when one is freed): the next
+    input embedding ("pending") and the running sum of step states ("totals"), so a step feeds and accumulates
+    without gathering per-sequence rows."""
 
     def __init__(self, loaded: LoadedModel, max_seqs: int) -> None:
         super().__init__(loaded, max_seqs)
@@ -62,25 +65,24 @@ class GircseMethod(DecoderMethod):
         self.sum_dtype = torch.promote_types(loaded.dtype, torch.float32)
         # In bf16, where the projections are packed, `probs @ E` is too: a linear layer V -> H over E's transpose
         # (a copy). Measured at 1 thread: bf16 1.2-1.7x; fp32 0.78-1.02x, so fp32 keeps the matmul.
-        bf16 = self.packed and loaded.dtype == torch.bfloat16
+        bf16 = self.runner.packed and loaded.dtype == torch.bfloat16
         self.mix = PackedLinear(self.embeddings.weight.t().contiguous()) if bf16 else None
-        self.pending: torch.Tensor | None = None  # [slots, H] each slot's next input
-        self.totals: torch.Tensor | None = None  # [slots, H] each slot's sum of step states (sum_dtype)
 
     @torch.inference_mode()
-    def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
+    def _pass(self, join: list[Joining]) -> dict[SeqId, Embedded]:
+        runner = self.runner
+        running = list(runner.order)
         n = len(running)
-        decoded, prefilled = self.runner.forward(
-            self.pending if running else None, self.prompt_embeddings(admitted), [s.kv_tokens for s in admitted]
-        )
+        decoded, prefilled = runner.forward(runner.rows["pending"] if n else None, self.prompt_embeddings(join))
         weight = self.embeddings.weight
         hidden_size = weight.shape[-1]
-        totals = self.totals if running else weight.new_zeros((0, hidden_size), dtype=self.sum_dtype)
+        totals = runner.rows["totals"] if n else weight.new_zeros((0, hidden_size), dtype=self.sum_dtype)
+        finished: dict[SeqId, Embedded] = {}
         # Slots whose next soft token is needed, and their states: one lm_head + softmax + @E for all together.
         slots: list[int] = []
         states: list[torch.Tensor] = []
-        if running:
-            refinements: list[Refinement] = [s.state for s in running]
+        if n:
+            refinements = [self.states[i] for i in running]
             sums = totals + decoded.to(self.sum_dtype)
             drifts = self._drifts(refinements, sums, totals)
             totals = sums
@@ -88,41 +90,33 @@ class GircseMethod(DecoderMethod):
                 r.steps_done += 1
                 if r.trajectory is not None:
                     r.trajectory.append(sums[slot] / r.steps_done)
-                if r.steps_done == seq.steps or drift < (r.tolerance or 0):
+                if r.steps_done == r.steps or drift < (r.tolerance or 0):
                     trajectory = torch.stack(r.trajectory) if r.trajectory is not None else None
                     # no lm_head on the final step
-                    self.finish(seq, sums[slot] / r.steps_done, steps=r.steps_done, trajectory=trajectory)
+                    vector = sums[slot] / r.steps_done
+                    finished[seq] = self.embedded(vector, r.steps_done, r.trajectory is not None, trajectory)
                 else:
                     slots.append(slot)
             if slots:
                 states.append(decoded[slots] if len(slots) < n else decoded)
-        for slot, (seq, hidden) in enumerate(zip(admitted, prefilled, strict=True), start=n):
-            if seq.steps == 0:
-                self.finish(seq, hidden.to(self.sum_dtype).mean(dim=0), steps=0)
+        for slot, (j, hidden) in enumerate(zip(join, prefilled, strict=True), start=n):
+            params = j.input.params
+            if j.input.steps == 0:
+                finished[j.id] = self.embedded(hidden.to(self.sum_dtype).mean(dim=0), 0, params.trajectory)
             else:
-                seq.state = Refinement(seq.prepared.item.tolerance, [] if seq.prepared.trajectory else None)
+                self.states[j.id] = Refinement(j.input.steps, params.tolerance, [] if params.trajectory else None)
                 slots.append(slot)
                 states.append(hidden[-1:])
-        self.totals = torch.cat([totals, totals.new_zeros((len(admitted), hidden_size))])
+        totals = torch.cat([totals, totals.new_zeros((len(join), hidden_size))])
         nexts = soft_tokens(self.loaded.model, torch.cat(states), self.temperature, self.mix) if slots else None
-        if nexts is not None and len(slots) == n + len(admitted):
-            self.pending = nexts
-        else:  # finished slots keep a zero row until the engine removes them
-            self.pending = weight.new_zeros((n + len(admitted), hidden_size))
+        if nexts is not None and len(slots) == n + len(join):
+            pending = nexts
+        else:  # finished slots keep a zero row until `_forget` frees them
+            pending = weight.new_zeros((n + len(join), hidden_size))
             if nexts is not None:
-                self.pending[slots] = nexts
-
-    @torch.inference_mode()
-    def remove(self, slot: int) -> None:
-        super().remove(slot)
-        last = len(self.pending) - 1
-        for rows in (self.pending, self.totals):
-            rows[slot] = rows[last]
-        self.pending, self.totals = self.pending[:last], self.totals[:last]
-
-    def clear(self) -> None:
-        super().clear()
-        self.pending = self.totals = None
+                pending[slots] = nexts
+        runner.rows["pending"], runner.rows["totals"] = pending, totals
+        return finished
 
     @staticmethod
     def _drifts(refinements: list[Refinement], sums: torch.Tensor, previous: torch.Tensor) -> list[float]:

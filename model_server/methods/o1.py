@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from model_server.loading import LoadedModel
-from model_server.methods.base import DecoderMethod, Sequence
+from model_server.methods.base import DecoderMethod
+from model_server.sequence import Embedded, Joining, SeqId
 from model_server.specs import O1_EMB_TOKEN
 
 #: the thought sampler's seed when a request names none: the same request, the same vector
@@ -33,15 +34,17 @@ NUCLEUS_TOP_K = 64
 
 @dataclass
 class Thought:
-    """A query's generation state between steps (`Sequence.state`): what it sampled and what the next passes feed."""
+    """A query's generation state between steps: what it sampled and what the next passes feed."""
 
     rng: np.random.Generator
+    steps: int  # the budget K: thought tokens at most
+    trajectory: bool  # whether the input asked for a trajectory
     tokens: list[int] = field(default_factory=list)  # sampled so far (a final EOS included)
     feed: list[int] = field(default_factory=list)  # inputs of the next passes, first one next
     sampling: bool = True  # whether a pass whose feed is done samples the next token
 
 
-class O1Method(DecoderMethod):
+class O1Method(DecoderMethod[Thought]):
     def __init__(self, loaded: LoadedModel, max_seqs: int) -> None:
         super().__init__(loaded, max_seqs)
         spec, tokenizer = loaded.spec, loaded.tokenizer
@@ -51,43 +54,45 @@ class O1Method(DecoderMethod):
         self.wide = torch.promote_types(loaded.dtype, torch.float32)  # softmax in fp32 or wider
 
     @torch.inference_mode()
-    def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
-        device = self.loaded.device
+    def _pass(self, join: list[Joining]) -> dict[SeqId, Embedded]:
+        running = list(self.runner.order)
         inputs = None
         if running:
-            inputs = self.embeddings(torch.tensor([s.state.feed.pop(0) for s in running], device=device))
-        decoded, prefilled = self.runner.forward(
-            inputs, self.prompt_embeddings(admitted), [s.kv_tokens for s in admitted]
-        )
+            feed = [self.states[i].feed.pop(0) for i in running]
+            inputs = self.embeddings(torch.tensor(feed, device=self.loaded.device))
+        decoded, prefilled = self.runner.forward(inputs, self.prompt_embeddings(join))
+        finished: dict[SeqId, Embedded] = {}
         # Rows whose next token is sampled: one lm_head over all of them together.
-        to_sample: list[tuple[Sequence, torch.Tensor]] = []
-        for seq, states in zip(admitted, prefilled, strict=True):
-            if seq.steps == 0:  # a document or K = 0: the prompt already ends with <emb>
-                self.finish(seq, states[-1])
+        to_sample: list[tuple[Thought, torch.Tensor]] = []
+        for j, states in zip(join, prefilled, strict=True):
+            params = j.input.params
+            if j.input.steps == 0:  # a document or K = 0: the prompt already ends with <emb>
+                finished[j.id] = self.embedded(states[-1], 0, params.trajectory)
             else:
-                seed = DEFAULT_SEED if seq.prepared.item.seed is None else seq.prepared.item.seed
-                seq.state = Thought(np.random.default_rng([seed, seq.prepared.sample]))
-                to_sample.append((seq, states[-1]))
+                seed = DEFAULT_SEED if params.seed is None else params.seed
+                rng = np.random.default_rng([seed, params.sample])
+                thought = self.states[j.id] = Thought(rng, j.input.steps, params.trajectory)
+                to_sample.append((thought, states[-1]))
         for seq, state in zip(running, decoded if decoded is not None else [], strict=True):
-            thought: Thought = seq.state
+            thought = self.states[seq]
             if thought.feed:
                 continue  # EOS or <emb> is next: no logits needed
             if thought.sampling:
-                to_sample.append((seq, state))
+                to_sample.append((thought, state))
             else:
-                self.finish(seq, state)  # the state of <emb>
+                finished[seq] = self.embedded(state, thought.steps, thought.trajectory)  # the state of <emb>
         if to_sample:
             states = torch.stack([state for _, state in to_sample])
-            tokens = self.sample(states, [seq.state.rng for seq, _ in to_sample])
-            for (seq, _), token in zip(to_sample, tokens, strict=True):
-                self._append(seq, token)
+            tokens = self.sample(states, [thought.rng for thought, _ in to_sample])
+            for (thought, _), token in zip(to_sample, tokens, strict=True):
+                self._append(thought, token)
+        return finished
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, thought: Thought, token: int) -> None:
         """Feed a sampled token next; close the thought at EOS or at K tokens."""
-        thought: Thought = seq.state
         thought.tokens.append(token)
         thought.feed.append(token)
-        if token == self.eos or len(thought.tokens) == seq.steps:
+        if token == self.eos or len(thought.tokens) == thought.steps:
             thought.sampling = False
             thought.feed.extend([self.emb] if token == self.eos else [self.eos, self.emb])
 

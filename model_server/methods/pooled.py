@@ -9,7 +9,7 @@ oneDNN caches kernels and buffers per matmul shape (up to 1024 of them), and eve
 shape. Measured on a minilm-l6 worker over 150 batches of 1-128 random-length documents: +1068 MB of RSS with
 exact shapes, +97 MB with buckets, at the same speed.
 
-On the CPU the linear layers are packed once for oneDNN (`model_server.packed`, the spec's `linear`): minilm-l6,
+On the CPU the linear layers are packed once for oneDNN (`model_server.runners.packed`, the spec's `linear`): minilm-l6,
 8 batches of 8 × 48-word documents, 1.44× in bf16 and in fp32 (2-core AMX Xeon, alternating runs). Not where the
 model runs a repository's own code (`trust_remote_code`), which may read a linear layer's plain weight.
 """
@@ -21,9 +21,10 @@ from typing import Literal
 import torch
 
 from model_server.loading import LoadedModel
-from model_server.methods.base import EngineMethod, Sequence
-from model_server.packed import pack_for_serving
-from model_server.runner import group_by_length
+from model_server.methods.base import EngineMethod
+from model_server.runners.fast import group_by_length
+from model_server.runners.packed import pack_for_serving
+from model_server.sequence import Embedded, Iteration, IterationResult, Joining, SeqId
 
 WIDTH_BUCKET = 16
 ROW_BUCKET = 8
@@ -42,9 +43,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (wide * weights).sum(dim=1) / weights.sum(dim=1)
 
 
-def length_groups(seqs: list[Sequence]) -> list[list[Sequence]]:
+def length_groups(join: list[Joining]) -> list[list[Joining]]:
     """Sequences grouped by length so that padding each group to its widest row costs little."""
-    return [[seqs[i] for i in group] for group in group_by_length([s.prompt_tokens for s in seqs])]
+    return [[join[i] for i in group] for group in group_by_length([j.input.prompt_tokens for j in join])]
 
 
 class PooledMethod(EngineMethod):
@@ -59,14 +60,18 @@ class PooledMethod(EngineMethod):
             pack_for_serving(loaded)
 
     @torch.inference_mode()
-    def step(self, running: list[Sequence], admitted: list[Sequence]) -> None:
-        for group in length_groups(admitted):
+    def step(self, iteration: Iteration) -> IterationResult:
+        """Every joining sequence finishes in this pass (nothing decodes, nothing is held)."""
+        finished: dict[SeqId, Embedded] = {}
+        for group in length_groups(iteration.join):
             batch = self._padded(group)
             # `_finish_group` sees the group's own rows; the bucket's filler rows are dropped
-            self._finish_group(group, self.loaded.model(**batch), batch["attention_mask"][: len(group)])
+            results = self._finish_group(group, self.loaded.model(**batch), batch["attention_mask"][: len(group)])
+            finished.update(zip((j.id for j in group), results, strict=True))
+        return IterationResult(finished)
 
-    def _padded(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
-        width = -(-max(s.prompt_tokens for s in seqs) // WIDTH_BUCKET) * WIDTH_BUCKET
+    def _padded(self, seqs: list[Joining]) -> dict[str, torch.Tensor]:
+        width = -(-max(s.input.prompt_tokens for s in seqs) // WIDTH_BUCKET) * WIDTH_BUCKET
         rows = len(seqs) if len(seqs) <= 4 else -(-len(seqs) // ROW_BUCKET) * ROW_BUCKET
         pad = self.loaded.tokenizer.pad_token_id or 0
         ids = torch.full((rows, width), pad, dtype=torch.long)
@@ -74,28 +79,33 @@ class PooledMethod(EngineMethod):
         mask[len(seqs) :, -1] = 1  # filler rows attend to one padding token: no row is all masked
         types = torch.zeros((rows, width), dtype=torch.long)
         for row, seq in enumerate(seqs):
-            n = seq.prompt_tokens
+            n = seq.input.prompt_tokens
             span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
-            ids[row, span] = torch.tensor(seq.prepared.token_ids)
+            ids[row, span] = torch.tensor(seq.input.token_ids)
             mask[row, span] = 1
-            if seq.prepared.token_type_ids is not None:
-                types[row, span] = torch.tensor(seq.prepared.token_type_ids)
+            if seq.input.token_type_ids is not None:
+                types[row, span] = torch.tensor(seq.input.token_type_ids)
         batch = {"input_ids": ids, "attention_mask": mask}
-        if any(s.prepared.token_type_ids is not None for s in seqs):
+        if any(s.input.token_type_ids is not None for s in seqs):
             batch["token_type_ids"] = types
         if self.padding_side == "left":  # each row's positions count from its first real token
             batch["position_ids"] = (mask.cumsum(dim=1) - 1).clamp_min(0)
         return {k: v.to(self.loaded.device) for k, v in batch.items()}
 
-    def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
+    def _finish_group(self, seqs: list[Joining], output, mask: torch.Tensor) -> list[Embedded]:
+        """The group's results, in its order."""
         states = output.last_hidden_state[: len(seqs)]
-        for seq, vector in zip(seqs, pool(states, mask, self.loaded.spec.pooling), strict=True):
-            self.finish(seq, vector)
+        return [
+            self.embedded(vector, seq.input.steps, seq.input.params.trajectory)
+            for seq, vector in zip(seqs, pool(states, mask, self.loaded.spec.pooling), strict=True)
+        ]
 
 
 class CrossEncoderMethod(PooledMethod):
     """A sequence-classification model scoring (query, document) pairs: raw logits per pair."""
 
-    def _finish_group(self, seqs: list[Sequence], output, mask: torch.Tensor) -> None:
-        for seq, logits in zip(seqs, output.logits[: len(seqs)], strict=True):
-            self.finish(seq, logits)
+    def _finish_group(self, seqs: list[Joining], output, mask: torch.Tensor) -> list[Embedded]:
+        return [
+            self.embedded(logits, seq.input.steps, seq.input.params.trajectory)
+            for seq, logits in zip(seqs, output.logits[: len(seqs)], strict=True)
+        ]

@@ -38,7 +38,7 @@ from model_server.hf_compat import cache_kwarg, enable_activation_checkpointing
 from model_server.loading import load_model
 from model_server.methods.gircse import soft_tokens
 from model_server.prompts import PromptBuilder
-from model_server.runner import group_by_length
+from model_server.runners.fast import group_by_length
 from model_server.specs import ModelSpec, load_spec
 from model_server.training.config import RUNTIME_FIELDS, TrainConfig, command_line
 from model_server.training.data import read_jsonl

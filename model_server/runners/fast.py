@@ -8,7 +8,7 @@ Prefill packs the new prompts end to end, so projections and MLPs never see padd
 
 The weights are Hugging Face's own modules (projections, norms, MLP, rotary embedding); only
 the batching around them lives here. Supports llama, mistral, qwen2 and qwen3 layouts (`FAMILIES`);
-other families run on `hf_runner.HFRunner`.
+other families run on `hf.HFRunner`.
 
 On CUDA a step that only decodes can replay a CUDA graph (`DecodeGraphs`): the step's rows are padded to a
 bucket (1, 2, 4, 8, 16, ...) and attend over the pool's whole capacity under a mask, so its shapes and
@@ -28,23 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from model_server.runners.base import Runner
+
 log = logging.getLogger(__name__)
 
 #: `config.model_type`s whose layout this runner implements
 FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
-def lm_logits(causal_lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head over final states as the family's own `forward` applies it: MiniCPM divides the
-    states by hidden_size / dim_model_base first, Gemma 2 soft-caps the logits. Soft tokens and
-    sampled thoughts must see the logits Hugging Face gives, whichever runner made the states."""
-    config = causal_lm.config
-    base = getattr(config, "dim_model_base", None)
-    if base:
-        hidden = hidden / (config.hidden_size / base)
-    logits = causal_lm.get_output_embeddings()(hidden)
-    cap = getattr(config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -90,15 +79,15 @@ class PrefillGroup:
     mask: torch.Tensor  # [n, 1, group*width, width] causal mask over real keys, repeated per query head
 
 
-class DecoderRunner:
-    """Owns the KV pool; `forward` steps running slots and adds new ones, `remove` frees one."""
+class DecoderRunner(Runner):
+    """Owns the KV pool: a preallocated K and V tensor per layer, a row per slot."""
 
     kind = "fast"
 
     def __init__(
         self, causal_lm: torch.nn.Module, max_seqs: int, eager_attention: bool = False, cuda_graphs: bool = False
     ) -> None:
-        self.lm = causal_lm
+        super().__init__(causal_lm)
         self.decoder = causal_lm.get_decoder()
         config = causal_lm.config
         self.n_heads = config.num_attention_heads
@@ -119,10 +108,6 @@ class DecoderRunner:
 
     # -- pool bookkeeping ----------------------------------------------------------------------
 
-    @property
-    def size(self) -> int:
-        return len(self.lengths)
-
     def _empty(self, rows: int, cap: int) -> torch.Tensor:
         return torch.zeros(rows, self.n_kv, cap, self.head_dim, dtype=self.dtype, device=self.device)
 
@@ -141,23 +126,17 @@ class DecoderRunner:
                 pool[i] = grown
         self.pool_version += 1
 
-    @torch.inference_mode()
-    def remove(self, slot: int) -> None:
-        """Free `slot`; the last slot's sequence moves into it (callers mirror this swap)."""
-        last = self.size - 1
-        if slot != last:
-            n = self.host_lengths[last]
-            for pool in (self.keys, self.values):
-                for layer in pool:
-                    layer[slot, :, :n] = layer[last, :, :n]
-            self.lengths[slot] = self.lengths[last]
-            self.host_lengths[slot] = n
-        self.lengths = self.lengths[:last]
-        self.host_lengths.pop()
+    def _move(self, source: int, target: int) -> None:
+        n = self.host_lengths[source]
+        for pool in (self.keys, self.values):
+            for layer in pool:
+                layer[target, :, :n] = layer[source, :, :n]
+        self.lengths[target] = self.lengths[source]
+        self.host_lengths[target] = n
 
-    def clear(self) -> None:
-        self.lengths = self.lengths[:0]
-        self.host_lengths = []
+    def _truncate(self, size: int) -> None:
+        self.lengths = self.lengths[:size]
+        self.host_lengths = self.host_lengths[:size]
 
     # -- forward passes -------------------------------------------------------------------------
 
@@ -232,21 +211,11 @@ class DecoderRunner:
             out[g.rows[g.valid]] = attended.reshape(n, width, -1)[g.valid]
         return out
 
-    @torch.inference_mode()
-    def forward(
+    def _forward(
         self, decode_inputs: torch.Tensor | None, prompts: list[torch.Tensor], capacities: list[int]
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """One pass: a decode step for every running slot plus the prefill of new prompts.
-
-        `decode_inputs` [n_slots, H] are the running sequences' next inputs in slot order (None
-        when nothing runs); `prompts` are new sequences' input embeddings [n_i, H], which take the
-        next slots in order; `capacities[i]` is how many positions prompt i's sequence will ever
-        hold. Returns the final-layer (post-norm) states: [n_slots, H] for the decode rows and
-        [n_i, H] per prompt. All tokens share the projections and MLPs of one packed batch.
-        """
+        """All tokens, decode rows and packed prompts, share the projections and MLPs of one batch."""
         n_dec = 0 if decode_inputs is None else len(decode_inputs)
-        if n_dec != self.size:
-            raise ValueError(f"decode inputs for {n_dec} sequences, {self.size} are running")
         graphed = self.graphs is not None and self.graphs.enabled and not prompts
         if graphed and n_dec and graph_bucket(n_dec) is not None:
             decoded = self.graphs.step(decode_inputs, self.lengths)
@@ -289,11 +258,6 @@ class DecoderRunner:
             hidden = hidden + attn.o_proj(torch.cat(parts) if len(parts) > 1 else parts[0])
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.decoder.norm(hidden)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits of selected rows only: callers gather the last positions first."""
-        with torch.inference_mode():
-            return lm_logits(self.lm, hidden)
 
 
 @dataclass

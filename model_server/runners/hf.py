@@ -1,6 +1,6 @@
 """The fallback model runner: the model's own Hugging Face forward over one KV cache per sequence.
 
-`DecoderRunner` re-implements the attention of the llama/mistral/qwen2/qwen3 layout so that a
+`fast.DecoderRunner` re-implements the attention of the llama/mistral/qwen2/qwen3 layout so that a
 batch of sequences shares one packed pass. Other families (MiniCPM3's multi-head latent attention,
 and whatever the hub adds next) still serve the multi-step methods through this runner: same
 interface, so the engine schedules and batches it alike, but each sequence runs its own forward over
@@ -14,32 +14,25 @@ import torch
 from transformers import DynamicCache
 
 from model_server.hf_compat import cache_kwarg
-from model_server.runner import lm_logits
+from model_server.runners.base import Runner
 
 
-class HFRunner:
-    """Slots of per-sequence caches; `forward` steps running slots and adds new ones, `remove` frees one."""
+class HFRunner(Runner):
+    """A `DynamicCache` per slot."""
 
     kind = "hf"
 
     def __init__(self, causal_lm: torch.nn.Module) -> None:
-        self.lm = causal_lm
+        super().__init__(causal_lm)
         self.decoder = causal_lm.get_decoder()
         self.caches: list[DynamicCache] = []
         self.lengths: list[int] = []
 
-    @property
-    def size(self) -> int:
-        return len(self.caches)
+    def _move(self, source: int, target: int) -> None:
+        self.caches[target], self.lengths[target] = self.caches[source], self.lengths[source]
 
-    def remove(self, slot: int) -> None:
-        """Free `slot`; the last slot's sequence moves into it (callers mirror this swap)."""
-        self.caches[slot], self.lengths[slot] = self.caches[-1], self.lengths[-1]
-        self.caches.pop()
-        self.lengths.pop()
-
-    def clear(self) -> None:
-        self.caches, self.lengths = [], []
+    def _truncate(self, size: int) -> None:
+        self.caches, self.lengths = self.caches[:size], self.lengths[:size]
 
     def _run(self, inputs: torch.Tensor, cache: DynamicCache, start: int) -> torch.Tensor:
         """Final-layer states [n, H] of inputs [n, H] appended to a cache holding `start` positions."""
@@ -48,15 +41,11 @@ class HFRunner:
             inputs_embeds=inputs[None], position_ids=positions, use_cache=True, **cache_kwarg(self.decoder, cache)
         ).last_hidden_state[0]
 
-    @torch.inference_mode()
-    def forward(
+    def _forward(
         self, decode_inputs: torch.Tensor | None, prompts: list[torch.Tensor], capacities: list[int]
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """As `DecoderRunner.forward`: a decode step for every running slot (inputs in slot order),
-        then the prefill of new prompts, which take the next slots. `capacities` is unused: caches grow."""
+        """Each sequence through the model's own forward over its own cache; `capacities` is unused: caches grow."""
         n_dec = 0 if decode_inputs is None else len(decode_inputs)
-        if n_dec != self.size:
-            raise ValueError(f"decode inputs for {n_dec} sequences, {self.size} are running")
         decoded = None
         if n_dec:
             rows = zip(decode_inputs, self.caches, self.lengths, strict=True)
@@ -69,8 +58,3 @@ class HFRunner:
             self.caches.append(cache)
             self.lengths.append(len(prompt))
         return decoded, prefilled
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits of selected rows only: callers gather the last positions first."""
-        with torch.inference_mode():
-            return lm_logits(self.lm, hidden)
