@@ -120,8 +120,9 @@ class WorkerClient:
         # a model may have in flight, so a call never waits in httpx's pool behind others.
         timeout = httpx.Timeout(None, connect=2.0)
         # Idle connections are dropped before uvicorn's own keep-alive timeout (5 s) closes them: a call sent on a
-        # connection the worker is closing fails with ReadError, which marks the worker down and aborts every call in
-        # flight on it (measured: 613 of 3 844 minilm requests answered 503 in the load suite's scenario d).
+        # connection the worker is closing fails with ReadError (measured, when that marked the worker down: 613 of
+        # 3 844 minilm requests answered 503 in the load suite's scenario d); one that still does goes again once
+        # (`_CLOSED_BY_WORKER`).
         limits = httpx.Limits(max_connections=settings.max_worker_calls, keepalive_expiry=4.0)
         self._http = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=settings.worker_headers())
         self._accepting = False  # takes new calls
