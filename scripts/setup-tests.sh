@@ -11,17 +11,24 @@ bash scripts/setup.sh
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -e '.[test,quality,otel,s3]'
-# llama.cpp is built for a portable x86-64 (AVX-512, no AMX): a native build on a CPU that advertises AMX faults on
-# VMs that do not enable its tile registers (every chat completion crashed here). The wheel is kept in its own cache
-# (pip's cache would hand back a native build made earlier), so only the first run compiles.
-LLAMA_WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/genembed/llama-wheels
-if ! "$PY" -c "import llama_cpp.server" 2>/dev/null; then
+# llama.cpp is built for a portable x86-64 at the widest vector width this CPU has (AVX-512 or AVX2; never AMX nor
+# -march=native): a native build on a CPU that advertises AMX faults on VMs that do not enable its tile registers
+# (every chat completion crashed here), and an AVX-512 build dies with SIGILL on a CPU without it (an AMD EPYC with
+# AVX2 only, seen here). The wheels are kept in their own cache, one folder per width (pip's cache would hand back a
+# build made for another CPU), so only the first run on a kind of CPU compiles.
+LLAMA_SIMD=avx2
+grep -qw avx512f /proc/cpuinfo 2>/dev/null && LLAMA_SIMD=avx512
+LLAMA_WHEELS=${XDG_CACHE_HOME:-$HOME/.cache}/genembed/llama-wheels/$LLAMA_SIMD
+LLAMA_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+[ "$LLAMA_SIMD" = avx512 ] && LLAMA_FLAGS="$LLAMA_FLAGS -DGGML_AVX512=ON"
+if ! "$PY" -c "import llama_cpp.server" 2>/dev/null || [ "$(cat "$VENV/.llama-simd" 2>/dev/null)" != "$LLAMA_SIMD" ]; then
   if ! ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" \
-      "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir -w "$LLAMA_WHEELS" \
-      llama-cpp-python==0.3.36
+    CMAKE_ARGS="$LLAMA_FLAGS" "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-cache-dir \
+      -w "$LLAMA_WHEELS" llama-cpp-python==0.3.36
   fi
+  "${PIP[@]}" --force-reinstall --no-deps "$(ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl)"
   "${PIP[@]}" "$(ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl)[server]"
+  echo "$LLAMA_SIMD" >"$VENV/.llama-simd"
 fi
 "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gensim') is None)" ||
   "${PIP[@]}" --no-deps gensim==4.4.0
