@@ -13,9 +13,9 @@ import sys
 
 from pydantic import SecretStr
 
+from cli.supervisor import Supervisor, Worker, free_port, wait_ready
 from common.logs import configure_logging
 from model_server.specs import DEFAULT_MODEL
-from cli.supervisor import Supervisor, Worker, free_port, wait_ready
 from service.settings import GatewaySettings
 
 
@@ -36,15 +36,25 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from model_server import threads
+
+    # OpenMP reads its variables when torch loads: set before the imports below bring torch in.
+    try:
+        threads.configure(os.environ.get("GENEMBED_WORKER_OMP", "auto"))
+    except ValueError as exc:
+        print(f"genembed worker: {exc}", file=sys.stderr)
+        return 2
+
     import uvicorn
 
-    from model_server.app import create_app
     from common.drain import DrainingServer
+    from model_server.app import create_app
     from model_server.settings import WorkerSettings
 
     flags = {k: v for k, v in vars(args).items() if k not in ("run", "command") and v is not None}
     settings = WorkerSettings(**flags)
     configure_logging(settings.log_level, settings.log_format)
+    logging.getLogger("genembed.worker").info(threads.describe(settings.omp))
     server: uvicorn.Server | None = None
     failed: list[BaseException] = []
 

@@ -7,10 +7,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.logs import LogFormat
 from model_server.admission import Policy
 from model_server.engine import EngineLimits
-from common.logs import LogFormat
 from model_server.specs import DEFAULT_MODEL
+from model_server.threads import OmpMode
 
 
 class WorkerSettings(BaseSettings):
@@ -27,6 +28,11 @@ class WorkerSettings(BaseSettings):
         default=None, description="overrides the spec's: packed (oneDNN, CPU) or eager projections"
     )
     cuda_graphs: bool | None = Field(default=None, description="overrides the spec's: CUDA-graph decode steps")
+    omp: OmpMode = Field(
+        default="auto",
+        description="CPU threading: auto sets OpenMP's variables (model_server/threads.py), off keeps torch's; "
+        "applied by `genembed worker` before torch loads",
+    )
     max_running_seqs: int = Field(default=64, gt=0)
     max_batch_tokens: int = Field(default=4096, gt=0)
     max_kv_tokens: int = Field(default=65536, gt=0)

@@ -1,0 +1,49 @@
+"""The worker's CPU threading (`GENEMBED_WORKER_OMP`), set in its own process before torch loads.
+
+OpenMP reads its variables once, when torch's runtime (libgomp) loads, so `genembed worker` applies them
+before its first torch import (cli/main.py). No torch here: this module must be importable before torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Literal, get_args
+
+OmpMode = Literal["auto", "off"]
+OMP_MODES: tuple[str, ...] = get_args(OmpMode)
+
+#: what `auto` sets: libgomp's threads sleep as soon as a parallel region ends instead of spinning for 300 000
+#: rounds. A spinning thread holds a core that the other torch thread, the event loop or a neighbour process
+#: needs; on the shared 2-core machine the default made decode steps ~3x slower (loadtests/bench_threads.py,
+#: docs/benchmarks.md, issue 23).
+AUTO: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+#: the variables a log line reports (whoever set them: `auto`, the operator, the image)
+REPORTED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD")
+
+
+def omp_environment(mode: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables `mode` adds to `environ`: `auto`'s that are not set already (an operator's value wins),
+    none for `off` (torch's own defaults)."""
+    if mode not in OMP_MODES:
+        raise ValueError(f"GENEMBED_WORKER_OMP must be one of {', '.join(OMP_MODES)}, not {mode!r}")
+    return {} if mode == "off" else {k: v for k, v in AUTO.items() if k not in environ}
+
+
+def configure(mode: str) -> dict[str, str]:
+    """Apply `mode` to this process's environment and return what it added. Too late once torch is loaded."""
+    if "torch" in sys.modules:
+        raise RuntimeError("the worker's threading must be set before torch is imported")
+    added = omp_environment(mode, os.environ)
+    os.environ.update(added)
+    return added
+
+
+def describe(mode: str) -> str:
+    """One line for the worker's log: what threading it runs (call after torch is loaded)."""
+    import torch
+
+    variables = ", ".join(f"{k}={os.environ[k]}" for k in REPORTED if k in os.environ) or "no OpenMP variables"
+    return f"threading {mode}: {torch.get_num_threads()} torch threads, {variables}"
