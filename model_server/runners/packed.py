@@ -18,6 +18,7 @@ head tied to the input embeddings keeps the embedding matrix and adds its packed
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -31,8 +32,19 @@ PACKABLE = (torch.float32, torch.bfloat16)
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether packed projections run here: a CPU build with oneDNN, and a dtype it packs."""
-    return device.type == "cpu" and dtype in PACKABLE and torch.backends.mkldnn.is_available()
+    """Whether packed projections run here: a CPU build with oneDNN, and a dtype it packs on this CPU."""
+    return device.type == "cpu" and dtype in PACKABLE and torch.backends.mkldnn.is_available() and _packs(dtype)
+
+
+@functools.cache
+def _packs(dtype: torch.dtype) -> bool:
+    """oneDNN packs bf16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: an AVX2-only CPU (an AMD EPYC
+    seen here) refuses at the reorder. Asking it once is the check that cannot drift from oneDNN's own."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(torch.nn.Module):
