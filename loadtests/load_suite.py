@@ -53,10 +53,10 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the process helpers the tests use
 
+from harness.procs import free_port, genembed, running  # noqa: E402
 from loadtests.bench_engine import MIXED_K, make_prompts, run_lockstep  # noqa: E402
 from loadtests.bench_gateway import Sentences, load_average, machine, percentile  # noqa: E402
 from service.settings import GatewaySettings  # noqa: E402
-from harness.procs import free_port, genembed, running  # noqa: E402
 
 GIRCSE = "smollm2-gircse"
 MINILM = "minilm-l6"

@@ -21,12 +21,9 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from model_server import tracing
-from model_server.auth import require_token
+from common import tracing
 from common.drain import Drain, DrainMiddleware
-from model_server.engine import DeadlineExceeded, EngineStopped, QueueFull
 from common.logs import request_id_var
-from model_server.metrics import WorkerMetrics
 from common.protocol import (
     CONTENT_TYPE,
     DEADLINE_PASSED,
@@ -35,6 +32,9 @@ from common.protocol import (
     REQUEST_ID_HEADER,
     EmbedRequest,
 )
+from model_server.auth import require_token
+from model_server.engine import DeadlineExceeded, EngineStopped, QueueFull
+from model_server.metrics import WorkerMetrics
 from model_server.serving import EmbeddingWorker, LoadReport, NotAdmitted
 from model_server.settings import WorkerSettings
 from model_server.specs import load_spec

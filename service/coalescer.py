@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model_server import tracing
+from common import tracing
 from common.logs import request_id_var
 from common.protocol import EmbedItem, EmbedRequest, ItemError, Priority
 from service.errors import DeadlineExceeded, Overloaded, ServiceError, Unavailable

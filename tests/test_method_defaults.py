@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from common.protocol import EmbedItem
 from model_server.loading import load_model
 from model_server.prompts import PromptBuilder
-from common.protocol import EmbedItem
 from model_server.specs import ModelSpec, load_spec
 from tests.models import make_tiny_decoder
 

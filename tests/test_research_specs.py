@@ -14,11 +14,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_server.loading import ModelLoadError, load_model, resolve_adapter
 from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
+from harness.procs import worker_process
+from model_server.loading import ModelLoadError, load_model, resolve_adapter
 from model_server.specs import load_spec
 from tests.models import embed_all, make_random_lora, make_tiny_decoder, start_worker
-from harness.procs import worker_process
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "specs"
 FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "minicpm3")

@@ -8,10 +8,10 @@ import dataclasses
 
 import pytest
 
-from model_server.engine import EngineLimits
-from model_server.loading import load_model
 from common.protocol import EmbedItem, ItemError, ModelInfo
 from common.rules import ItemRejected
+from model_server.engine import EngineLimits
+from model_server.loading import load_model
 from model_server.serving import EmbeddingWorker
 from model_server.specs import load_spec
 from service.embedder import Embedder, EmbedOptions
