@@ -118,6 +118,7 @@ def main() -> None:
     loads = []
     try:
         for r in range(args.rounds):
+            loads.append(os.getloadavg()[0])
             order = list(procs) if r % 2 == 0 else list(reversed(procs))
             for name in order:
                 proc = procs[name]
@@ -126,12 +127,14 @@ def main() -> None:
                 proc.stdin.flush()
                 samples[name].append(json.loads(proc.stdout.readline()))
                 proc.send_signal(signal.SIGSTOP)
-            loads.append(os.getloadavg()[0])
             print(f"round {r}: " + ", ".join(f"{n} {s[-1]['value']:.1f}" for n, s in samples.items()), flush=True)
+    except KeyboardInterrupt:  # Ctrl-C: the table and JSON of the slices so far
+        print("stopped", flush=True)
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGCONT)
             proc.kill()
+    samples = {name: s for name, s in samples.items() if s}
     base = statistics.median(s["value"] for s in samples["off"]) if "off" in samples else None
     unit = "tokens" if args.work.startswith("step") else "embeddings"
     print(f"\n{args.work} {args.dtype} {args.model}; load average {min(loads):.1f}-{max(loads):.1f}")

@@ -16,7 +16,7 @@ OMP_MODES: tuple[str, ...] = get_args(OmpMode)
 
 #: what `auto` sets: libgomp's threads sleep as soon as a parallel region ends instead of spinning for 300 000
 #: rounds. A spinning thread holds a core that the other torch thread, the event loop or a neighbour process
-#: needs; on the shared 2-core machine the default made decode steps ~3x slower (loadtests/bench_threads.py,
+#: needs; on the shared 2-core VM the default made 16-row decode steps 6.6x slower (loadtests/bench_threads.py,
 #: docs/benchmarks.md, issue 23).
 AUTO: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
 
