@@ -17,6 +17,7 @@ import numpy as np
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
+
 def lee_dir() -> Path:
     spec = importlib.util.find_spec("gensim")  # finding it does not import it (nor numpy/scipy of its own)
     if spec is None or spec.origin is None:
