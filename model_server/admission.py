@@ -63,10 +63,11 @@ class CostModel:
     The fit spans a window of hundreds of iterations, so it follows a change in the device's speed (a neighbour on
     shared cores starting or stopping, the event loop busy parsing a burst) only slowly. Estimates carry a
     `correction` for that: the median of the last `recent` iterations' measured over modelled seconds, so a
-    neighbour's load shows within `recent` / 2 iterations and goes when it goes (below 1 while the fit still
-    remembers a slower spell). It is learned from iterations, not from calls: a call's time also holds the
-    iterations widened by calls admitted after it, which the queue it was admitted against could not know, and a
-    correction learned from that made estimates on an idle burst 3x too long (docs/benchmarks.md, issue 22)."""
+    neighbour's load shows within `recent` / 2 iterations and goes when it goes (never below 1: while the fit
+    still remembers a slower spell, estimates keep it). It is learned from iterations, not from calls: a call's
+    time also holds the iterations widened by calls admitted after it, which the queue it was admitted against
+    could not know, and a correction learned from that made estimates on an idle burst 3x too long
+    (docs/benchmarks.md, issue 22)."""
 
     def __init__(self, window: int = 512, trim: float = 0.1, refit_every: int = 16, recent: int = 16) -> None:
         self._window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
@@ -82,7 +83,9 @@ class CostModel:
         modelled = self.seconds(load, corrected=False)
         if modelled:
             self._ratios.append(seconds / modelled)
-            self.correction = float(np.median(np.array(self._ratios)))
+            # Never below 1: the fit's memory of a slower spell is what keeps a burst after a quiet spell from
+            # being admitted on the quiet spell's speed (4 of 16 admitted calls answered 504 in CI's overload test).
+            self.correction = max(1.0, float(np.median(np.array(self._ratios))))
         self._window.append((load.vector(), seconds))
         self._since_fit += 1
         # refit at every sample while there are few, then every `refit_every` (a fit is ~1 ms of numpy)
