@@ -82,6 +82,13 @@ def genembed(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", *args]
 
 
+def genembed_exits(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A `genembed` command that is expected to stop by itself (a refusal at start); its exit code and output."""
+    return subprocess.run(
+        genembed(*args), cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
+
+
 @contextlib.contextmanager
 def worker_process(
     model: str, tmp_dir: Path, *extra: str, env: dict[str, str] | None = None

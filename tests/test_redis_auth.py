@@ -4,14 +4,13 @@ yet, or that changes its password under a running gateway, means uncached servic
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import redis
 
-from harness.procs import REPO, free_port, genembed
+from harness.procs import free_port, genembed_exits
 from service.settings import GatewaySettings
 from tests.gateway_fixtures import gateway_process, redis_process
 from tests.load import poll, sample
@@ -22,13 +21,8 @@ PASSWORD = "s3cret/with:odd@chars"
 
 def gateway_start(env: dict[str, str]) -> subprocess.CompletedProcess:
     """`genembed gateway` that is expected to exit at start (before it calls its worker, so none runs)."""
-    return subprocess.run(
-        genembed("gateway", "--port", str(free_port()), f"--worker=minilm-l6=http://127.0.0.1:{free_port()}"),
-        cwd=REPO,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    return genembed_exits(
+        "gateway", "--port", str(free_port()), f"--worker=minilm-l6=http://127.0.0.1:{free_port()}", env=env, timeout=60
     )
 
 

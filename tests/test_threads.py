@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 
-from harness.procs import REPO, genembed, worker_process
+from harness.procs import genembed_exits, worker_process
 from model_server import threads
 
 
@@ -39,13 +36,6 @@ def test_the_worker_runs_the_threading_it_was_given(tmp_path, mode: str, spin_co
 
 
 def test_an_unknown_mode_stops_the_worker_before_it_loads() -> None:
-    done = subprocess.run(
-        genembed("worker", "--model", "minilm-l6"),
-        env={**os.environ, "GENEMBED_WORKER_OMP": "fast"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = genembed_exits("worker", "--model", "minilm-l6", env={"GENEMBED_WORKER_OMP": "fast"})
     assert done.returncode == 2
     assert "GENEMBED_WORKER_OMP must be one of auto, off" in done.stderr

@@ -5,8 +5,6 @@ open on loopback and refuses to start on any other address."""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,7 @@ import httpx
 import pytest
 
 from common.protocol import WORKER_TOKEN_HEADER, EmbedItem, EmbedRequest, EmbedResponse
-from harness.procs import REPO, children, free_port, genembed, running, worker_process
+from harness.procs import children, free_port, genembed, genembed_exits, running, worker_process
 from model_server.app import create_app
 from model_server.settings import WorkerSettings
 from tests.gateway_fixtures import gateway_process
@@ -114,13 +112,8 @@ def test_serve_gives_its_workers_a_token_of_its_own(tmp_path):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "worker.internal"])
 def test_a_worker_without_a_token_refuses_to_serve_other_hosts(host):
-    done = subprocess.run(
-        genembed("worker", "--model", MODEL, "--host", host, "--port", str(free_port())),
-        cwd=REPO,
-        env={**os.environ, "GENEMBED_WORKER_TOKEN": ""},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done = genembed_exits(
+        "worker", "--model", MODEL, "--host", host, "--port", str(free_port()), env={"GENEMBED_WORKER_TOKEN": ""}
     )
     assert done.returncode == 2, done.stderr
     assert f"genembed worker: refusing to serve on {host} without a token" in done.stderr

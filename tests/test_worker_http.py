@@ -124,18 +124,15 @@ def test_metrics_exposed(gircse_worker):
 
 
 def test_unloadable_model_exits_with_the_reason(tmp_path):
-    import subprocess
 
-    from harness.procs import free_port, genembed
+    from harness.procs import free_port, genembed_exits
 
     spec = tmp_path / "broken.toml"
     spec.write_text(
         'id = "broken"\nbackbone = "pkg://genembed_no_such_pkg/w.gguf"\n'
         'backbone_install_hint = "pip install --no-deps genembed-no-such-pkg"\n'
     )
-    done = subprocess.run(
-        genembed("worker", "--model", str(spec), "--port", str(free_port())), capture_output=True, text=True, timeout=60
-    )
+    done = genembed_exits("worker", "--model", str(spec), "--port", str(free_port()), timeout=60)
     assert done.returncode == 1
     assert "pip install --no-deps genembed-no-such-pkg" in done.stderr
 

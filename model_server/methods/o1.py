@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.methods.o1 import EMB_TOKEN
 from model_server.loading import LoadedModel
 from model_server.methods.base import DecoderMethod
 from model_server.sequence import Embedded, Joining, SeqId
-from model_server.specs import O1_EMB_TOKEN
 
 #: the thought sampler's seed when a request names none: the same request, the same vector
 DEFAULT_SEED = 0
@@ -50,7 +50,7 @@ class O1Method(DecoderMethod[Thought]):
         spec, tokenizer = loaded.spec, loaded.tokenizer
         self.temperature, self.top_p = spec.thought_temperature, spec.thought_top_p
         self.eos = tokenizer.eos_token_id
-        self.emb = tokenizer.convert_tokens_to_ids(O1_EMB_TOKEN)
+        self.emb = tokenizer.convert_tokens_to_ids(EMB_TOKEN)
         self.wide = torch.promote_types(loaded.dtype, torch.float32)  # softmax in fp32 or wider
 
     @torch.inference_mode()
