@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import tracing
@@ -247,8 +248,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         metrics.rejections.labels("invalid_request_error" if exc.status_code < 500 else "server_error").inc()
         return error_response(error, exc.status_code)
 
+    @app.exception_handler(ClientDisconnect)  # gone before its body was read: a client that gave up waiting
     @app.exception_handler(ClientDisconnected)
-    async def gone(_: Request, __: ClientDisconnected) -> Response:
+    async def gone(_: Request, __: Exception) -> Response:
         metrics.rejections.labels("client_disconnected").inc()
         return Response(status_code=499)
 

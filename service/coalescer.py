@@ -9,11 +9,11 @@ no cost model, no coalescing of different requests into shared calls: the worker
 call's sequences step by step, and a shared call would tie requests of different deadlines to one admission.
 
 What protects the gateway itself: per model, at most `max_queued_items` distinct inputs and `max_worker_calls`
-calls in flight; an online request past either is refused at once (429, Retry-After from the workers' reported
-backlog). Batch-priority requests are never refused for load: their calls carry no deadline, do not count
-against the bounds (their caller bounds their concurrency), and wait out every 429, 503 and 504 with the
-Retry-After they were given, until they are answered. Slots are deduplicated per priority, so an online request
-never waits behind a batch call.
+calls in flight, and an event loop at most `max_loop_lag_s` late (service/loop_lag.py); an online request past
+any is refused at once (429, Retry-After from the workers' reported backlog). Batch-priority requests are never
+refused for load: their calls carry no deadline, do not count against the bounds (their caller bounds their
+concurrency), and wait out every 429, 503 and 504 with the Retry-After they were given, until they are answered.
+Slots are deduplicated per priority, so an online request never waits behind a batch call.
 
 An answered input stays in the table until `store` (the cache's write) has it, so a request that missed the cache
 a moment before still finds it here: an input is in flight or cached, never computed twice for want of either.
@@ -36,6 +36,7 @@ from common import tracing
 from common.logs import request_id_var
 from common.protocol import EmbedItem, EmbedRequest, ItemError, Priority
 from service.errors import DeadlineExceeded, Overloaded, ServiceError, Unavailable
+from service.loop_lag import LoopLag
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
 from service.workers import WorkerGroup
@@ -111,11 +112,14 @@ class Coalescer:
         workers: WorkerGroup,
         settings: GatewaySettings,
         metrics: GatewayMetrics,
+        loop_lag: LoopLag,
         store: Store | None = None,
     ) -> None:
         self.model = model
         self.workers = workers
         self.metrics = metrics
+        self._loop_lag = loop_lag
+        self._max_lag_s = settings.max_loop_lag_s
         self._store = store
         self._stores: set[asyncio.Task] = set()
         self._max_items = settings.max_queued_items
@@ -184,7 +188,10 @@ class Coalescer:
         model takes any request: the bound is on what is already in flight). Online work only: batch work is bounded
         by its caller, and must never crowd online requests out."""
         items, calls = len(self._slots["online"]), len(self._calls["online"])
-        if items and items + fresh > self._max_items:
+        lag = self._loop_lag.seconds()
+        if self._max_lag_s and lag > self._max_lag_s:
+            why = f"the gateway runs {lag:.1f} s behind its requests, the bound is {self._max_lag_s:g} s"
+        elif items and items + fresh > self._max_items:
             why = f"{items} inputs are in flight, the bound is {self._max_items}"
         elif calls >= self._max_calls:
             why = f"{calls} worker calls are in flight, the bound is {self._max_calls}"

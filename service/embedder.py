@@ -22,6 +22,7 @@ from service.cache import CachedEmbedding, EmbeddingCache, cache_key
 from service.coalescer import Coalescer, ItemOutcome, WorkItem
 from service.errors import InvalidRequest, ServiceError
 from service.limits import meter_tokens
+from service.loop_lag import LoopLag
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
 from service.workers import WorkerPool
@@ -71,15 +72,16 @@ class Embedder:
         self.pool = pool
         self.cache = cache
         self.metrics = metrics
+        self.loop_lag = LoopLag(metrics)
         self.coalescers = {
-            name: Coalescer(name, g, settings, metrics, functools.partial(self._store, name))
+            name: Coalescer(name, g, settings, metrics, self.loop_lag, functools.partial(self._store, name))
             for name, g in pool.groups.items()
         }
         self._timeout_s = settings.request_timeout_s
         self._info_wait_s = settings.worker_probe_interval_s
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self.coalescers.values()))
+        await asyncio.gather(*(c.aclose() for c in self.coalescers.values()), self.loop_lag.aclose())
 
     def model_info(self, model: str) -> ModelInfo:
         """The model's workers' last /info; raises ModelNotFound (404), or Unavailable (503) before the first.
@@ -184,6 +186,7 @@ class Embedder:
         if not misses:
             return [], 0.0, 0.0
         work = [WorkItem(_flight_key(keys[i], items[i]), items[i]) for i in misses]
+        self.loop_lag.start()
         coalesced = await self.coalescers[model].embed(work, deadline, request_id, priority)
         computed: list[CachedEmbedding | ItemError] = []
         shed = 0

@@ -20,6 +20,11 @@ class GatewayMetrics:
             registry=reg,
         )
         self.in_flight = Gauge("genembed_gateway_in_flight_requests", "HTTP requests being served", registry=reg)
+        self.loop_lag = Gauge(
+            "genembed_gateway_event_loop_lag_seconds",
+            "How late the event loop ran at its latest sample: each request's wait before and between its steps",
+            registry=reg,
+        )
         self.rejections = Counter(
             "genembed_gateway_rejections", "Requests answered with an error, by error code", ["reason"], registry=reg
         )

@@ -43,6 +43,9 @@ class GatewaySettings(BaseSettings):
     max_queued_items: int = Field(default=4096, gt=0, description="distinct inputs in worker calls per model")
     max_worker_calls: int = Field(default=512, gt=0, description="worker calls in flight per model (one per request)")
     retry_after_max_s: int = Field(default=30, gt=0, description="cap of the gateway's own Retry-After on 429")
+    max_loop_lag_s: float = Field(
+        default=2.0, ge=0, description="refuse new online work (429) while the event loop runs later; 0: never"
+    )
 
     # Workers
     worker_probe_interval_s: float = Field(default=2.0, gt=0)

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import signal
 import socket
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -39,6 +40,7 @@ from common.protocol import (
 from harness.procs import app_in_thread, genembed, running, worker_process
 from service.coalescer import Coalescer, WorkItem
 from service.errors import InvalidRequest, Overloaded
+from service.loop_lag import LoopLag
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
 from service.workers import WorkerGroup, resolve_addresses
@@ -298,7 +300,8 @@ async def test_a_call_that_can_never_fit_its_deadline_is_not_tried_elsewhere():
 async def test_batch_calls_wait_out_refusals_and_online_calls_do_not():
     worker = StandIn(refusals=2, retry_after=1)
     async with stand_in_group(worker, worker_probe_interval_s=0.2) as (group, metrics):
-        coalescer = Coalescer(MODEL, group, GatewaySettings(workers=[f"{MODEL}=http://unused:1"]), metrics)
+        settings = GatewaySettings(workers=[f"{MODEL}=http://unused:1"])
+        coalescer = Coalescer(MODEL, group, settings, metrics, LoopLag(metrics))
         work = [WorkItem(f"k{i}".encode(), EmbedItem(text=f"batch {i}", steps=0)) for i in range(3)]
         done = await coalescer.embed(work, None, "batch-1", "batch")
         assert len(done.outcomes) == 3 and all(o.vector is not None for o in done.outcomes)
@@ -317,7 +320,7 @@ async def test_batch_work_in_flight_leaves_the_gateways_bounds_to_online_request
     worker = StandIn(hold=1.0)
     async with stand_in_group(worker) as (group, metrics):
         settings = GatewaySettings(workers=[f"{MODEL}=http://unused:1"], max_queued_items=8, max_worker_calls=1)
-        coalescer = Coalescer(MODEL, group, settings, metrics)
+        coalescer = Coalescer(MODEL, group, settings, metrics, LoopLag(metrics))
 
         def work(tag: str, n: int) -> list[WorkItem]:
             return [WorkItem(f"{tag}{i}".encode(), EmbedItem(text=f"{tag} {i}", steps=0)) for i in range(n)]
@@ -336,3 +339,34 @@ async def test_batch_work_in_flight_leaves_the_gateways_bounds_to_online_request
         assert isinstance(second, Overloaded) and "1 worker calls are in flight, the bound is 1" in second.message
         assert len((await batch).outcomes) == 8
         await coalescer.aclose()
+
+
+async def test_a_gateway_behind_its_event_loop_refuses_new_online_work_until_it_catches_up():
+    """The wait before a handler runs counts against no deadline: past `max_loop_lag_s` of it, online requests get a
+    quick 429 (batch work is never refused for load); once the loop is on time again, they are served."""
+    worker = StandIn()
+    async with stand_in_group(worker) as (group, metrics):
+        settings = GatewaySettings(workers=[f"{MODEL}=http://unused:1"], max_loop_lag_s=0.3)
+        lag = LoopLag(metrics)
+        coalescer = Coalescer(MODEL, group, settings, metrics, lag)
+        lag.start()
+        await asyncio.sleep(0.25)  # a few samples on time
+        assert lag.seconds() < 0.3
+
+        def work(tag: str) -> list[WorkItem]:
+            return [WorkItem(tag.encode(), EmbedItem(text=tag, steps=0))]
+
+        time.sleep(0.6)  # the loop is held, as by a burst of handlers on a starved CPU
+        assert lag.seconds() >= 0.5  # the pending sample is that overdue
+        with pytest.raises(Overloaded, match="behind its requests"):
+            await coalescer.embed(work("late"), asyncio.get_running_loop().time() + 10, "online-1")
+        assert len(worker.calls) == 0
+        await asyncio.sleep(0.01)  # the overdue sample lands first
+        assert metrics.registry.get_sample_value("genembed_gateway_event_loop_lag_seconds") >= 0.5
+        batch = await coalescer.embed(work("batch"), None, "batch-1", "batch")
+        assert batch.outcomes[0].vector is not None
+        await asyncio.sleep(0.3)  # on time again
+        done = await coalescer.embed(work("on time"), asyncio.get_running_loop().time() + 10, "online-2")
+        assert done.outcomes[0].vector is not None
+        await coalescer.aclose()
+        await lag.aclose()
