@@ -18,6 +18,11 @@ from common.logs import configure_logging
 from model_server.specs import DEFAULT_MODEL
 from service.settings import GatewaySettings
 
+#: the niceness `serve` gives its workers unless GENEMBED_WORKER_NICE says otherwise: on cores they share with the
+#: gateway, a busy worker must not leave the gateway's event loop (every request's parsing and answer) behind:
+#: in load scenario (d) a starved gateway answered minilm requests 25 s after they came (docs/benchmarks.md)
+SERVE_WORKER_NICE = 5
+
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run one model worker (GENEMBED_WORKER_* variables set defaults)")
@@ -38,9 +43,10 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
 def run_worker(args: argparse.Namespace) -> int:
     from model_server import threads
 
-    # OpenMP reads its variables when torch loads: set before the imports below bring torch in.
+    # OpenMP reads its variables when torch loads, and a thread inherits its niceness when it starts (Linux keeps
+    # one per thread; importing torch starts one): both are set before the imports below.
     try:
-        threads.configure(os.environ.get("GENEMBED_WORKER_OMP", "auto"))
+        threads.configure(os.environ.get("GENEMBED_WORKER_OMP", "auto"), os.environ.get("GENEMBED_WORKER_NICE", "0"))
     except ValueError as exc:
         print(f"genembed worker: {exc}", file=sys.stderr)
         return 2
@@ -173,6 +179,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = _gateway_settings(args)
         settings.worker_token = token = settings.worker_token or SecretStr(secrets.token_urlsafe(32))
         env = {**os.environ, "GENEMBED_WORKER_TOKEN": token.get_secret_value()}
+        env.setdefault("GENEMBED_WORKER_NICE", str(SERVE_WORKER_NICE))
         for model in args.models or [DEFAULT_MODEL]:
             cmd = [sys.executable, "-m", "cli.main", "worker", "--model", model, "--host", "127.0.0.1"]
             cmd += ["--log-format", args.log_format] if args.log_format else []

@@ -29,6 +29,12 @@ def children(pid: int) -> list[int]:
     return sorted(int(child) for task in tasks for child in (task / "children").read_text().split())
 
 
+def thread_niceness(pid: int) -> list[int]:
+    """The niceness of each thread of `pid` (Linux keeps one per thread): field 19 of its stat line."""
+    stats = (task / "stat" for task in Path(f"/proc/{pid}/task").iterdir())
+    return [int(stat.read_text().rsplit(")", 1)[1].split()[16]) for stat in stats]
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

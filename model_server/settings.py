@@ -33,6 +33,13 @@ class WorkerSettings(BaseSettings):
         description="CPU threading: auto sets OpenMP's variables (model_server/threads.py), off keeps torch's; "
         "applied by `genembed worker` before torch loads",
     )
+    nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="added to the worker's CPU niceness before torch loads, for every thread of it (`genembed serve` "
+        "gives its workers 5, so that on shared cores they never starve the gateway)",
+    )
     max_running_seqs: int = Field(default=64, gt=0)
     max_batch_tokens: int = Field(default=4096, gt=0)
     max_kv_tokens: int = Field(default=65536, gt=0)

@@ -7,7 +7,8 @@ import signal
 import httpx
 import pytest
 
-from harness.procs import alive, children, free_port, genembed, genembed_exits, running
+from cli.main import SERVE_WORKER_NICE
+from harness.procs import alive, children, free_port, genembed, genembed_exits, running, thread_niceness
 
 
 @pytest.mark.slow
@@ -18,6 +19,8 @@ def test_serve_starts_a_worker_per_model_and_stops_them_on_sigterm(tmp_path):
     with running(cmd, f"{url}/ready", log_path=tmp_path / "serve.log") as proc:
         workers = children(proc.pid)
         assert len(workers) == 1
+        [gateway_nice] = set(thread_niceness(proc.pid))  # the gateway comes first on cores they share
+        assert set(thread_niceness(workers[0])) == {gateway_nice + SERVE_WORKER_NICE}
         assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["minilm-l6"]
         body = {"model": "minilm-l6", "input": "hello"}
         assert httpx.post(f"{url}/v1/embeddings", json=body, timeout=30).status_code == 200

@@ -1,10 +1,11 @@
-"""The worker's threading setting (GENEMBED_WORKER_OMP) reaches the OpenMP runtime of a real worker process."""
+"""The worker's threading setting (GENEMBED_WORKER_OMP) reaches the OpenMP runtime of a real worker process, and its
+niceness (GENEMBED_WORKER_NICE) every thread of it."""
 
 from __future__ import annotations
 
 import pytest
 
-from harness.procs import genembed_exits, worker_process
+from harness.procs import genembed_exits, thread_niceness, worker_process
 from model_server import threads
 
 
@@ -35,7 +36,21 @@ def test_the_worker_runs_the_threading_it_was_given(tmp_path, mode: str, spin_co
     assert _omp_display(log)["GOMP_SPINCOUNT"] == spin_count
 
 
-def test_an_unknown_mode_stops_the_worker_before_it_loads() -> None:
-    done = genembed_exits("worker", "--model", "minilm-l6", env={"GENEMBED_WORKER_OMP": "fast"})
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"GENEMBED_WORKER_OMP": "fast"}, "GENEMBED_WORKER_OMP must be one of auto, off"),
+        ({"GENEMBED_WORKER_NICE": "-5"}, "GENEMBED_WORKER_NICE must be a whole number from 0 to 19, not '-5'"),
+    ],
+)
+def test_a_bad_setting_stops_the_worker_before_it_loads(env: dict[str, str], message: str) -> None:
+    done = genembed_exits("worker", "--model", "minilm-l6", env=env)
     assert done.returncode == 2
-    assert "GENEMBED_WORKER_OMP must be one of auto, off" in done.stderr
+    assert message in done.stderr
+
+
+def test_the_worker_runs_every_thread_at_the_niceness_it_was_given(tmp_path) -> None:
+    with worker_process("minilm-l6", tmp_path, env={"GENEMBED_WORKER_NICE": "7"}) as (_, proc):
+        niceness = thread_niceness(proc.pid)
+    assert len(niceness) > 1 and set(niceness) == {7}  # torch's, uvicorn's and the engine's threads alike
+    assert ", nice 7" in next(tmp_path.glob("worker-*.log")).read_text()
