@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model_server.threads import AUTO  # noqa: E402
+from model_server.threads import MODES  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PEERS = Path(os.environ.get("GENEMBED_PEERS_DIR", Path.home() / ".cache" / "genembed" / "peers"))
@@ -38,7 +38,7 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's libjemalloc2
 #: environment per variant; `auto` is what GENEMBED_WORKER_OMP=auto gives the worker
 VARIANTS: dict[str, dict[str, str]] = {
     "off": {},
-    "auto": AUTO,
+    "auto": MODES["auto"],
     "1thread": {"OMP_NUM_THREADS": "1"},
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},

@@ -30,8 +30,8 @@ class WorkerSettings(BaseSettings):
     cuda_graphs: bool | None = Field(default=None, description="overrides the spec's: CUDA-graph decode steps")
     omp: OmpMode = Field(
         default="auto",
-        description="CPU threading: auto sets OpenMP's variables (model_server/threads.py), off keeps torch's; "
-        "applied by `genembed worker` before torch loads",
+        description="CPU threading: auto spins 10 000 rounds between parallel regions, passive sleeps (cores shared "
+        "with busy processes), off keeps libgomp's 300 000 (model_server/threads.py); set before torch loads",
     )
     nice: int = Field(
         default=0,

@@ -12,25 +12,31 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, get_args
 
-OmpMode = Literal["auto", "off"]
+OmpMode = Literal["auto", "passive", "off"]
 OMP_MODES: tuple[str, ...] = get_args(OmpMode)
 
-#: what `auto` sets: libgomp's threads sleep as soon as a parallel region ends instead of spinning for 300 000
-#: rounds. A spinning thread holds a core that the other torch thread, the event loop or a neighbour process
-#: needs; on the shared 2-core VM the default made 16-row decode steps 6.6x slower (loadtests/bench_threads.py,
-#: docs/benchmarks.md, issue 23).
-AUTO: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: what each mode sets (`off`: nothing, libgomp's default spin of 300 000 rounds at the end of a parallel region).
+#: A decode step is hundreds of parallel regions back to back: torch's threads that sleep between them (`passive`)
+#: made 16-row steps 2x slower on the 2-core Xeon; threads that spin 300 000 rounds hold a core that a neighbour
+#: process needs, and with one busy process beside it a step took 13x longer. `auto`'s 10 000 rounds measured as
+#: fast as the full spin on free cores and 3.5x faster than it beside a busy process, where `passive` is faster
+#: still (2.5x): the setting for workers that share their cores with other busy processes. (docs/benchmarks.md)
+MODES: dict[str, dict[str, str]] = {
+    "auto": {"GOMP_SPINCOUNT": "10000"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "off": {},
+}
 
 #: the variables a log line reports (whoever set them: `auto`, the operator, the image)
 REPORTED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD")
 
 
 def omp_environment(mode: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables `mode` adds to `environ`: `auto`'s that are not set already (an operator's value wins),
-    none for `off` (torch's own defaults)."""
+    """The variables `mode` adds to `environ`: those of `MODES[mode]` that are not set already (an operator's value
+    wins)."""
     if mode not in OMP_MODES:
         raise ValueError(f"GENEMBED_WORKER_OMP must be one of {', '.join(OMP_MODES)}, not {mode!r}")
-    return {} if mode == "off" else {k: v for k, v in AUTO.items() if k not in environ}
+    return {k: v for k, v in MODES[mode].items() if k not in environ}
 
 
 def configure(mode: str, nice: str = "0") -> dict[str, str]:

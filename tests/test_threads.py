@@ -3,17 +3,24 @@ niceness (GENEMBED_WORKER_NICE) every thread of it."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from pathlib import Path
+
 import pytest
+import torch
 
 from harness.procs import genembed_exits, thread_niceness, worker_process
 from model_server import threads
+from model_server.app import in_a_thread_of_its_own
 
 
-def test_auto_adds_what_is_unset_and_off_adds_nothing() -> None:
+def test_a_mode_adds_what_is_unset_and_off_adds_nothing() -> None:
     assert threads.omp_environment("off", {}) == {}
-    assert threads.omp_environment("auto", {}) == threads.AUTO
-    name = next(iter(threads.AUTO))
-    assert name not in threads.omp_environment("auto", {name: "operator's"})  # an operator's value wins
+    assert threads.omp_environment("auto", {}) == {"GOMP_SPINCOUNT": "10000"}
+    assert threads.omp_environment("passive", {}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert threads.omp_environment("auto", {"GOMP_SPINCOUNT": "operator's"}) == {}  # an operator's value wins
     with pytest.raises(ValueError, match="GENEMBED_WORKER_OMP"):
         threads.omp_environment("fast", {})
 
@@ -25,9 +32,9 @@ def _omp_display(log: str) -> dict[str, str]:
     return {k: v.strip("'") for k, v in pairs}
 
 
-@pytest.mark.parametrize(("mode", "spin_count"), [("auto", "0"), ("off", "300000")])
+@pytest.mark.parametrize(("mode", "spin_count"), [("auto", "10000"), ("passive", "0"), ("off", "300000")])
 def test_the_worker_runs_the_threading_it_was_given(tmp_path, mode: str, spin_count: str) -> None:
-    """auto: torch's OpenMP threads sleep when a parallel region ends; off: libgomp's default spin."""
+    """How long torch's OpenMP threads spin when a parallel region ends, by libgomp's own report."""
     env = {"GENEMBED_WORKER_OMP": mode, "OMP_DISPLAY_ENV": "VERBOSE"}
     with worker_process("minilm-l6", tmp_path, env=env):
         pass
@@ -39,7 +46,7 @@ def test_the_worker_runs_the_threading_it_was_given(tmp_path, mode: str, spin_co
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"GENEMBED_WORKER_OMP": "fast"}, "GENEMBED_WORKER_OMP must be one of auto, off"),
+        ({"GENEMBED_WORKER_OMP": "fast"}, "GENEMBED_WORKER_OMP must be one of auto, passive, off"),
         ({"GENEMBED_WORKER_NICE": "-5"}, "GENEMBED_WORKER_NICE must be a whole number from 0 to 19, not '-5'"),
     ],
 )
@@ -54,3 +61,20 @@ def test_the_worker_runs_every_thread_at_the_niceness_it_was_given(tmp_path) -> 
         niceness = thread_niceness(proc.pid)
     assert len(niceness) > 1 and set(niceness) == {7}  # torch's, uvicorn's and the engine's threads alike
     assert ", nice 7" in next(tmp_path.glob("worker-*.log")).read_text()
+
+
+async def test_the_model_loads_in_a_thread_that_leaves_no_openmp_threads_behind() -> None:
+    """OpenMP keeps a pool of threads for each thread that ran torch's parallel code; one left beside the engine's
+    means more OpenMP threads than cores, where libgomp stops spinning and decode steps ran 2x slower."""
+    tasks = Path("/proc/self/task")
+    before = {t.name for t in tasks.iterdir()}
+
+    def parallel_work() -> str:
+        torch.ones(1 << 22).mul_(2).sum()  # large enough for torch's parallel loops
+        return threading.current_thread().name
+
+    assert (await in_a_thread_of_its_own(parallel_work)).startswith("genembed-load")
+    deadline = time.monotonic() + 5
+    while {t.name for t in tasks.iterdir()} - before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not {t.name for t in tasks.iterdir()} - before
