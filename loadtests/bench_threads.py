@@ -2,6 +2,8 @@
 
     python loadtests/bench_threads.py                                  # decode steps of 16 rows, fp32
     python loadtests/bench_threads.py --work engineK5 --variants off auto 1thread
+    python loadtests/bench_threads.py --variants off auto passive --busy 1   # beside one busy process
+    python loadtests/bench_threads.py --variants off auto --second-pool      # the engine's condition before 2026-12-06
 
 Each variant is a child process started with its own environment (OpenMP's variables and preloads act only
 when torch loads). The children load the model together, then take turns: the driver resumes one (SIGCONT),
@@ -10,6 +12,12 @@ thread cannot take a core from the measured one, and the variants alternate thro
 Per slice: the rate (decode-step tokens/s, or embeddings/s through the engine) and the CPU the process used
 per wall second. The table gives each variant's median, its ratio to `off`, and its CPU per 1000 units of work
 (the cost a variant puts on a shared machine). Writes results/threads-<tag>.json with the load average.
+
+`--busy N` runs N processes that only spin (plain Python loops) through the rounds: a neighbour that wants a core.
+`--second-pool` reproduces the worker before 2026-12-06: a thread that stays alive (asyncio's executor, which loaded
+the model) has run torch's parallel code, so its OpenMP pool lives beside the one of the thread that computes (the
+engine's), and libgomp, seeing more OpenMP threads than cores, spins only 100 rounds whatever is set. Without the
+flag the model loads in a thread that ends, as the worker now does, and the computing thread's pool is the only one.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "auto": MODES["auto"],
     "1thread": {"OMP_NUM_THREADS": "1"},
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "passive": MODES["passive"],
     "spin10k": {"GOMP_SPINCOUNT": "10000"},
     "bind": {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
     "active+bind": {"OMP_WAIT_POLICY": "ACTIVE", "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
@@ -51,13 +59,24 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
-def child(work: str, dtype: str, model: str) -> None:
+def child(work: str, dtype: str, model: str, second_pool: bool) -> None:
+    import threading
+
     import torch
 
     from model_server.loading import load_model
     from model_server.specs import load_spec
 
-    loaded = load_model(load_spec(model, dtype=dtype, device="cpu"))
+    # As the worker loads: in a thread that ends with the load, taking its OpenMP pool along.
+    box = {}
+    loader = threading.Thread(target=lambda: box.update(loaded=load_model(load_spec(model, dtype=dtype, device="cpu"))))
+    loader.start()
+    loader.join()
+    loaded = box["loaded"]
+    if second_pool:  # a thread that ran torch's parallel code and stays alive, as asyncio's executor did
+        threading.Thread(
+            target=lambda: (torch.ones(1 << 22).mul_(2).sum(), threading.Event().wait()), daemon=True
+        ).start()
     if work.startswith("step"):
         from loadtests.bench_decode_step import time_steps
         from model_server.methods import build_method
@@ -102,13 +121,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tag", default=None, help="name of the result file (default: the work)")
+    parser.add_argument("--busy", type=int, default=0, help="processes that only spin, beside the measured one")
+    parser.add_argument("--second-pool", action="store_true", help="work in a second thread (see above)")
     args = parser.parse_args()
     if args.child:
-        return child(args.work, args.dtype, args.model)
+        return child(args.work, args.dtype, args.model, args.second_pool)
     procs = {}
     for name in args.variants:
         env = {**os.environ, **VARIANTS[name]}
         cmd = [sys.executable, __file__, "--child", "--work", args.work, "--dtype", args.dtype, "--model", args.model]
+        cmd += ["--second-pool"] if args.second_pool else []
         procs[name] = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     for name, proc in procs.items():  # they load together; each stops once warm
         ready = json.loads(proc.stdout.readline())
@@ -116,6 +138,8 @@ def main() -> None:
         print(f"{name}: ready, {ready['threads']} threads", flush=True)
     samples: dict[str, list[dict]] = {name: [] for name in procs}
     loads = []
+    spin = [sys.executable, "-c", "while True: pass"]
+    busy = [subprocess.Popen(spin) for _ in range(args.busy)]
     try:
         for r in range(args.rounds):
             loads.append(os.getloadavg()[0])
@@ -131,13 +155,15 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C: the table and JSON of the slices so far
         print("stopped", flush=True)
     finally:
-        for proc in procs.values():
+        for proc in [*procs.values(), *busy]:
             proc.send_signal(signal.SIGCONT)
             proc.kill()
     samples = {name: s for name, s in samples.items() if s}
     base = statistics.median(s["value"] for s in samples["off"]) if "off" in samples else None
     unit = "tokens" if args.work.startswith("step") else "embeddings"
-    print(f"\n{args.work} {args.dtype} {args.model}; load average {min(loads):.1f}-{max(loads):.1f}")
+    where = ", work in a second thread beside a live pool" if args.second_pool else ""
+    print(f"\n{args.work} {args.dtype} {args.model}, {args.busy} busy processes{where}; ", end="")
+    print(f"load average {min(loads):.1f}-{max(loads):.1f}")
     print(f"{'variant':12} {unit + '/s':>13} {'best':>9} {'vs off':>7} {'cpu':>5} {'cpu s/1000':>10}")
     table = {}
     for name, s in samples.items():
