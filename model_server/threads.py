@@ -17,10 +17,10 @@ OMP_MODES: tuple[str, ...] = get_args(OmpMode)
 
 #: what each mode sets (`off`: nothing, libgomp's default spin of 300 000 rounds at the end of a parallel region).
 #: A decode step is hundreds of parallel regions back to back: torch's threads that sleep between them (`passive`)
-#: made 16-row steps 2x slower on the 2-core Xeon; threads that spin 300 000 rounds hold a core that a neighbour
-#: process needs, and with one busy process beside it a step took 13x longer. `auto`'s 10 000 rounds measured as
-#: fast as the full spin on free cores and 3.5x faster than it beside a busy process, where `passive` is faster
-#: still (2.5x): the setting for workers that share their cores with other busy processes. (docs/benchmarks.md)
+#: made 16-row steps 2x slower on the 2-core Xeon; threads that spin hold a core that a neighbour process needs,
+#: and beside one busy process a step took 2.4-13x longer than on free cores (runs vary). `auto`'s 10 000 rounds
+#: measured as fast as the full 300 000 on free cores; `passive` is 1.5-2.5x faster beside a busy process: the
+#: setting for workers that share their cores with other busy processes. (docs/benchmarks.md)
 MODES: dict[str, dict[str, str]] = {
     "auto": {"GOMP_SPINCOUNT": "10000"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
