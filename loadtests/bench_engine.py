@@ -22,16 +22,13 @@ F.linear, every kernel launched from Python). The lock-step baseline runs on the
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import platform
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -43,10 +40,10 @@ from model_server.loading import LoadedModel, load_model
 from model_server.sequence import Input
 from model_server.serving import EmbeddingWorker
 from model_server.specs import load_spec
+from model_server.threads import in_a_thread_of_its_own
 
 RESULTS = Path(__file__).parent / "results"
 MIXED_K = (0, 1, 3, 5, 10, 20)
-T = TypeVar("T")
 #: spec overrides per engine variant (see the module docstring)
 VARIANTS: dict[str, dict[str, object]] = {"fast": {}, "eager": {"linear": "eager", "cuda_graphs": False}}
 WORDS = (
@@ -192,21 +189,14 @@ def drift(worker: EmbeddingWorker, cases, loaded_vectors: np.ndarray, sample: in
     return float(cos.min()), float(np.mean(1 - cos))
 
 
-def _ended(fn: Callable[..., T], *args: object) -> T:
-    """`fn(*args)` in a thread that ends with it, as the worker loads its model: torch's parallel code leaves an
-    OpenMP pool in every thread that ran it, and beside a second live pool libgomp spins only 100 rounds, which
-    made the engine thread's steps 2x slower (docs/benchmarks.md). So nothing here computes on the main thread;
-    with two variants two engine threads hold pools, and their absolute rates are both that slow."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def bench_dtype(dtype: str, args, variants: tuple[str, ...] = ("fast",)) -> list[Row]:
     workers: dict[str, EmbeddingWorker] = {}
     flop_model = None
     for variant in variants:
         spec = load_spec(args.model, dtype=dtype, device=args.device, **VARIANTS[variant])
-        loaded = _ended(load_model, spec)
+        # Nothing computes on this thread, so the engine thread's OpenMP pool is the only one (with two variants
+        # two engine threads hold pools, and both run as throttled as the worker once did: compare ratios only).
+        loaded = in_a_thread_of_its_own(load_model, spec)
         flop_model = flop_model or FlopModel.of(loaded)
         limits = EngineLimits(max_running_seqs=args.concurrency, max_batch_tokens=args.batch_tokens)
         workers[variant] = EmbeddingWorker(loaded, limits)
@@ -215,7 +205,7 @@ def bench_dtype(dtype: str, args, variants: tuple[str, ...] = ("fast",)) -> list
     rng = np.random.default_rng(1)
     prompts = make_prompts(lockstep_model.tokenizer, args.requests)
     mean_prompt = float(np.mean([len(p) for p in prompts]))
-    ceiling = _ended(gemm_flops, lockstep_model.dtype, lockstep_model.device)
+    ceiling = in_a_thread_of_its_own(gemm_flops, lockstep_model.dtype, lockstep_model.device)
     loads = {"K=0": [0] * args.requests, "K=5": [5] * args.requests, "K=20": [20] * args.requests}
     loads["mixed"] = rng.choice(MIXED_K, args.requests).tolist()
     rows = []
@@ -249,7 +239,7 @@ def bench_dtype(dtype: str, args, variants: tuple[str, ...] = ("fast",)) -> list
                 )
             rates = ", ".join(f"{v} {len(cases) / t:.2f}/s" for v, t in engine_s.items())
             if args.lockstep:
-                lock_s = _ended(run_lockstep, lockstep_model, cases)
+                lock_s = in_a_thread_of_its_own(run_lockstep, lockstep_model, cases)
                 for row in rows[-len(workers) :]:
                     row.speedup_vs_lockstep = lock_s / row.seconds
                 rows.append(
@@ -258,7 +248,7 @@ def bench_dtype(dtype: str, args, variants: tuple[str, ...] = ("fast",)) -> list
                 rates += f", lock-step {len(cases) / lock_s:.2f}/s"
             print(f"  {dtype} {name}: engine {rates}", flush=True)
         # The ceiling again after the loads, the larger counting: a busy moment must not lower the limit.
-        final = _ended(gemm_flops, lockstep_model.dtype, lockstep_model.device)
+        final = in_a_thread_of_its_own(gemm_flops, lockstep_model.dtype, lockstep_model.device)
         if final > ceiling:
             for row in rows:
                 row.flop_limited_per_s *= final / ceiling

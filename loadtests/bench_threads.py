@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model_server.threads import MODES  # noqa: E402
+from model_server.threads import MODES, in_a_thread_of_its_own  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PEERS = Path(os.environ.get("GENEMBED_PEERS_DIR", Path.home() / ".cache" / "genembed" / "peers"))
@@ -50,7 +50,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "1thread": {"OMP_NUM_THREADS": "1"},
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
     "passive": MODES["passive"],
-    "spin10k": {"GOMP_SPINCOUNT": "10000"},
     "bind": {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
     "active+bind": {"OMP_WAIT_POLICY": "ACTIVE", "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
     "iomp": {"LD_PRELOAD": IOMP, "KMP_BLOCKTIME": "1", "KMP_AFFINITY": "granularity=fine,compact,1,0"},
@@ -67,12 +66,7 @@ def child(work: str, dtype: str, model: str, second_pool: bool) -> None:
     from model_server.loading import load_model
     from model_server.specs import load_spec
 
-    # As the worker loads: in a thread that ends with the load, taking its OpenMP pool along.
-    box = {}
-    loader = threading.Thread(target=lambda: box.update(loaded=load_model(load_spec(model, dtype=dtype, device="cpu"))))
-    loader.start()
-    loader.join()
-    loaded = box["loaded"]
+    loaded = in_a_thread_of_its_own(load_model, load_spec(model, dtype=dtype, device="cpu"))  # as the worker loads
     if second_pool:  # a thread that ran torch's parallel code and stays alive, as asyncio's executor did
         threading.Thread(
             target=lambda: (torch.ones(1 << 22).mul_(2).sum(), threading.Event().wait()), daemon=True
@@ -122,7 +116,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tag", default=None, help="name of the result file (default: the work)")
     parser.add_argument("--busy", type=int, default=0, help="processes that only spin, beside the measured one")
-    parser.add_argument("--second-pool", action="store_true", help="work in a second thread (see above)")
+    parser.add_argument("--second-pool", action="store_true", help="a second OpenMP pool alive (see above)")
     args = parser.parse_args()
     if args.child:
         return child(args.work, args.dtype, args.model, args.second_pool)

@@ -12,12 +12,10 @@ worker, 504 (`deadline_exceeded`) when its deadline passed before it was done. E
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -40,9 +38,9 @@ from model_server.metrics import WorkerMetrics
 from model_server.serving import EmbeddingWorker, LoadReport, NotAdmitted
 from model_server.settings import WorkerSettings
 from model_server.specs import load_spec
+from model_server.threads import in_a_thread_of_its_own
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
@@ -55,16 +53,6 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def in_a_thread_of_its_own(fn: Callable[..., T], *args: object) -> T:
-    """`fn(*args)` in a thread that ends with it. Loading runs torch's parallel code (conversions, packing), and
-    OpenMP keeps a pool of threads for every thread that did: a pool left behind in asyncio's executor meant more
-    OpenMP threads than cores, and libgomp then spins 100 rounds instead of GOMP_SPINCOUNT at the end of each
-    parallel region, which made the engine thread's decode steps 2x slower (docs/benchmarks.md). The engine's
-    thread is then the only one whose pool lives."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="genembed-load") as pool:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-
-
 def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], None] | None = None) -> FastAPI:
     """`on_fatal` is called when the model cannot be loaded (the CLI exits; tests inspect)."""
     spec = load_spec(settings.model, **settings.spec_overrides())
@@ -75,9 +63,9 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
 
     async def load() -> None:
         try:
-            worker = await in_a_thread_of_its_own(
-                EmbeddingWorker.load, spec, settings.limits(), metrics, settings.policy()
-            )
+            # asyncio's executor thread only waits: the load's torch code runs in a thread that ends with it
+            load_args = (EmbeddingWorker.load, spec, settings.limits(), metrics, settings.policy())
+            worker = await asyncio.to_thread(in_a_thread_of_its_own, *load_args)
             state["worker"] = worker
             await worker.warmup()
             state["ready"] = True

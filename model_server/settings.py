@@ -11,7 +11,7 @@ from common.logs import LogFormat
 from model_server.admission import Policy
 from model_server.engine import EngineLimits
 from model_server.specs import DEFAULT_MODEL
-from model_server.threads import OmpMode
+from model_server.threads import MAX_NICE, OmpMode
 
 
 class WorkerSettings(BaseSettings):
@@ -36,7 +36,7 @@ class WorkerSettings(BaseSettings):
     nice: int = Field(
         default=0,
         ge=0,
-        le=19,
+        le=MAX_NICE,
         description="added to the worker's CPU niceness before torch loads, for every thread of it (`genembed serve` "
         "gives its workers 5, so that on shared cores they never starve the gateway)",
     )

@@ -6,11 +6,14 @@ before its first torch import (cli/main.py). No torch here: this module must be 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
+
+T = TypeVar("T")
 
 OmpMode = Literal["auto", "passive", "off"]
 OMP_MODES: tuple[str, ...] = get_args(OmpMode)
@@ -26,6 +29,9 @@ MODES: dict[str, dict[str, str]] = {
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "off": {},
 }
+
+#: the largest niceness a worker may add (Linux's range ends at 19)
+MAX_NICE = 19
 
 #: the variables a log line reports (whoever set them: `auto`, the operator, the image)
 REPORTED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD")
@@ -44,8 +50,8 @@ def configure(mode: str, nice: str = "0") -> dict[str, str]:
     added. Too late once torch is loaded."""
     if "torch" in sys.modules:
         raise RuntimeError("the worker's threading must be set before torch is imported")
-    if not (nice.isdigit() and int(nice) <= 19):
-        raise ValueError(f"GENEMBED_WORKER_NICE must be a whole number from 0 to 19, not {nice!r}")
+    if not (nice.isdigit() and int(nice) <= MAX_NICE):
+        raise ValueError(f"GENEMBED_WORKER_NICE must be a whole number from 0 to {MAX_NICE}, not {nice!r}")
     added = omp_environment(mode, os.environ)
     os.environ.update(added)
     _renice(int(nice))
@@ -69,3 +75,13 @@ def describe(mode: str) -> str:
 
     variables = ", ".join(f"{k}={os.environ[k]}" for k in REPORTED if k in os.environ) or "no OpenMP variables"
     return f"threading {mode}: {torch.get_num_threads()} torch threads, {variables}, nice {os.nice(0)}"
+
+
+def in_a_thread_of_its_own(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` in a thread that ends with it. Torch's parallel code leaves an OpenMP pool in every thread that
+    ran it, and with a second pool alive beside the computing thread's (more OpenMP threads than cores) libgomp spins
+    100 rounds instead of GOMP_SPINCOUNT at the end of each parallel region: a model loaded in asyncio's executor,
+    whose thread stays, made the engine thread's decode steps 2x slower (docs/benchmarks.md). Loading here leaves the
+    engine's thread the only one whose pool lives."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="genembed-load") as pool:
+        return pool.submit(fn, *args).result()

@@ -200,6 +200,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         await pool.start()
+        embedder.loop_lag.start()
         await batches.start()
         batch_runner.start()
         yield

@@ -186,7 +186,6 @@ class Embedder:
         if not misses:
             return [], 0.0, 0.0
         work = [WorkItem(_flight_key(keys[i], items[i]), items[i]) for i in misses]
-        self.loop_lag.start()
         coalesced = await self.coalescers[model].embed(work, deadline, request_id, priority)
         computed: list[CachedEmbedding | ItemError] = []
         shed = 0

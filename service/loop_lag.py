@@ -21,7 +21,7 @@ INTERVAL_S = 0.1
 
 
 class LoopLag:
-    """The event loop's lateness, sampled by a task of its own (started with the first request it guards)."""
+    """The event loop's lateness, sampled by a task of its own (the gateway starts it with the app)."""
 
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics

@@ -3,7 +3,6 @@ niceness (GENEMBED_WORKER_NICE) every thread of it."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 from harness.procs import genembed_exits, thread_niceness, worker_process
 from model_server import threads
-from model_server.app import in_a_thread_of_its_own
+from model_server.threads import in_a_thread_of_its_own
 
 
 def test_a_mode_adds_what_is_unset_and_off_adds_nothing() -> None:
@@ -63,7 +62,7 @@ def test_the_worker_runs_every_thread_at_the_niceness_it_was_given(tmp_path) -> 
     assert ", nice 7" in next(tmp_path.glob("worker-*.log")).read_text()
 
 
-async def test_the_model_loads_in_a_thread_that_leaves_no_openmp_threads_behind() -> None:
+def test_the_model_loads_in_a_thread_that_leaves_no_openmp_threads_behind() -> None:
     """OpenMP keeps a pool of threads for each thread that ran torch's parallel code; one left beside the engine's
     means more OpenMP threads than cores, where libgomp stops spinning and decode steps ran 2x slower."""
     tasks = Path("/proc/self/task")
@@ -73,8 +72,8 @@ async def test_the_model_loads_in_a_thread_that_leaves_no_openmp_threads_behind(
         torch.ones(1 << 22).mul_(2).sum()  # large enough for torch's parallel loops
         return threading.current_thread().name
 
-    assert (await in_a_thread_of_its_own(parallel_work)).startswith("genembed-load")
+    assert in_a_thread_of_its_own(parallel_work).startswith("genembed-load")
     deadline = time.monotonic() + 5
     while {t.name for t in tasks.iterdir()} - before and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+        time.sleep(0.05)
     assert not {t.name for t in tasks.iterdir()} - before
