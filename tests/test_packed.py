@@ -149,3 +149,63 @@ def test_padded_decode_step_equals_the_reference(tmp_path):
             assert 1 - cosine(vector, reference_gircse(model, ids, k)) <= 1e-10
     finally:
         worker.stop()
+
+
+def test_fused_projections_keep_the_models_own_forward(tmp_path):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from model_server.runners.fast import FusedLinear, FusedPart, fuse_projections
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path), dtype=torch.float64).eval()
+    fused = copy.deepcopy(model)
+    fuse_projections(fused.get_decoder())
+    fuse_projections(fused.get_decoder())  # idempotent
+    attn = fused.get_decoder().layers[0].self_attn
+    assert type(attn.qkv_proj) is FusedLinear and type(attn.q_proj) is FusedPart
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in model.parameters())
+    ids = torch.tensor([[5, 17, 300, 9, 41, 7]])
+    with torch.inference_mode():
+        want, got = model(ids).logits, fused(ids).logits
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rms_norm_and_rotary_equal_the_familys_own(dtype, tolerance):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from model_server.runners.fast import _rotate, rms_norm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(64, dtype=dtype)
+    x = torch.randn(37, 64, dtype=dtype) * 3
+    q, k = torch.randn(37, 4, 16, dtype=dtype), torch.randn(37, 2, 16, dtype=dtype)
+    cos, sin = torch.randn(37, 16, dtype=dtype), torch.randn(37, 16, dtype=dtype)
+    with torch.inference_mode():
+        pairs = [(rms_norm(norm, x), norm(x))]
+        # The family's own takes [batch, heads, tokens, head_dim]
+        want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+        pairs += [(_rotate(q, cos, sin), want_q[0].transpose(0, 1)), (_rotate(k, cos, sin), want_k[0].transpose(0, 1))]
+    for got, want in pairs:
+        assert got.dtype == dtype and got.shape == want.shape
+        assert (got.double() - want.double()).abs().max() <= tolerance * want.double().abs().max()
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_epilogues_equal_the_plain_ops(dtype, tolerance):
+    from model_server.runners.packed import gated_product, linear_plus
+
+    if dtype == torch.bfloat16 and not BF16_PACKS:
+        pytest.skip("this CPU does not pack bf16 (serving keeps F.linear there)")
+    torch.manual_seed(0)
+    gate, up, down = (torch.nn.Linear(*shape).to(dtype) for shape in ((48, 96), (48, 96), (96, 48)))
+    packed = [PackedLinear.of(linear) for linear in (gate, up, down)]
+    x, residual = torch.randn(16, 48, dtype=dtype), torch.randn(16, 48, dtype=dtype)
+    act = torch.nn.SiLU()
+    with torch.inference_mode():
+        want = linear_plus(down, gated_product(gate, up, act, True, x), residual)
+        assert (want.float() - (residual + down(act(gate(x)) * up(x))).float()).abs().max() == 0  # the plain path
+        got = linear_plus(packed[2], gated_product(packed[0], packed[1], act, True, x), residual)
+    assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max()

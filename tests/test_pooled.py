@@ -81,3 +81,32 @@ def test_cross_encoder_scores_pairs_like_the_plain_model():
         want = model(**tokenizer([q for q, _ in pairs], [d for _, d in pairs], padding=True, return_tensors="pt"))
     np.testing.assert_allclose(got, want.logits.numpy(), atol=1e-5)
     assert got.shape == (2, 1) and long.shape == (1, 1)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last", "cls"])
+def test_a_decoder_pools_through_the_packed_encoder_as_its_own_forward(tmp_path, pooling):
+    """A llama-family decoder runs packed through the fast runner (no padding, no KV); each vector is what the
+    model's own forward gives that text alone (float64)."""
+    import torch
+    from transformers import AutoModel
+
+    from tests.models import gircse_spec, make_tiny_llama
+
+    backbone = make_tiny_llama(tmp_path)
+    steps = {"max_refinement_steps": 0, "default_refinement_steps": 0}
+    worker = start_worker(
+        gircse_spec(backbone, method="pooled", pooling=pooling, dtype="float64", normalize=False, **steps)
+    )
+    try:
+        assert worker.info().runner == "fast"
+        items = [EmbedItem(text=t, input_type="document") for t in TEXTS]
+        got = embed_all(worker, items)
+        tokenizer = worker.loaded.tokenizer
+    finally:
+        worker.stop()
+    model = AutoModel.from_pretrained(backbone, dtype=torch.float64).eval()
+    for vector, text in zip(got, TEXTS, strict=True):
+        with torch.inference_mode():
+            states = model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).last_hidden_state[0]
+        want = {"mean": states.mean(dim=0), "last": states[-1], "cls": states[0]}[pooling].numpy()
+        np.testing.assert_allclose(vector, want, rtol=1e-5, atol=1e-6)  # vectors come back in float32

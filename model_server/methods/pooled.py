@@ -9,9 +9,12 @@ oneDNN caches kernels and buffers per matmul shape (up to 1024 of them), and eve
 shape. Measured on a minilm-l6 worker over 150 batches of 1-128 random-length documents: +1068 MB of RSS with
 exact shapes, +97 MB with buckets, at the same speed.
 
-On the CPU the linear layers are packed once for oneDNN (`model_server.runners.packed`, the spec's `linear`): minilm-l6,
-8 batches of 8 × 48-word documents, 1.44× in bf16 and in fp32 (2-core AMX Xeon, alternating runs). Not where the
-model runs a repository's own code (`trust_remote_code`), which may read a linear layer's plain weight.
+Decoders of the fast runner's families (llama, mistral, qwen2, qwen3) skip all of that: their prompts run packed
+end to end through `runners.fast.DecoderRunner.encode` (no padding in the projections, no KV cache), their linear
+layers packed once for oneDNN on the CPU. Other models run their own forward over padded batches; on the CPU
+their linear layers are packed too (`model_server.runners.packed`, the spec's `linear`): minilm-l6, 8 batches of
+8 × 48-word documents, 1.44× in bf16 and in fp32 (2-core AMX Xeon, alternating runs). Neither where the model runs
+a repository's own code (`trust_remote_code`), which may read a linear layer's plain weight.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from model_server.loading import LoadedModel
 from model_server.methods.base import EngineMethod
+from model_server.runners import DecoderRunner, fast_runner
 from model_server.runners.fast import group_by_length
 from model_server.runners.packed import pack_for_serving
 from model_server.sequence import Embedded, Iteration, IterationResult, Joining, SeqId
@@ -30,17 +34,10 @@ WIDTH_BUCKET = 16
 ROW_BUCKET = 8
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Pool [B, T, H] states under a [B, T] mask (padded on either side) into [B, H] (fp32 or wider)."""
-    wide = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
-    rows = torch.arange(len(wide), device=wide.device)
-    if how == "cls":
-        return wide[rows, mask.argmax(dim=1)]  # the first real position
-    if how == "last":
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        return wide[rows, (mask * positions).argmax(dim=1)]  # the last real position
-    weights = mask.unsqueeze(-1).to(wide.dtype)
-    return (wide * weights).sum(dim=1) / weights.sum(dim=1)
+def pool(states: torch.Tensor, how: str) -> torch.Tensor:
+    """One sequence's vector (fp32 or wider) from the states [n, H] of its real positions."""
+    wide = states.to(torch.promote_types(states.dtype, torch.float32))
+    return wide[0] if how == "cls" else wide[-1] if how == "last" else wide.mean(dim=0)
 
 
 def length_groups(join: list[Joining]) -> list[list[Joining]]:
@@ -53,15 +50,31 @@ class PooledMethod(EngineMethod):
     #: right: an encoder's positions start at its first token; left (decoders pooled at their last token,
     #: as the research code pads): every row's last token sits at the end, with position ids from the mask
     padding_side: Literal["left", "right"] = "right"
+    #: whether a decoder of the fast runner's families runs packed through it (a classifier's head reads padded rows)
+    packs_prompts = True
 
     def __init__(self, loaded: LoadedModel) -> None:
         super().__init__(loaded)
-        if not loaded.spec.trust_remote_code:
+        self.encoder: DecoderRunner | None = None
+        if loaded.spec.trust_remote_code:
+            return
+        if self.packs_prompts:
+            self.encoder = fast_runner(loaded, max_seqs=0)
+        if self.encoder is None:
             pack_for_serving(loaded)
+
+    @property
+    def runner_kind(self) -> str:
+        return "hf" if self.encoder is None else self.encoder.kind
 
     @torch.inference_mode()
     def step(self, iteration: Iteration) -> IterationResult:
         """Every joining sequence finishes in this pass (nothing decodes, nothing is held)."""
+        if self.encoder is not None:
+            embed, device = self.loaded.model.get_input_embeddings(), self.loaded.device
+            prompts = [embed(torch.tensor(j.input.token_ids, device=device)) for j in iteration.join]
+            states = self.encoder.encode(prompts)
+            return IterationResult({j.id: self._finish(j, s) for j, s in zip(iteration.join, states, strict=True)})
         finished: dict[SeqId, Embedded] = {}
         for group in length_groups(iteration.join):
             batch = self._padded(group)
@@ -94,15 +107,18 @@ class PooledMethod(EngineMethod):
 
     def _finish_group(self, seqs: list[Joining], output, mask: torch.Tensor) -> list[Embedded]:
         """The group's results, in its order."""
-        states = output.last_hidden_state[: len(seqs)]
-        return [
-            self.embedded(vector, seq.input.steps, seq.input.params.trajectory)
-            for seq, vector in zip(seqs, pool(states, mask, self.loaded.spec.pooling), strict=True)
-        ]
+        states = output.last_hidden_state
+        return [self._finish(seq, states[row][mask[row].bool()]) for row, seq in enumerate(seqs)]
+
+    def _finish(self, seq: Joining, states: torch.Tensor) -> Embedded:
+        """A sequence's result from the final states [n, H] of its real positions."""
+        return self.embedded(pool(states, self.loaded.spec.pooling), seq.input.steps, seq.input.params.trajectory)
 
 
 class CrossEncoderMethod(PooledMethod):
     """A sequence-classification model scoring (query, document) pairs: raw logits per pair."""
+
+    packs_prompts = False
 
     def _finish_group(self, seqs: list[Joining], output, mask: torch.Tensor) -> list[Embedded]:
         return [

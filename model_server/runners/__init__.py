@@ -15,24 +15,31 @@ from model_server.runners.fast import FAMILIES, DecoderRunner
 from model_server.runners.hf import HFRunner
 from model_server.runners.packed import pack_for_serving
 
-__all__ = ["Prefill", "Runner", "build_runner", "lm_logits"]
+__all__ = ["DecoderRunner", "Prefill", "Runner", "build_runner", "fast_runner", "lm_logits"]
 
 log = logging.getLogger(__name__)
 
 
 def build_runner(loaded: LoadedModel, max_seqs: int) -> Runner:
-    """The fast runner where it implements the model's family (its linear layers packed as the spec says), else
-    the HF fallback."""
+    """The fast runner where it implements the model's family, else the HF fallback."""
+    runner = fast_runner(loaded, max_seqs)
+    if runner is None:
+        spec, family = loaded.spec, loaded.model.config.model_type
+        log.info("%s (%s): %s runs on the hf runner (the model's own forward)", spec.id, family, spec.method)
+        return HFRunner(loaded.model)
+    return runner
+
+
+def fast_runner(loaded: LoadedModel, max_seqs: int) -> DecoderRunner | None:
+    """The fast runner, its linear layers packed as the spec says, where it implements the model's family (a
+    causal LM, or the base decoder a pooled method reads); None elsewhere."""
     spec, family = loaded.spec, loaded.model.config.model_type
     if family not in FAMILIES:
-        runner: Runner = HFRunner(loaded.model)
-        how = "the model's own forward"
-    else:
-        packed = pack_for_serving(loaded)
-        graphs = spec.cuda_graphs and loaded.device.type == "cuda"
-        eager = spec.attn_implementation == "eager"
-        runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager, cuda_graphs=graphs)
-        runner.packed = packed
-        how = f"{'packed' if packed else 'eager'} projections{', CUDA-graph decode steps' if graphs else ''}"
+        return None
+    graphs = spec.cuda_graphs and loaded.device.type == "cuda"
+    eager = spec.attn_implementation == "eager"
+    runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager, cuda_graphs=graphs)
+    runner.packed = pack_for_serving(loaded)  # after the runner fused its projections: one packed weight each
+    how = f"{'packed' if runner.packed else 'eager'} projections{', CUDA-graph decode steps' if graphs else ''}"
     log.info("%s (%s): %s runs on the %s runner (%s)", spec.id, family, spec.method, runner.kind, how)
     return runner

