@@ -99,9 +99,10 @@ class O1Method(DecoderMethod[Thought]):
     def sample(self, hidden: torch.Tensor, rngs: list[np.random.Generator]) -> list[int]:
         """Next tokens of rows [N, H]: greedy at temperature 0, else `nucleus_sample` with one uniform per
         row from its own rng. The one host sync of a step: the tokens decide what each sequence feeds next."""
-        logits = self.runner.logits(hidden).to(self.wide)
-        if self.temperature == 0:
+        logits = self.runner.logits(hidden)
+        if self.temperature == 0:  # widening is exact, so the argmax is the same without it
             return logits.argmax(dim=-1).tolist()
+        logits = logits.to(self.wide)
         probs = torch.softmax(logits / self.temperature, dim=-1)
         draws = torch.tensor([rng.random() for rng in rngs], dtype=probs.dtype).to(probs.device, non_blocking=True)
         return nucleus_sample(probs, self.top_p, draws)
