@@ -15,8 +15,8 @@ vector under load and the same input embedded alone. Writes a table, JSON and a 
 Variants (`--variants`, each its own worker and model copy, run alternately on every load, `--rounds` times
 each, the best round counting, so their ratio comes from one run): `fast` is the worker's defaults (CPU:
 projections packed for oneDNN; CUDA: decode steps replayed from CUDA graphs), `eager` turns both off (torch's
-F.linear, every kernel launched from Python). The lock-step baseline runs on the first variant's model
-(`--no-lockstep` leaves it out).
+F.linear, every kernel launched from Python). The lock-step baseline runs on a copy of the first variant's model,
+packed alike (`--no-lockstep` leaves it out).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from transformers import DynamicCache
 from model_server.engine import EngineLimits
 from model_server.hf_compat import cache_kwarg
 from model_server.loading import LoadedModel, load_model
+from model_server.runners.packed import pack_for_serving
 from model_server.sequence import Input
 from model_server.serving import EmbeddingWorker
 from model_server.specs import load_spec
@@ -140,6 +141,13 @@ def run_engine(worker: EmbeddingWorker, cases: list[tuple[list[int], int]], conc
     return time.perf_counter() - start, np.stack(results)
 
 
+def packed_copy(spec) -> LoadedModel:
+    """The lock-step baseline's model: its linear layers packed as serving packs them, its own forward untouched."""
+    loaded = load_model(spec)
+    pack_for_serving(loaded)
+    return loaded
+
+
 @torch.inference_mode()
 def run_lockstep(loaded: LoadedModel, cases: list[tuple[list[int], int]], batch: int = 8) -> float:
     model, device = loaded.model, loaded.device
@@ -201,7 +209,9 @@ def bench_dtype(dtype: str, args, variants: tuple[str, ...] = ("fast",)) -> list
         limits = EngineLimits(max_running_seqs=args.concurrency, max_batch_tokens=args.batch_tokens)
         workers[variant] = EmbeddingWorker(loaded, limits)
         workers[variant].engine.start()
-    lockstep_model = workers[variants[0]].loaded
+    # Its own copy, packed as the worker packs it: the worker's runner fused the served model's q, k and v into one
+    # GEMM, which the model's own forward then runs whole for each of the three (`runners.fast.FusedPart`).
+    lockstep_model = in_a_thread_of_its_own(packed_copy, workers[variants[0]].loaded.spec)
     rng = np.random.default_rng(1)
     prompts = make_prompts(lockstep_model.tokenizer, args.requests)
     mean_prompt = float(np.mean([len(p) for p in prompts]))
