@@ -67,7 +67,7 @@ class WorkerSettings(BaseSettings):
         """An empty variable (compose's `${VAR:-}`, an empty Secret key) means no token, never the empty token."""
         return None if value == "" else value
 
-    # Admission (model_server/admission.py; docs: /work/helpers/worker-admission.md)
+    # Admission (model_server/admission.py; docs/gateway.md, "Admission and overload")
     deadline_share: float = Field(
         default=0.7, gt=0, le=1, description="of a call's deadline, what its estimated finish may use (headroom)"
     )
