@@ -105,16 +105,16 @@ def test_revision_tracks_dtype_and_templates(tiny_dir):
 
 def test_peft_adapter_loads_through_a_spec_and_changes_output(tmp_path):
     """On the real default backbone: an adapter saved here changes the vectors and the revision."""
-    # eager projections: peft wraps the served model's nn.Linear layers below (a packed one has no weight to adapt)
-    base_spec = load_spec("smollm2-gircse-base", dtype="float32", linear="eager")
+    base_spec = load_spec("smollm2-gircse-base", dtype="float32")
     base = start_worker(base_spec)
     try:
         items = [EmbedItem(text="the adapter should move this vector", steps=2)]
         before = embed_all(base, items)[0]
-        lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        get_peft_model(base.loaded.model, lora).save_pretrained(tmp_path / "adapter")
     finally:
         base.stop()
+    # on a model as loaded: a served one's projections are packed and its q, k and v fused (no nn.Linear to adapt)
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(load_model(base_spec).model, lora).save_pretrained(tmp_path / "adapter")
     adapted = start_worker(load_spec("smollm2-gircse-base", dtype="float32", adapter=str(tmp_path / "adapter")))
     try:
         after = embed_all(adapted, items)[0]
