@@ -57,7 +57,7 @@ from common.methods.base import TEXT_SLOT  # noqa: E402
 from harness.procs import free_port, genembed, running  # noqa: E402
 from loadtests.bench_engine import WORDS  # noqa: E402
 from loadtests.bench_gateway import machine  # noqa: E402
-from loadtests.load_suite import other_processes  # noqa: E402
+from loadtests.load_suite import other_processes, output_path  # noqa: E402
 from model_server.loading import resolve_backbone  # noqa: E402
 from model_server.specs import load_spec  # noqa: E402
 
@@ -629,10 +629,10 @@ def main() -> None:
         "summary": summary(rows),
         "judge_check": judge,
     }
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out.with_suffix(".png"))
+    output_path(args.out, ".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, output_path(args.out, ".png"))
     print(json.dumps(report["summary"], indent=2))
-    print(f"wrote {args.out}.json and .png")
+    print(f"wrote {output_path(args.out, '.json')} and .png")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,11 @@ class RssSampler:
         self.thread.join(2)
 
 
+def output_path(prefix: Path, suffix: str) -> Path:
+    """`prefix` with `suffix` added: a prefix may hold dots (`/tmp/load-share0.7`), which `with_suffix` would cut."""
+    return prefix.with_name(prefix.name.removesuffix(suffix) + suffix)
+
+
 def other_processes(exclude: set[int], top: int = 8) -> list[dict[str, object]]:
     """The busiest processes outside the suite and its server over one second: what else shared the CPU."""
     procs = []
@@ -531,7 +536,8 @@ def main() -> None:
         """Print the row and rewrite the JSON, so a run cut short keeps what it measured."""
         results.append(r)
         print_row(r)
-        out.with_suffix(".json").write_text(json.dumps({**report, "scenarios": [asdict(x) for x in results]}, indent=2))
+        partial = {**report, "scenarios": [asdict(x) for x in results]}
+        output_path(out, ".json").write_text(json.dumps(partial, indent=2))
 
     print(f"machine: {report['machine']}, load average {report['load_average_1_5_15m']['start']}")
     with serve(logs, args.ready_timeout) as (url, pid):
@@ -651,10 +657,10 @@ def main() -> None:
     report["rss_peak_mb"] = peaks
     report["rss_growth_after_warmup_mb"] = {k: round(v - base.get(k, 0.0), 1) for k, v in peaks.items()}
     print(f"RSS after warm-up {base}; peak {peaks}; growth {report['rss_growth_after_warmup_mb']}")
-    json_path = out.with_suffix(".json")
+    json_path = output_path(out, ".json")
     json_path.write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {json_path} and {out.with_suffix('.png')}")
+    plot(report, output_path(out, ".png"))
+    print(f"wrote {json_path} and {output_path(out, '.png')}")
 
 
 if __name__ == "__main__":
