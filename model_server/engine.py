@@ -208,7 +208,7 @@ class Engine:
         oversized input is served instead of blocking the queue. Batch sequences are taken only when no
         online one waits, within `batch_share` of each bound (counting the batch ones already running).
         """
-        limits, stateful, admitted = self.limits, self.method.stateful, []
+        limits, stateful, padded, admitted = self.limits, self.method.stateful, self.method.padded, []
         kv_tokens = sum(s.kv_tokens for s in self.running)
         prefill_tokens = widest = 0
         batch_running = [s for s in self.running if s.priority == "batch"]
@@ -224,8 +224,8 @@ class Engine:
                     queue.popleft()
                     continue
                 n = seq.prompt_tokens
-                # A padded (stateless) batch pays for its widest row in every row; a packed one does not.
-                cost = len(self.running) + prefill_tokens + n if stateful else max(widest, n) * (len(admitted) + 1)
+                # A padded batch pays for its widest row in every row; a packed one for its tokens.
+                cost = max(widest, n) * (len(admitted) + 1) if padded else len(self.running) + prefill_tokens + n
                 fits = cost <= limits.max_batch_tokens and (
                     not stateful or kv_tokens + seq.kv_tokens <= limits.max_kv_tokens
                 )

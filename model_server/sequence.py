@@ -108,6 +108,8 @@ class Method(Protocol):
 
     #: whether sequences live on between iterations (False: each finishes in its first pass)
     stateful: bool
+    #: whether a pass pays for its widest sequence in every row (padded batches), not for its tokens (packed)
+    padded: bool
 
     def step(self, iteration: Iteration) -> IterationResult: ...
 

@@ -26,6 +26,7 @@ class FakeMethod:
     step; its vector names its first token and its steps. Each `step` waits for the test to let it run."""
 
     stateful = True
+    padded = False
 
     def __init__(self) -> None:
         self.running: dict[SeqId, list[int]] = {}  # id -> [first token, budget, steps done]
@@ -137,6 +138,17 @@ def test_budgets_of_different_lengths_share_passes_and_each_leaves_at_its_own(ma
     ]
     assert [_result(f) for f in futures] == [([7, 0], 0), ([8, 2], 2), ([9, 4], 4)]
     assert engine.pending_work() == 0 and not method.running
+
+
+@pytest.mark.parametrize(("padded", "joined"), [(True, 2), (False, 8)])
+def test_a_padded_pass_pays_for_its_widest_row_a_packed_one_for_its_tokens(make_engine, padded, joined):
+    engine, method = make_engine(max_batch_tokens=2000)
+    method.stateful, method.padded = False, padded  # a one-pass encoder: padded (HF forward) or packed
+    futures = engine.submit([Input([1] * 1000, 0)] + [Input([2] * 100, 0)] * 7)
+    first = method.run(1)[0]
+    assert len(first.join) == joined  # padded: 2 rows of 1000; packed: 1000 + 7 x 100 tokens
+    method.open()
+    assert all(f.result(timeout=30).steps == 0 for f in futures)
 
 
 def test_a_sequence_joins_the_running_batch_and_leaves_before_it(make_engine):

@@ -27,6 +27,8 @@ class EngineMethod(ABC):
 
     #: whether sequences live on between iterations (False: all happens in their first pass)
     stateful: bool = True
+    #: whether a pass pays for its widest sequence in every row (a padded batch) rather than for its tokens
+    padded: bool = False
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
