@@ -209,3 +209,11 @@ def test_epilogues_equal_the_plain_ops(dtype, tolerance):
         assert (want.float() - (residual + down(act(gate(x)) * up(x))).float()).abs().max() == 0  # the plain path
         got = linear_plus(packed[2], gated_product(packed[0], packed[1], act, True, x), residual)
     assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max()
+
+
+def test_prefill_rows_pad_little_and_bound_the_shapes():
+    from model_server.runners.fast import prefill_rows
+
+    padded = [prefill_rows(rows) for rows in range(1, 8193)]
+    assert all(0 <= p - rows < max(8, rows / 8) for rows, p in enumerate(padded, start=1))  # under 1/8 more, or 8
+    assert len(set(padded)) <= 8 * 13  # eight shapes per octave

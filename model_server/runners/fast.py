@@ -114,6 +114,14 @@ MAX_PADDING_RATIO = 1.25
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def prefill_rows(rows: int) -> int:
+    """The row count a pass with prompts is padded to: the next multiple of an eighth of the largest power of two
+    not above `rows` (at least 8), so at most 1/8 more rows and eight shapes per octave. Exact row counts made a
+    new oneDNN kernel and buffer per pass: +1068 MB of RSS over 150 random-length batches of minilm-l6 (`pooled`)."""
+    quantum = max(8, (1 << (rows.bit_length() - 1)) // 8)
+    return -(-rows // quantum) * quantum
+
+
 def graph_bucket(rows: int) -> int | None:
     """The padded batch size a decode step of `rows` replays, None past the largest bucket (it runs eagerly)."""
     return next((b for b in GRAPH_BUCKETS if b >= rows), None)
@@ -262,7 +270,7 @@ class DecoderRunner(Runner):
         Prompts of similar length form a group that runs as one padded attention call; padding
         exists only inside attention, whose cost is small beside the projections.
         """
-        out = torch.empty(q.shape[0], self.n_heads * self.head_dim, dtype=q.dtype, device=q.device)
+        out = q.new_zeros(q.shape[0], self.n_heads * self.head_dim)  # padding rows (`prefill_rows`) stay 0
         group_size = self.n_heads // self.n_kv
         for g in groups:
             n, width = g.rows.shape
@@ -323,6 +331,10 @@ class DecoderRunner(Runner):
     ) -> torch.Tensor:
         """All layers and the final norm over packed rows: `n_dec` decode rows (attending under `visible`), then
         the prompts of `groups`, which fill the slots after the running ones (unless not `keep`)."""
+        rows = len(hidden)
+        if groups:  # a prefill: padded rows give oneDNN a bounded set of shapes (it keeps kernels per shape)
+            extra = prefill_rows(rows) - rows
+            hidden, positions = F.pad(hidden, (0, 0, 0, extra)), F.pad(positions, (0, extra))
         cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden[None], positions[None]))
         first_slot = n_dec if keep else None
         for index, layer in enumerate(self.decoder.layers):
@@ -337,7 +349,7 @@ class DecoderRunner(Runner):
             mlp, normed = layer.mlp, rms_norm(layer.post_attention_layernorm, hidden)
             gated = gated_product(mlp.gate_proj, mlp.up_proj, mlp.act_fn, self.silu, normed)
             hidden = linear_plus(mlp.down_proj, gated, hidden)
-        return rms_norm(self.decoder.norm, hidden)
+        return rms_norm(self.decoder.norm, hidden)[:rows]
 
 
 @dataclass
