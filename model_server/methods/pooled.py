@@ -56,14 +56,16 @@ class PooledMethod(EngineMethod):
     def __init__(self, loaded: LoadedModel) -> None:
         super().__init__(loaded)
         self.encoder: DecoderRunner | None = None
-        self.padded = True
         if loaded.spec.trust_remote_code:
             return
         if self.packs_prompts:
             self.encoder = fast_runner(loaded, max_seqs=0)
         if self.encoder is None:
             pack_for_serving(loaded)
-        self.padded = self.encoder is None
+
+    @property
+    def padded(self) -> bool:
+        return self.encoder is None
 
     @property
     def runner_kind(self) -> str:
