@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from harness.procs import free_port, genembed, running  # noqa: E402
 from loadtests.bench_gateway import Sentences, load_average, machine, percentile  # noqa: E402
-from loadtests.load_suite import Outcome, other_processes, send  # noqa: E402
+from loadtests.load_suite import Outcome, other_processes, send, session  # noqa: E402
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -170,8 +170,7 @@ async def open_loop(
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * seconds * 1.5) + 10))
     arrivals = arrivals[arrivals < seconds]
-    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, timeout=40, limits=limits) as client:
+    async with session(url, 40, connections=2048) as client:
         start = time.perf_counter()
         tasks = []
         for at in arrivals:

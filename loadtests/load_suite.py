@@ -46,8 +46,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
+import orjson
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,14 +70,17 @@ STEP_RANGE = {"min": 1, "max": 10}
 
 
 class RssSampler:
-    """Samples the RSS of `genembed serve` (the gateway) and each worker child every `interval` s.
+    """Samples the RSS of `genembed serve` (the gateway), each worker child, a second gateway this process started
+    and this process (the load generator) every `interval` s, and counts each one's CPU seconds per scenario.
 
     Workers are found by their command line on every sample, so a restarted worker is still tracked."""
 
     def __init__(self, root_pid: int, interval: float = 0.5) -> None:
         self.root = psutil.Process(root_pid)
+        self.me = psutil.Process()
         self.interval = interval
         self.peaks: dict[str, float] = {}
+        self.cpu_seen: dict[int, float] = {}  # pid: user + system seconds at the last take_cpu
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -85,18 +90,39 @@ class RssSampler:
             return {self.root.pid, *(p.pid for p in self.root.children(recursive=True))}
         return {self.root.pid}
 
-    def sample(self) -> dict[str, float]:
-        """MB per process label: `gateway`, `worker:<model>`."""
-        out = {}
+    def processes(self) -> list[tuple[str, psutil.Process]]:
+        """(label, process): `gateway`, `worker:<model>`, `gateway-2` (scenario f) and `generator`."""
+        out = [("generator", self.me), ("gateway", self.root)]
         with contextlib.suppress(psutil.Error):
-            out["gateway"] = self.root.memory_info().rss / 2**20
             for child in self.root.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     cmd = child.cmdline()
                     if "worker" in cmd and "--model" in cmd:
-                        label = f"worker:{cmd[cmd.index('--model') + 1]}"
-                        out[label] = out.get(label, 0.0) + child.memory_info().rss / 2**20
+                        out.append((f"worker:{cmd[cmd.index('--model') + 1]}", child))
+            for child in self.me.children():
+                with contextlib.suppress(psutil.Error):
+                    if child.pid != self.root.pid and "gateway" in child.cmdline():
+                        out.append(("gateway-2", child))
         return out
+
+    def sample(self) -> dict[str, float]:
+        """MB per process label."""
+        out: dict[str, float] = {}
+        for label, proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                out[label] = out.get(label, 0.0) + proc.memory_info().rss / 2**20
+        return out
+
+    def take_cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system, threads included) per label since the last call: where the cores went."""
+        out: dict[str, float] = {}
+        for label, proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total = times.user + times.system
+                out[label] = out.get(label, 0.0) + max(0.0, total - self.cpu_seen.get(proc.pid, 0.0))
+                self.cpu_seen[proc.pid] = total
+        return {k: round(v, 1) for k, v in out.items()}
 
     def _run(self) -> None:
         while not self.stop_event.wait(self.interval):
@@ -108,13 +134,13 @@ class RssSampler:
     def start(self) -> None:
         self.thread.start()
 
-    def take_peaks(self) -> dict[str, float]:
-        """Peaks since the last call (one scenario's), then start afresh."""
+    def take_usage(self) -> tuple[dict[str, float], dict[str, float]]:
+        """RSS peaks (MB) and CPU seconds per label since the last call (one scenario's), then start afresh."""
         current = self.sample()
         with self.lock:
             peaks = {k: round(max(v, current.get(k, 0.0)), 1) for k, v in self.peaks.items()}
             self.peaks = {}
-        return peaks
+        return peaks, self.take_cpu()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -178,11 +204,18 @@ class ScenarioResult:
     mean_steps_granted: float | None
     generator_lag_p99_ms: float
     rss_peak_mb: dict[str, float]
+    cpu_s: dict[str, float]  # CPU seconds per process over the scenario (the cores are shared)
     note: str = ""
 
 
 def summarise(
-    name: str, model: str, outcomes: list[Outcome], elapsed: float, offered: float | None, rss: dict, note: str = ""
+    name: str,
+    model: str,
+    outcomes: list[Outcome],
+    elapsed: float,
+    offered: float | None,
+    usage: tuple[dict[str, float], dict[str, float]],
+    note: str = "",
 ) -> ScenarioResult:
     statuses = Counter(o.status for o in outcomes)
     ok = [o for o in outcomes if o.status == "200"]
@@ -208,7 +241,8 @@ def summarise(
         p99_ms=percentile(ms, 99),
         mean_steps_granted=float(np.mean(steps)) if steps else None,
         generator_lag_p99_ms=percentile([1000 * o.lag_s for o in outcomes], 99),
-        rss_peak_mb=rss,
+        rss_peak_mb=usage[0],
+        cpu_s=usage[1],
         note=note,
     )
 
@@ -220,18 +254,48 @@ def query_body(model: str, texts: list[str] | list[list[int]], steps: object = N
     return body
 
 
-async def send(client: httpx.AsyncClient, body: dict, scheduled: float, lag: float = 0.0) -> Outcome:
-    """One request; latency from `scheduled` (perf_counter), so generator lag counts against the server."""
+@dataclass
+class Reply:
+    status: str  # the HTTP status, "timeout" or "error"
+    body: dict | None = None  # a JSON answer
+    retry_after: float = 1.0
+
+
+async def post(client: aiohttp.ClientSession, body: dict) -> Reply:
+    """POST /v1/embeddings. aiohttp, not httpx: httpcore's pool walks every open connection on each request and
+    release (encode/httpcore#1035), and this generator holds thousands at 4x: with httpx it fell 20 s behind its
+    schedule there and spent more CPU than the gateway (loadtests/bench_http_client.py)."""
     try:
-        response = await client.post("/v1/embeddings", json=body)
-    except httpx.TimeoutException:
-        return Outcome("timeout", time.perf_counter() - scheduled, lag_s=lag)
-    except httpx.HTTPError:
-        return Outcome("error", time.perf_counter() - scheduled, lag_s=lag)
+        async with client.post("/v1/embeddings", json=body) as response:
+            raw = await response.read()
+            retry_after = response.headers.get("retry-after", "1")
+            status = response.status
+    except TimeoutError:
+        return Reply("timeout")
+    except aiohttp.ClientError:
+        return Reply("error")
+    with contextlib.suppress(ValueError):
+        return Reply(str(status), orjson.loads(raw), float(retry_after) if retry_after.isdigit() else 1.0)
+    return Reply(str(status), {"text": raw[:300].decode(errors="replace")})
+
+
+def session(url: str, timeout_s: float, connections: int = 4096) -> aiohttp.ClientSession:
+    """The generator's client: each request gives up `timeout_s` after it is sent."""
+    return aiohttp.ClientSession(
+        url,
+        connector=aiohttp.TCPConnector(limit=connections, keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        json_serialize=lambda body: orjson.dumps(body).decode(),
+    )
+
+
+async def send(client: aiohttp.ClientSession, body: dict, scheduled: float, lag: float = 0.0) -> Outcome:
+    """One request; latency from `scheduled` (perf_counter), so generator lag counts against the server."""
+    reply = await post(client, body)
     latency = time.perf_counter() - scheduled
-    if response.status_code != 200:
-        return Outcome(str(response.status_code), latency, lag_s=lag)
-    data = response.json()["data"]
+    if reply.status != "200" or reply.body is None:
+        return Outcome(reply.status, latency, lag_s=lag)
+    data = reply.body["data"]
     steps = [d["refinement_steps"] for d in data if d.get("refinement_steps") is not None]
     return Outcome("200", latency, embeddings=len(data), steps=steps, lag_s=lag)
 
@@ -246,9 +310,8 @@ class Load:
         self.sentences = Sentences(seed)  # numbered: never a cache hit
         self.rng = np.random.default_rng(seed)
 
-    def client(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
-        return httpx.AsyncClient(base_url=self.url, timeout=self.client_timeout, limits=limits)
+    def client(self) -> aiohttp.ClientSession:
+        return session(self.url, self.client_timeout)
 
     def single(self, model: str, steps: object = "mixed") -> dict:
         """One new query; `steps`: "mixed" draws K from MIXED_K, None leaves it to the model (pooled)."""
@@ -261,7 +324,7 @@ class Load:
         done = 0
         stop = time.perf_counter() + seconds
 
-        async def user(client: httpx.AsyncClient) -> None:
+        async def user(client: aiohttp.ClientSession) -> None:
             nonlocal done
             while time.perf_counter() < stop:
                 outcome = await send(client, self.single(model, steps), time.perf_counter())
@@ -311,22 +374,17 @@ class Load:
         outcomes: list[Outcome] = []
         stop = time.perf_counter() + seconds
 
-        async def indexer(client: httpx.AsyncClient) -> None:
+        async def indexer(client: aiohttp.ClientSession) -> None:
             while time.perf_counter() < stop:
                 body = query_body(model, self.sentences.take(batch), input_type="document")
                 started = time.perf_counter()
-                try:
-                    response = await client.post("/v1/embeddings", json=body)
-                except httpx.HTTPError as exc:
-                    kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "error"
-                    outcomes.append(Outcome(kind, time.perf_counter() - started))
-                    continue
+                reply = await post(client, body)
                 latency = time.perf_counter() - started
-                if response.status_code == 200:
+                if reply.status == "200":
                     outcomes.append(Outcome("200", latency, embeddings=batch))
                 else:
-                    outcomes.append(Outcome(str(response.status_code), latency))
-                    await asyncio.sleep(min(float(response.headers.get("retry-after", 1)), 10))
+                    outcomes.append(Outcome(reply.status, latency))
+                    await asyncio.sleep(min(reply.retry_after, 10))
 
         async with self.client() as client:
             start = time.perf_counter()
@@ -336,10 +394,10 @@ class Load:
     async def step_range_supported(self) -> str | None:
         """None if the gateway takes `refinement_steps: {min, max}`, else what it answered."""
         async with self.client() as client:
-            response = await client.post("/v1/embeddings", json=self.single(GIRCSE, STEP_RANGE))
-        if response.status_code == 200:
+            reply = await post(client, self.single(GIRCSE, STEP_RANGE))
+        if reply.status == "200":
             return None
-        return f"HTTP {response.status_code}: {response.text[:300]}"
+        return f"HTTP {reply.status}: {reply.body}"
 
     def settle(self, timeout: float = 60) -> None:
         """Wait until the gateway serves no request (its in-flight gauge), so scenarios don't overlap."""
@@ -363,7 +421,7 @@ async def gateway_concurrent(load: Load, prompts: list[list[int]], concurrency: 
     queue = list(prompts)
     statuses: Counter[str] = Counter()
 
-    async def user(client: httpx.AsyncClient) -> None:
+    async def user(client: aiohttp.ClientSession) -> None:
         while queue:
             ids = queue.pop()
             outcome = await send(client, query_body(GIRCSE, [ids], k, "document"), time.perf_counter())
@@ -443,6 +501,7 @@ def print_row(r: ScenarioResult) -> None:
         f"{r.p99_ms:8.0f} {100 * r.share_429:5.1f}% {100 * r.share_503:5.1f}% {100 * r.share_late:5.1f}% "
         f"{100 * r.share_other:5.1f}% {steps} {r.requests:6d}  {r.note}"
     )
+    print(f"{'':<16} CPU s: " + ", ".join(f"{label} {seconds:.0f}" for label, seconds in sorted(r.cpu_s.items())))
 
 
 HEADER = (
@@ -551,7 +610,7 @@ def main() -> None:
         asyncio.run(load.closed_loop(MINILM, 4, 3 if args.quick else 10, steps=None))
         load.settle()
         report["rss_after_warmup_mb"] = {k: round(v, 1) for k, v in sampler.sample().items()}
-        report["rss_peak_warmup_mb"] = sampler.take_peaks()
+        report["rss_peak_warmup_mb"] = sampler.take_usage()[0]
 
         capacity = {
             GIRCSE: asyncio.run(load.closed_loop(GIRCSE, args.capacity_concurrency, cap_seconds)),
@@ -563,25 +622,25 @@ def main() -> None:
             f"(gircse K uniform from {list(MIXED_K)}); 200s per second"
         )
         print(f"capacity: {GIRCSE} {capacity[GIRCSE]:.2f}/s, {MINILM} {capacity[MINILM]:.2f}/s")
-        sampler.take_peaks()
+        sampler.take_usage()
         load.settle()
         print(HEADER)
 
         # (c) and (g) first: the server is idle right after the capacity phase settles.
         if "c" in args.only:
             outcomes, elapsed = asyncio.run(load.burst(GIRCSE, 256))
-            record(summarise("c burst 256", GIRCSE, outcomes, elapsed, None, sampler.take_peaks(), "K mixed"))
+            record(summarise("c burst 256", GIRCSE, outcomes, elapsed, None, sampler.take_usage(), "K mixed"))
             load.settle()
         if "g" in args.only:
             outcomes, elapsed = asyncio.run(load.burst(GIRCSE, 200, inputs=16, steps=20))
-            record(summarise("g heavy 200x16", GIRCSE, outcomes, elapsed, None, sampler.take_peaks(), "16 inputs K=20"))
+            record(summarise("g heavy 200x16", GIRCSE, outcomes, elapsed, None, sampler.take_usage(), "16 inputs K=20"))
             load.settle()
 
         for factor in (0.5, 0.9, 1.5, 4.0) if "a" in args.only else ():
             outcomes, elapsed, offered = asyncio.run(
                 load.open_loop(GIRCSE, factor * capacity[GIRCSE], seconds, args.max_requests)
             )
-            record(summarise(f"a {factor:g}x", GIRCSE, outcomes, elapsed, offered, sampler.take_peaks(), "K mixed"))
+            record(summarise(f"a {factor:g}x", GIRCSE, outcomes, elapsed, offered, sampler.take_usage(), "K mixed"))
             load.settle()
 
         unsupported = asyncio.run(load.step_range_supported())
@@ -593,7 +652,7 @@ def main() -> None:
             outcomes, elapsed, offered = asyncio.run(
                 load.open_loop(GIRCSE, factor * capacity[GIRCSE], seconds, args.max_requests, STEP_RANGE)
             )
-            record(summarise(f"e {factor:g}x", GIRCSE, outcomes, elapsed, offered, sampler.take_peaks(), "K 1..10"))
+            record(summarise(f"e {factor:g}x", GIRCSE, outcomes, elapsed, offered, sampler.take_usage(), "K 1..10"))
             load.settle()
 
         async def both() -> list:
@@ -604,9 +663,9 @@ def main() -> None:
 
         if "d" in args.only:
             (g_out, g_el, g_off), (m_out, m_el, m_off) = asyncio.run(both())
-            rss = sampler.take_peaks()
-            record(summarise("d 0.9x+0.9x", GIRCSE, g_out, g_el, g_off, rss, "with minilm at once"))
-            record(summarise("d 0.9x+0.9x", MINILM, m_out, m_el, m_off, rss, "with gircse at once"))
+            usage = sampler.take_usage()
+            record(summarise("d 0.9x+0.9x", GIRCSE, g_out, g_el, g_off, usage, "with minilm at once"))
+            record(summarise("d 0.9x+0.9x", MINILM, m_out, m_el, m_off, usage, "with gircse at once"))
             load.settle()
 
         if "f" in args.only:
@@ -622,17 +681,17 @@ def main() -> None:
                         )
 
                     (one, el_1, off_1), (two, el_2, off_2) = asyncio.run(two_gateways())
-                    rss = sampler.take_peaks()
+                    usage = sampler.take_usage()
                     note = "2 gateways, 1 worker, half each"
                     record(
-                        summarise(f"f {factor:g}x 2gw", GIRCSE, one + two, max(el_1, el_2), off_1 + off_2, rss, note)
+                        summarise(f"f {factor:g}x 2gw", GIRCSE, one + two, max(el_1, el_2), off_1 + off_2, usage, note)
                     )
                     load.settle()
                     other.settle()
 
         if "b" in args.only:
             outcomes, elapsed = asyncio.run(load.indexing(MINILM, 8, 128, seconds))
-            record(summarise("b index 8x128", MINILM, outcomes, elapsed, None, sampler.take_peaks(), "documents"))
+            record(summarise("b index 8x128", MINILM, outcomes, elapsed, None, sampler.take_usage(), "documents"))
             load.settle()
 
         if not args.skip_target:
@@ -643,7 +702,7 @@ def main() -> None:
                 f"  gateway {target['gateway']['embeddings_per_s']:.2f}/s {target['gateway']['statuses']}, "
                 f"lock-step {target['lockstep_embeddings_per_s']:.2f}/s: {target['ratio']:.2f}x (target >= 1.5x)"
             )
-            sampler.take_peaks()
+            sampler.take_usage()
         sampler.stop()
         report["other_processes_at_end"] = other_processes({os.getpid(), *sampler.pids()})
 

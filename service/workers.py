@@ -1,6 +1,6 @@
 """Workers as the gateway sees them: one client per worker address, grouped by model, and routing.
 
-A `WorkerClient` is one worker: an httpx client, its /info, its state and its backlog. It is *ready* once /ready
+A `WorkerClient` is one worker: an aiohttp session, its /info, its state and its backlog. It is *ready* once /ready
 and /info answered. A worker that answers with an error (loading, draining: /ready or /embed say 503) is
 taken out of rotation while its in-flight calls run on; one that cannot be reached (refused, reset,
 probe timeout) is marked down, and its in-flight calls are aborted at once (503) instead of being left to
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import socket
@@ -36,7 +37,8 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
+from multidict import CIMultiDictProxy
 
 from common import tracing
 from common.protocol import (
@@ -92,11 +94,31 @@ class Backlog:
         return max(self.drain_s - (now - self.at), 0.0) + self.sent_seqs * self.per_seq_s
 
 
-#: what a request fails with when it went out on a pooled connection the worker was closing: uvicorn drops idle
-#: connections after 5 s and the pool expires them at 4 s, but an event loop busy for over a second (a burst on a
-#: loaded machine) expires them late. Sent again once, on another connection, before the worker counts as down:
-#: one such failure used to take the worker out and abort every call in flight on it (docs/benchmarks.md, issue 22)
-_CLOSED_BY_WORKER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+@dataclass(frozen=True)
+class Answer:
+    """A worker's whole answer, read before its connection goes back to the pool."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    def json(self) -> object:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+def _closed_by_worker(exc: BaseException) -> bool:
+    """Whether a request failed because it went out on a pooled connection the worker was closing: uvicorn drops idle
+    connections after 5 s and the pool expires them at 4 s, but an event loop busy for over a second (a burst on a
+    loaded machine) expires them late. Such a request is sent again once, on another connection, before the worker
+    counts as down: one such failure used to take the worker out and abort every call in flight on it
+    (docs/benchmarks.md, issue 22). A refused connection is not this: the worker is not listening."""
+    if isinstance(exc, aiohttp.ClientConnectorError | TimeoutError):
+        return False
+    return isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientPayloadError)
 
 
 class WorkerClient:
@@ -112,19 +134,19 @@ class WorkerClient:
         self.idle = asyncio.Event()  # set while nothing is in flight
         self.idle.set()
         self._metrics = metrics
-        self._probe_timeout = settings.worker_probe_timeout_s
+        self._probe_timeout = aiohttp.ClientTimeout(total=settings.worker_probe_timeout_s)
         self._retry_after = math.ceil(settings.worker_probe_interval_s)
         self._has_load = True  # GET /load answers (a worker older than it does not)
         self._refused_token = False  # the last /info answered 401: logged once until the worker is ready
-        # Each call's own timeout follows its deadline (none for batch calls); connections are bounded by the calls
-        # a model may have in flight, so a call never waits in httpx's pool behind others.
-        timeout = httpx.Timeout(None, connect=2.0)
-        # Idle connections are dropped before uvicorn's own keep-alive timeout (5 s) closes them: a call sent on a
-        # connection the worker is closing fails with ReadError (measured, when that marked the worker down: 613 of
-        # 3 844 minilm requests answered 503 in the load suite's scenario d); one that still does goes again once
-        # (`_CLOSED_BY_WORKER`).
-        limits = httpx.Limits(max_connections=settings.max_worker_calls, keepalive_expiry=4.0)
-        self._http = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=settings.worker_headers())
+        # aiohttp, not httpx: httpcore's pool walks every connection (and for each idle one, all of them again) on
+        # each request and release, and a call in flight holds a connection (HTTP/1.1), so at overload, with hundreds
+        # computing, a quick refusal cost the gateway 4.5 ms of CPU against aiohttp's 0.06 ms
+        # (loadtests/bench_http_client.py). Connections are bounded by the calls a model may have in flight, so a call
+        # never waits in the pool behind others. Idle ones are dropped before uvicorn's own keep-alive timeout (5 s)
+        # closes them; a call that still meets a closing one goes again once (`_closed_by_worker`).
+        self._connections = settings.max_worker_calls
+        self._headers = settings.worker_headers()
+        self._session: aiohttp.ClientSession | None = None  # made on first use, inside the running loop
         self._accepting = False  # takes new calls
         self._down = asyncio.Event()  # set while unreachable; in-flight calls watch it
         self._down.set()
@@ -139,13 +161,15 @@ class WorkerClient:
     async def probe(self) -> None:
         """Check /ready; on the way back up, refetch /info (the revision may have changed)."""
         try:
-            response = await self._request("GET", "/ready", timeout=self._probe_timeout)
-            if response.status_code != 200:
-                self.take_out(f"/ready answered {response.status_code}: {response.text[:200]}")
+            response = await self._request("GET", "/ready", self._probe_timeout)
+            if response.status != 200:
+                self.take_out(f"/ready answered {response.status}: {response.text[:200]}")
                 return
             if not self.ready:
-                response = await self._request("GET", "/info", timeout=self._probe_timeout)
-                response.raise_for_status()
+                response = await self._request("GET", "/info", self._probe_timeout)
+                if response.status != 200:
+                    self._info_refused(response)
+                    return
                 self.info = ModelInfo(**response.json())
                 if self._down.is_set():
                     self._down = asyncio.Event()
@@ -155,19 +179,20 @@ class WorkerClient:
                 self._accepting = True
                 self._refused_token = False
                 log.info("worker %s at %s ready: %s revision %s", self.name, self.url, self.info.id, self.info.revision)
-        except httpx.TransportError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.mark_down(f"probe failed: {exc!r}")
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 401 and not self._refused_token:  # once, not on every probe
-                log.error(
-                    "worker %s at %s refuses this gateway's token (401): set the same GENEMBED_WORKER_TOKEN on both",
-                    self.name,
-                    self.url,
-                )
-            self._refused_token = exc.response.status_code == 401
-            self.take_out(f"/info failed: {exc!r}")
         except (ValueError, TypeError) as exc:
             self.take_out(f"/info failed: {exc!r}")
+
+    def _info_refused(self, response: Answer) -> None:
+        if response.status == 401 and not self._refused_token:  # once, not on every probe
+            log.error(
+                "worker %s at %s refuses this gateway's token (401): set the same GENEMBED_WORKER_TOKEN on both",
+                self.name,
+                self.url,
+            )
+        self._refused_token = response.status == 401
+        self.take_out(f"/info answered {response.status}: {response.text[:200]}")
 
     async def poll_load(self) -> None:
         """Refresh the backlog from `GET /load` (cheap: the worker answers from its counters). Failures are the
@@ -175,15 +200,15 @@ class WorkerClient:
         if not self.ready or not self._has_load:
             return
         try:
-            response = await self._request("GET", "/load", timeout=self._probe_timeout)
-        except httpx.TransportError:
+            response = await self._request("GET", "/load", self._probe_timeout)
+        except (aiohttp.ClientError, TimeoutError):
             return
-        if response.status_code == 404:
+        if response.status == 404:
             self._has_load = False
             log.info("worker %s at %s has no /load: routing on its /embed answers only", self.name, self.url)
             return
         with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
-            if response.status_code == 200:
+            if response.status == 200:
                 load = response.json()  # {"drain_s", "queued_seqs" (all held), "running_seqs", "waiting": {...}}
                 self._report(float(load["drain_s"]), int(load["running_seqs"]) + int(load["waiting"]["online"]))
 
@@ -191,18 +216,32 @@ class WorkerClient:
         self.backlog.report(drain_s, asyncio.get_running_loop().time(), seqs)
         self._metrics.worker_drain_seconds.labels(self.name, self.url).set(self.backlog.drain_s)
 
-    def _report_headers(self, headers: httpx.Headers) -> None:
+    def _report_headers(self, headers: CIMultiDictProxy[str]) -> None:
         """The backlog every /embed answer carries (absent from an older worker: nothing changes)."""
         with contextlib.suppress(KeyError, ValueError):
             self._report(float(headers[DRAIN_HEADER]))
 
-    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """One request to the worker, sent again once if its connection turned out closed (`_CLOSED_BY_WORKER`): a
-        worker that is really gone fails the second try too (an embedding call is safe to repeat)."""
+    async def _request(
+        self, method: str, path: str, timeout: aiohttp.ClientTimeout, data: bytes | None = None, headers=None
+    ) -> Answer:
+        """One request to the worker, sent again once if its connection turned out closed (`_closed_by_worker`): a
+        worker that is really gone fails the second try too (an embedding call is safe to repeat). aiohttp already
+        does that itself for a GET on a reused connection, not for a POST."""
         try:
-            return await self._http.request(method, path, **kwargs)
-        except _CLOSED_BY_WORKER:
-            return await self._http.request(method, path, **kwargs)
+            return await self._send(method, path, timeout, data, headers)
+        except aiohttp.ClientError as exc:
+            if method != "POST" or not _closed_by_worker(exc):
+                raise
+            return await self._send(method, path, timeout, data, headers)
+
+    async def _send(self, method: str, path: str, timeout: aiohttp.ClientTimeout, data, headers) -> Answer:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._connections, keepalive_timeout=4.0)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+        async with self._session.request(
+            method, self.url.rstrip("/") + path, data=data, headers=headers, timeout=timeout
+        ) as r:
+            return Answer(r.status, r.headers, await r.read())
 
     def take_out(self, reason: str) -> None:
         """No new calls; the ones in flight run on (a loading or draining worker finishes what it has)."""
@@ -254,8 +293,8 @@ class WorkerClient:
         tracing.inject(headers)  # traceparent: the worker's spans join the trace of the calling span
         # The worker answers 504 once the deadline has passed; this bound only catches one that never answers.
         read = None if request.deadline_s is None else max(request.deadline_s, 0.0) + _ANSWER_GRACE_S
-        timeout = httpx.Timeout(read, connect=2.0)
-        post = self._request("POST", "/embed", content=request.encode(), headers=headers, timeout=timeout)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=read)
+        post = self._request("POST", "/embed", timeout, data=request.encode(), headers=headers)
         call = asyncio.ensure_future(post)
         watch = asyncio.ensure_future(down.wait())
         try:
@@ -270,32 +309,33 @@ class WorkerClient:
             raise self.unavailable()
         try:
             response = call.result()
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             raise DeadlineExceeded(f"the worker for model {self.name!r} did not answer in time") from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             self.mark_down(f"{exc!r}")
             raise self.unavailable() from exc
         self._report_headers(response.headers)
-        if response.status_code == 200:
+        if response.status == 200:
             try:
-                return EmbedResponse.decode(response.content)
+                return EmbedResponse.decode(response.body)
             except (ValueError, KeyError, TypeError) as exc:
                 raise ServiceError(f"the worker for model {self.name!r} sent a malformed response: {exc}") from exc
         detail, code = _detail(response)
-        if response.status_code == 429:
+        if response.status == 429:
             retry_after = response.headers.get("retry-after", "1")
             raise Overloaded(detail, retry_after=max(1, int(retry_after)) if retry_after.isdigit() else 1)
-        if response.status_code == 503:
+        if response.status == 503:
             self.take_out(f"/embed answered 503: {detail}")
             raise self.unavailable()
-        if response.status_code == 400 and code == EXCEEDS_DEADLINE:
+        if response.status == 400 and code == EXCEEDS_DEADLINE:
             raise InvalidRequest(detail, code=EXCEEDS_DEADLINE)
-        if response.status_code == 504:
+        if response.status == 504:
             raise DeadlineExceeded(detail)
-        raise ServiceError(f"the worker for model {self.name!r} answered {response.status_code}: {detail}")
+        raise ServiceError(f"the worker for model {self.name!r} answered {response.status}: {detail}")
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
         for series in (
             self._metrics.worker_outstanding,
             self._metrics.worker_calls,
@@ -304,7 +344,7 @@ class WorkerClient:
             series.remove_by_labels({"model": self.name, "worker": self.url})
 
 
-def _detail(response: httpx.Response) -> tuple[str, str | None]:
+def _detail(response: Answer) -> tuple[str, str | None]:
     """A worker's error body, `{"detail", "code"}`, as (message, code); other bodies as their first 200 characters."""
     try:
         body = response.json()

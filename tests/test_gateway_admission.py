@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 
 import httpx
 import numpy as np
 import pytest
 
-from common.protocol import ModelInfo
+from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ItemResult, ModelInfo
 from harness.procs import worker_process
 from service.cache import MemoryCache
 from service.embedder import Embedder, EmbedOptions
@@ -201,10 +202,16 @@ async def test_a_connection_the_worker_closed_under_a_request_is_not_a_dead_work
         mine = connections
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")  # GETs: no body
+                head = await reader.readuntil(b"\r\n\r\n")
                 if mine in closes:
                     return
-                body = json.dumps(info.to_json() if head.split()[1] == b"/info" else {"status": "ready"}).encode()
+                path = head.split()[1]
+                if path == b"/embed":
+                    length = re.search(rb"content-length: *(\d+)", head, re.I)
+                    call = EmbedRequest.decode(await reader.readexactly(int(length.group(1))))
+                    body = EmbedResponse(4, [ItemResult(1)] * len(call.items), np.ones((len(call.items), 4))).encode()
+                else:
+                    body = json.dumps(info.to_json() if path == b"/info" else {"status": "ready"}).encode()
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
                 await writer.drain()
         except asyncio.IncompleteReadError:
@@ -219,9 +226,12 @@ async def test_a_connection_the_worker_closed_under_a_request_is_not_a_dead_work
     try:
         await client.probe()
         assert client.ready and connections == 2
-        closes.update(range(2, 10))  # from now on every connection closes unanswered: the worker is gone
+        closes.add(2)  # the idle connection the call will go out on
+        answer = await client.embed(EmbedRequest([EmbedItem(text="a"), EmbedItem(text="b")], deadline_s=10))
+        assert answer.vectors.shape == (2, 4) and client.ready and connections == 3
+        closes.update(range(3, 10))  # from now on every connection closes unanswered: the worker is gone
         await client.probe()
-        assert not client.ready and connections == 3
+        assert not client.ready and connections == 4
     finally:
         await client.aclose()
         server.close()
