@@ -38,11 +38,6 @@ REQUEST_CONTENT_TYPE = "application/msgpack"
 REQUEST_ID_HEADER = "x-request-id"
 DRAIN_HEADER = "x-genembed-drain-s"
 QUEUED_HEADER = "x-genembed-queued-seqs"
-# Seconds the worker's queue is expected to hold any new online call, and the share of a call's deadline its
-# estimate may use: a call with less than soonest / share seconds left is refused before it is read (a gateway that
-# knows both need not send it).
-SOONEST_HEADER = "x-genembed-soonest-s"
-DEADLINE_SHARE_HEADER = "x-genembed-deadline-share"
 # The shared secret the gateway sends on every worker call (model_server/auth.py checks it).
 WORKER_TOKEN_HEADER = "x-genembed-worker-token"
 

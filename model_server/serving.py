@@ -45,8 +45,6 @@ class LoadReport:
     running_seqs: int
     waiting_online: int
     waiting_batch: int
-    soonest_s: float  # a new online call's first sequence is expected to finish no sooner (refuse_unseen's bound)
-    deadline_share: float  # of a call's deadline, what its estimate may use
 
     @property
     def queued_seqs(self) -> int:
@@ -54,18 +52,11 @@ class LoadReport:
         return self.running_seqs + self.waiting_online + self.waiting_batch
 
     def headers(self) -> dict[str, str]:
-        return {
-            protocol.DRAIN_HEADER: f"{self.drain_s:.3f}",
-            protocol.QUEUED_HEADER: str(self.queued_seqs),
-            protocol.SOONEST_HEADER: f"{self.soonest_s:.3f}",
-            protocol.DEADLINE_SHARE_HEADER: f"{self.deadline_share:g}",
-        }
+        return {protocol.DRAIN_HEADER: f"{self.drain_s:.3f}", protocol.QUEUED_HEADER: str(self.queued_seqs)}
 
     def to_json(self) -> dict:
         return {
             "drain_s": round(self.drain_s, 3),
-            "soonest_s": round(self.soonest_s, 3),
-            "deadline_share": self.deadline_share,
             "queued_seqs": self.queued_seqs,
             "running_seqs": self.running_seqs,
             "waiting": {"online": self.waiting_online, "batch": self.waiting_batch},
@@ -249,18 +240,14 @@ class EmbeddingWorker:
 
     def _refuse_unseen(self, deadline_s: float, received: float) -> None:
         """Raise NotAdmitted, before the call is tokenized, when the queue alone outlasts its deadline's share."""
-        decision = admission.refuse_unseen(
-            self._soonest(self._current()), deadline_s, received, self.policy, time.monotonic()
-        )
+        ahead = self._current()
+        if ahead.soonest_s is None:
+            ahead.soonest_s = admission.soonest_seconds(self.engine.cost, ahead.schedule)
+        decision = admission.refuse_unseen(ahead.soonest_s, deadline_s, received, self.policy, time.monotonic())
         if decision is not None:
             self.metrics.admission.labels("refused_unseen").inc()
             log.info("embed: refused unseen: %s", decision.detail)
             raise NotAdmitted(decision)
-
-    def _soonest(self, ahead: _Ahead) -> float:
-        if ahead.soonest_s is None:
-            ahead.soonest_s = admission.soonest_seconds(self.engine.cost, ahead.schedule)
-        return ahead.soonest_s
 
     def _current(self) -> _Ahead:
         ahead = self._ahead
@@ -296,14 +283,7 @@ class EmbeddingWorker:
         if coefficients is not None:
             for term, value in zip(admission.TERMS, coefficients, strict=True):
                 self.metrics.cost_coefficient.labels(term).set(value)
-        return LoadReport(
-            ahead.drain_s,
-            ahead.running,
-            ahead.waiting_online,
-            ahead.waiting_batch,
-            self._soonest(ahead),
-            self.policy.deadline_share,
-        )
+        return LoadReport(ahead.drain_s, ahead.running, ahead.waiting_online, ahead.waiting_batch)
 
     def retry_after(self, drain_s: float) -> int:
         """Seconds a refusal by a bound (not by an estimate) asks the caller to wait: until the queue drains."""

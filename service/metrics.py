@@ -103,13 +103,6 @@ class GatewayMetrics:
             ["model", "worker", "outcome"],
             registry=reg,
         )
-        self.refused_by_report = Counter(
-            "genembed_gateway_refused_by_report",
-            "Calls not sent to a worker whose last report said it would refuse them unread (its queue outlasts their "
-            "deadline's share)",
-            ["model"],
-            registry=reg,
-        )
         self.worker_retries = Counter(
             "genembed_gateway_worker_retries",
             "Calls tried on another worker after one refused (429) or failed",

@@ -42,12 +42,10 @@ from multidict import CIMultiDictProxy
 
 from common import tracing
 from common.protocol import (
-    DEADLINE_SHARE_HEADER,
     DRAIN_HEADER,
     EXCEEDS_DEADLINE,
     REQUEST_CONTENT_TYPE,
     REQUEST_ID_HEADER,
-    SOONEST_HEADER,
     EmbedRequest,
     EmbedResponse,
     ModelInfo,
@@ -83,8 +81,6 @@ class Backlog:
     at: float = 0.0  # loop time of the report
     per_seq_s: float = 0.0  # drain seconds per online sequence, from the last /load that held any
     sent_seqs: int = 0  # sequences this gateway sent it since the report
-    soonest_s: float = 0.0  # how long its queue holds any new online call, as reported (0: not reported)
-    deadline_share: float = 1.0  # of a call's deadline, what the worker lets its estimate use
 
     def report(self, drain_s: float, now: float, seqs: int | None = None) -> None:
         """`seqs`: the online sequences the drain time covers (GET /load says; an /embed answer's headers count
@@ -92,16 +88,6 @@ class Backlog:
         self.drain_s, self.at, self.sent_seqs = max(drain_s, 0.0), now, 0
         if seqs:
             self.per_seq_s = self.drain_s / seqs
-
-    def refusal_s(self, left_s: float, now: float) -> float | None:
-        """If the worker's last report says it refuses a call with `left_s` to its deadline unread (its own rule,
-        `admission.refuse_unseen`): the seconds until its queue would let such a call in; else None. The report is
-        aged as the queue drains and leaves out what was sent since, so this never refuses what the worker would
-        take by the report's own numbers."""
-        soonest = self.soonest_s - (now - self.at)
-        if soonest <= left_s * self.deadline_share:
-            return None
-        return soonest - left_s * self.deadline_share
 
     def expected_finish(self, now: float) -> float:
         """Seconds until the worker would be done with what it holds and what was sent since."""
@@ -224,18 +210,16 @@ class WorkerClient:
         with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
             if response.status == 200:
                 load = response.json()  # {"drain_s", "queued_seqs" (all held), "running_seqs", "waiting": {...}}
-                self._report_headers(response.headers, int(load["running_seqs"]) + int(load["waiting"]["online"]))
+                self._report(float(load["drain_s"]), int(load["running_seqs"]) + int(load["waiting"]["online"]))
 
     def _report(self, drain_s: float, seqs: int | None = None) -> None:
         self.backlog.report(drain_s, asyncio.get_running_loop().time(), seqs)
         self._metrics.worker_drain_seconds.labels(self.name, self.url).set(self.backlog.drain_s)
 
-    def _report_headers(self, headers: CIMultiDictProxy[str], seqs: int | None = None) -> None:
-        """The backlog every /embed and /load answer carries (absent from an older worker: nothing changes)."""
+    def _report_headers(self, headers: CIMultiDictProxy[str]) -> None:
+        """The backlog every /embed answer carries (absent from an older worker: nothing changes)."""
         with contextlib.suppress(KeyError, ValueError):
-            self._report(float(headers[DRAIN_HEADER]), seqs)
-            self.backlog.soonest_s = float(headers.get(SOONEST_HEADER, 0.0))
-            self.backlog.deadline_share = float(headers.get(DEADLINE_SHARE_HEADER, 1.0))
+            self._report(float(headers[DRAIN_HEADER]))
 
     async def _request(
         self, method: str, path: str, timeout: aiohttp.ClientTimeout, data: bytes | None = None, headers=None
@@ -465,16 +449,6 @@ class WorkerGroup:
                 )
                 self._metrics.worker_retries.labels(self.name, reason).inc()
             tried.append(worker)
-            wait = None if left is None else worker.backlog.refusal_s(left, loop.time())
-            if wait is not None:  # it would refuse the call unread: no round trip for the same answer
-                self._metrics.refused_by_report.labels(self.name).inc()
-                last = Overloaded(
-                    f"the worker at {worker.url} reported a queue that holds any new call for longer than the "
-                    f"{left:.1f} s left to the deadline allow",
-                    retry_after=min(max(1, math.ceil(wait)), self._retry_after_max),
-                )
-                refusals.append(last)
-                continue
             try:
                 return await worker.embed(dataclasses.replace(request, deadline_s=left))
             except Overloaded as exc:

@@ -3,12 +3,11 @@ and calls in flight per model) refuse at once with 429 + Retry-After and leave n
 idle server, through one gateway or two sharing the worker, is answered or refused at once, never accepted and
 then late; a request that cannot fit even alone gets a 400 at once; a worker's 429 sends the request to another
 worker. A step range is granted by the worker. A connection the worker closed under a request is not a dead
-worker; a worker whose last report says it would refuse a call unread is not asked."""
+worker."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import re
 from collections import Counter
@@ -18,13 +17,13 @@ import numpy as np
 import pytest
 
 from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ItemResult, ModelInfo
-from harness.procs import app_in_thread, worker_process
+from harness.procs import worker_process
 from service.cache import MemoryCache
 from service.embedder import Embedder, EmbedOptions
-from service.errors import InvalidRequest, Overloaded
+from service.errors import InvalidRequest
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
-from service.workers import WorkerClient, WorkerGroup, WorkerPool
+from service.workers import WorkerClient, WorkerPool
 from tests.gateway_fixtures import gateway_process
 from tests.load import sample, texts
 
@@ -236,78 +235,3 @@ async def test_a_connection_the_worker_closed_under_a_request_is_not_a_dead_work
     finally:
         await client.aclose()
         server.close()
-
-
-class _ScriptedWorker:
-    """A worker's HTTP surface, scripted: /embed answers 429 while `refuse`, else 200; every answer carries the
-    backlog headers with `soonest_s` (how long its queue holds a new call) and a deadline share of 0.7."""
-
-    def __init__(self) -> None:
-        self.info = ModelInfo("m", "pooled", 4, 0, 0, 0, 512, 100, "float32", "cpu", "r")
-        self.soonest_s = 100.0
-        self.refuse = True
-        self.embeds = 0
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        status, payload = 200, json.dumps({"status": "ready"}).encode()
-        if scope["path"] == "/info":
-            payload = json.dumps(self.info.to_json()).encode()
-        elif scope["path"] == "/load":
-            payload = json.dumps({"drain_s": self.soonest_s, "running_seqs": 8, "waiting": {"online": 0}}).encode()
-        elif scope["path"] == "/embed":
-            self.embeds += 1
-            items = len(EmbedRequest.decode(body).items)
-            if self.refuse:
-                status, payload = 429, json.dumps({"detail": "the queue is full", "code": "overloaded"}).encode()
-            else:
-                payload = EmbedResponse(4, [ItemResult(1)] * items, np.ones((items, 4))).encode()
-        headers = [
-            (b"x-genembed-drain-s", str(self.soonest_s).encode()),
-            (b"x-genembed-soonest-s", str(self.soonest_s).encode()),
-            (b"x-genembed-deadline-share", b"0.7"),
-            (b"retry-after", b"5"),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-
-
-async def test_a_worker_whose_report_says_it_would_refuse_is_not_asked_again():
-    """At overload most calls are refused unread by the worker (its queue alone outlasts their deadline's share). Its
-    answers report that bound, so the gateway refuses such calls itself instead of sending each for the same 429:
-    at 4x that round trip cost the worker's event loop and the gateway the cores the engine needed. Batch calls
-    (no deadline) still go, and a report that the queue has drained lets online calls through again."""
-    worker = _ScriptedWorker()
-    metrics = GatewayMetrics()
-    with app_in_thread(worker) as url:
-        group = WorkerGroup("m", [url], GatewaySettings(), metrics)
-        try:
-            await group.probe()
-            loop = asyncio.get_running_loop()
-            call = EmbedRequest([EmbedItem(text="a")])
-            with pytest.raises(Overloaded, match="the queue is full"):
-                await group.embed(call, deadline=loop.time() + 30)
-            assert worker.embeds == 1
-            with pytest.raises(Overloaded, match="reported a queue") as refused:
-                await group.embed(call, deadline=loop.time() + 30)
-            assert worker.embeds == 1  # not sent
-            assert refused.value.retry_after == 30  # 100 s - 30 s x 0.7 to wait, capped at retry_after_max_s
-            assert metrics.registry.get_sample_value("genembed_gateway_refused_by_report_total", {"model": "m"}) == 1
-            worker.refuse = False
-            answer = await group.embed(dataclasses.replace(call, priority="batch"), deadline=None)
-            assert answer.vectors.shape == (1, 4) and worker.embeds == 2
-            with pytest.raises(Overloaded, match="reported a queue"):
-                await group.embed(call, deadline=loop.time() + 30)
-            worker.soonest_s = 20.0  # 20 s < 30 s x 0.7: the worker would read the call
-            await group.poll_load()
-            answer = await group.embed(call, deadline=loop.time() + 30)
-            assert answer.vectors.shape == (1, 4) and worker.embeds == 3
-        finally:
-            await group.aclose()
