@@ -46,7 +46,11 @@ def run_worker(args: argparse.Namespace) -> int:
     # OpenMP reads its variables when torch loads, and a thread inherits its niceness when it starts (Linux keeps
     # one per thread; importing torch starts one): both are set before the imports below.
     try:
-        threads.configure(os.environ.get("GENEMBED_WORKER_OMP", "auto"), os.environ.get("GENEMBED_WORKER_NICE", "0"))
+        threads.configure(
+            os.environ.get("GENEMBED_WORKER_OMP", "auto"),
+            os.environ.get("GENEMBED_WORKER_NICE", "0"),
+            os.environ.get("GENEMBED_WORKER_CPUS", ""),
+        )
     except ValueError as exc:
         print(f"genembed worker: {exc}", file=sys.stderr)
         return 2
@@ -119,12 +123,37 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--replicas", type=int, default=1, metavar="N", help="workers per --model, each on its own port (default 1)"
     )
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for the workers to load")
+    p.add_argument(
+        "--cpu-split",
+        choices=["off", "even"],
+        default="off",
+        help="even: with at least as many CPUs as workers, each worker gets an equal share of them to itself "
+        "(GENEMBED_WORKER_CPUS): no worker's burst slows another's steps, but a worker alone uses only its share "
+        "(docs/gateway.md); ignored when GENEMBED_WORKER_CPUS or OMP_NUM_THREADS is set (default off)",
+    )
     _add_gateway_flags(p)
     p.set_defaults(run=run_serve)
 
 
+def split_cpus(cpus: list[int], workers: int) -> list[str] | None:
+    """Each worker's share of `cpus` as GENEMBED_WORKER_CPUS, in equal contiguous parts (the remainder to the first
+    ones); None when there are fewer CPUs than workers or one worker. Workers whose OpenMP threads share cores slow
+    each other's steps by more than their share (one waits at each parallel region's end for a thread the other
+    preempted), and each admits by its own measured step times, which a neighbour's burst changes after the fact:
+    in load scenario (d) that was most of the accepted-then-late answers."""
+    if workers < 2 or len(cpus) < workers:
+        return None
+    size, extra = divmod(len(cpus), workers)
+    parts, start = [], 0
+    for i in range(workers):
+        end = start + size + (i < extra)
+        parts.append(",".join(map(str, cpus[start:end])))
+        start = end
+    return parts
+
+
 def _gateway_settings(args: argparse.Namespace, **extra: object) -> GatewaySettings:
-    skip = ("run", "command", "models", "ready_timeout", "replicas")
+    skip = ("run", "command", "models", "ready_timeout", "replicas", "cpu_split")
     flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     return GatewaySettings(**flags, **extra)
 
@@ -180,10 +209,15 @@ def run_serve(args: argparse.Namespace) -> int:
         settings.worker_token = token = settings.worker_token or SecretStr(secrets.token_urlsafe(32))
         env = {**os.environ, "GENEMBED_WORKER_TOKEN": token.get_secret_value()}
         env.setdefault("GENEMBED_WORKER_NICE", str(SERVE_WORKER_NICE))
-        for model in args.models or [DEFAULT_MODEL]:
+        models = [m for m in args.models or [DEFAULT_MODEL] for _ in range(args.replicas)]
+        shares: list[str | None] = [None] * len(models)
+        if args.cpu_split == "even" and not {"GENEMBED_WORKER_CPUS", "OMP_NUM_THREADS"} & env.keys():
+            shares = split_cpus(sorted(os.sched_getaffinity(0)), len(models)) or shares
+        for model, cpus in zip(models, shares, strict=True):
             cmd = [sys.executable, "-m", "cli.main", "worker", "--model", model, "--host", "127.0.0.1"]
             cmd += ["--log-format", args.log_format] if args.log_format else []
-            supervisor.workers += [Worker(cmd, free_port(), env) for _ in range(args.replicas)]
+            own = env if cpus is None else {**env, "GENEMBED_WORKER_CPUS": cpus}
+            supervisor.workers.append(Worker(cmd, free_port(), own))
         headers = settings.worker_headers()
         named = [f"{wait_ready(w.url, w.proc, args.ready_timeout, headers)}={w.url}" for w in supervisor.workers]
         supervisor.watch()

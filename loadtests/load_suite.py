@@ -466,10 +466,11 @@ WORKER_TOKEN = {"GENEMBED_WORKER_TOKEN": f"load-suite-{os.getpid()}"}
 
 
 @contextlib.contextmanager
-def serve(logs: Path, ready_timeout: float) -> Iterator[tuple[str, int]]:
+def serve(logs: Path, ready_timeout: float, cpu_split: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = genembed("serve", "--model", GIRCSE, "--model", MINILM, "--port", str(port), "--log-level", "warning")
+    cmd += ["--cpu-split", cpu_split]
     with running(cmd, f"{url}/ready", timeout=ready_timeout, env=WORKER_TOKEN, log_path=logs / "serve.log") as proc:
         yield url, proc.pid
 
@@ -568,6 +569,7 @@ def main() -> None:
     parser.add_argument("--skip-target", action="store_true", help="skip the lock-step comparison")
     parser.add_argument("--only", default="abcdefg", help="scenarios to run, e.g. 'ae' (default: all)")
     parser.add_argument("--ready-timeout", type=float, default=600)
+    parser.add_argument("--cpu-split", choices=["off", "even"], default="off", help="serve's --cpu-split")
     args = parser.parse_args()
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the served processes are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -587,6 +589,7 @@ def main() -> None:
         "load_average_1_5_15m": {"start": load_average()},
         "deadline_s": deadline,
         "seconds_per_scenario": seconds,
+        "cpu_split": args.cpu_split,
         "server_logs": str(logs),
     }
     results: list[ScenarioResult] = []
@@ -599,7 +602,7 @@ def main() -> None:
         output_path(out, ".json").write_text(json.dumps(partial, indent=2))
 
     print(f"machine: {report['machine']}, load average {report['load_average_1_5_15m']['start']}")
-    with serve(logs, args.ready_timeout) as (url, pid):
+    with serve(logs, args.ready_timeout, args.cpu_split) as (url, pid):
         sampler = RssSampler(pid)
         report["rss_at_ready_mb"] = sampler.sample()
         sampler.start()

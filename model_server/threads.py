@@ -1,4 +1,4 @@
-"""The worker's CPU threading (`GENEMBED_WORKER_OMP`) and niceness, set in its own process before torch loads.
+"""The worker's CPU threading (`GENEMBED_WORKER_OMP`), niceness and CPUs, set in its own process before torch loads.
 
 OpenMP reads its variables once, when torch's runtime (libgomp) loads, so `genembed worker` applies them
 before its first torch import (cli/main.py). No torch here: this module must be importable before torch.
@@ -45,28 +45,46 @@ def omp_environment(mode: str, environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in MODES[mode].items() if k not in environ}
 
 
-def configure(mode: str, nice: str = "0") -> dict[str, str]:
-    """Apply `mode` to this process's environment and add `nice` (0-19) to its niceness; returns the variables it
-    added. Too late once torch is loaded."""
+def configure(mode: str, nice: str = "0", cpus: str = "") -> dict[str, str]:
+    """Apply `mode` to this process's environment, add `nice` (0-19) to its niceness and keep it on `cpus` (a list
+    such as "0,1" or "2-3"; empty: wherever the OS puts it); returns the variables it added. Too late once torch is
+    loaded."""
     if "torch" in sys.modules:
         raise RuntimeError("the worker's threading must be set before torch is imported")
     if not (nice.isdigit() and int(nice) <= MAX_NICE):
         raise ValueError(f"GENEMBED_WORKER_NICE must be a whole number from 0 to {MAX_NICE}, not {nice!r}")
+    pinned = parse_cpus(cpus) if cpus else set()
     added = omp_environment(mode, os.environ)
+    if pinned and "OMP_NUM_THREADS" not in os.environ:  # one OpenMP thread per CPU it may use
+        added["OMP_NUM_THREADS"] = str(len(pinned))
     os.environ.update(added)
-    _renice(int(nice))
+    for tid in _threads():
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + int(nice))
+        if pinned:
+            os.sched_setaffinity(tid, pinned)
     return added
 
 
-def _renice(increment: int) -> None:
-    """Add `increment` to the niceness of every thread of this process: Linux keeps one per thread, a new thread
-    inherits its creator's, and some start at import (numpy's OpenBLAS pool, before `configure` can run)."""
+def parse_cpus(cpus: str) -> set[int]:
+    """`GENEMBED_WORKER_CPUS`: "0,1", "2-3", "0,2-3" (empty: none)."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("GENEMBED_WORKER_CPUS needs Linux (sched_setaffinity)")
+    found: set[int] = set()
+    for part in filter(None, (p.strip() for p in cpus.split(","))):
+        low, dash, high = part.partition("-")
+        if not (low.isdigit() and (high.isdigit() or not dash)) or int(high or low) < int(low):
+            raise ValueError(f"GENEMBED_WORKER_CPUS must list CPUs like 0,1 or 2-3, not {cpus!r}")
+        found.update(range(int(low), int(high or low) + 1))
+    if found and not found <= os.sched_getaffinity(0):
+        raise ValueError(f"GENEMBED_WORKER_CPUS {cpus!r} names CPUs this process may not use: {sorted(found)}")
+    return found
+
+
+def _threads() -> list[int]:
+    """Every thread of this process: Linux keeps a niceness and a CPU mask per thread, a new thread inherits its
+    creator's, and some start at import (numpy's OpenBLAS pool, before `configure` can run)."""
     tasks = Path("/proc/self/task")
-    if not tasks.is_dir():  # not Linux: niceness is the process's
-        os.nice(increment)
-        return
-    for tid in (int(task.name) for task in tasks.iterdir()):
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    return [int(task.name) for task in tasks.iterdir()] if tasks.is_dir() else [0]
 
 
 def describe(mode: str) -> str:
@@ -74,7 +92,8 @@ def describe(mode: str) -> str:
     import torch
 
     variables = ", ".join(f"{k}={os.environ[k]}" for k in REPORTED if k in os.environ) or "no OpenMP variables"
-    return f"threading {mode}: {torch.get_num_threads()} torch threads, {variables}, nice {os.nice(0)}"
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0)))) if hasattr(os, "sched_getaffinity") else "any"
+    return f"threading {mode}: {torch.get_num_threads()} torch threads, {variables}, nice {os.nice(0)}, CPUs {cpus}"
 
 
 def in_a_thread_of_its_own(fn: Callable[..., T], *args: object) -> T:

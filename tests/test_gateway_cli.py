@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import httpx
 import pytest
 
-from cli.main import SERVE_WORKER_NICE
+from cli.main import SERVE_WORKER_NICE, split_cpus
 from harness.procs import alive, children, free_port, genembed, genembed_exits, running, thread_niceness
 
 
@@ -48,3 +49,22 @@ def test_serve_reports_a_worker_that_cannot_start(tmp_path):
     result = genembed_exits("serve", "--model", str(tmp_path / "missing.toml"), "--port", str(free_port()))
     assert result.returncode == 1
     assert "genembed serve: the worker for http://127.0.0.1:" in result.stderr
+
+
+def test_serve_gives_each_worker_cpus_of_its_own_when_there_are_enough():
+    assert split_cpus([0, 1], 2) == ["0", "1"]
+    assert split_cpus([0, 1, 2, 3, 4], 2) == ["0,1,2", "3,4"]
+    assert split_cpus([2, 3, 6, 7], 4) == ["2", "3", "6", "7"]
+    assert split_cpus([0, 1], 1) is None  # one worker keeps every CPU
+    assert split_cpus([0, 1], 3) is None  # fewer CPUs than workers: none of its own for some, so none for any
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to split")
+def test_serve_keeps_two_workers_on_cpus_of_their_own(tmp_path):
+    port = free_port()
+    cmd = genembed("serve", "--model", "minilm-l6", "--replicas", "2", "--cpu-split", "even", "--port", str(port))
+    with running(cmd, f"http://127.0.0.1:{port}/ready", log_path=tmp_path / "serve.log") as proc:
+        masks = [os.sched_getaffinity(pid) for pid in children(proc.pid)]
+        gateway = os.sched_getaffinity(proc.pid)
+    assert len(masks) == 2 and not masks[0] & masks[1] and masks[0] | masks[1] == gateway

@@ -1,8 +1,9 @@
 """The worker's threading setting (GENEMBED_WORKER_OMP) reaches the OpenMP runtime of a real worker process, and its
-niceness (GENEMBED_WORKER_NICE) every thread of it."""
+niceness (GENEMBED_WORKER_NICE) and CPUs (GENEMBED_WORKER_CPUS) every thread of it."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ def test_the_worker_runs_the_threading_it_was_given(tmp_path, mode: str, spin_co
     [
         ({"GENEMBED_WORKER_OMP": "fast"}, "GENEMBED_WORKER_OMP must be one of auto, passive, off"),
         ({"GENEMBED_WORKER_NICE": "-5"}, "GENEMBED_WORKER_NICE must be a whole number from 0 to 19, not '-5'"),
+        ({"GENEMBED_WORKER_CPUS": "1-0"}, "GENEMBED_WORKER_CPUS must list CPUs like 0,1 or 2-3, not '1-0'"),
+        ({"GENEMBED_WORKER_CPUS": "4096"}, "GENEMBED_WORKER_CPUS '4096' names CPUs this process may not use"),
     ],
 )
 def test_a_bad_setting_stops_the_worker_before_it_loads(env: dict[str, str], message: str) -> None:
@@ -60,6 +63,26 @@ def test_the_worker_runs_every_thread_at_the_niceness_it_was_given(tmp_path) -> 
         niceness = thread_niceness(proc.pid)
     assert len(niceness) > 1 and set(niceness) == {7}  # torch's, uvicorn's and the engine's threads alike
     assert ", nice 7" in next(tmp_path.glob("worker-*.log")).read_text()
+
+
+def test_cpu_lists_are_read_as_linux_writes_them() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert threads.parse_cpus(str(allowed[0])) == {allowed[0]}
+    assert threads.parse_cpus(f"{allowed[0]}-{allowed[-1]}") == set(range(allowed[0], allowed[-1] + 1))
+    assert threads.parse_cpus(f" {allowed[-1]}, {allowed[0]} ") == {allowed[0], allowed[-1]}
+    for bad in ("a", "0-", "-1", "0,x"):
+        with pytest.raises(ValueError, match="GENEMBED_WORKER_CPUS"):
+            threads.parse_cpus(bad)
+
+
+def test_the_worker_runs_every_thread_on_the_cpus_it_was_given(tmp_path) -> None:
+    """One CPU: every thread of the worker is kept on it, and torch runs one OpenMP thread there."""
+    cpu = max(os.sched_getaffinity(0))
+    with worker_process("minilm-l6", tmp_path, env={"GENEMBED_WORKER_CPUS": str(cpu)}) as (_, proc):
+        masks = [os.sched_getaffinity(int(task.name)) for task in Path(f"/proc/{proc.pid}/task").iterdir()]
+    assert len(masks) > 1 and all(mask == {cpu} for mask in masks)
+    log = next(tmp_path.glob("worker-*.log")).read_text()
+    assert "threading auto: 1 torch threads" in log and f"CPUs {cpu}" in log
 
 
 def test_the_model_loads_in_a_thread_that_leaves_no_openmp_threads_behind() -> None:
