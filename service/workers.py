@@ -222,7 +222,12 @@ class WorkerClient:
             self._report(float(headers[DRAIN_HEADER]))
 
     async def _request(
-        self, method: str, path: str, timeout: aiohttp.ClientTimeout, data: bytes | None = None, headers=None
+        self,
+        method: str,
+        path: str,
+        timeout: aiohttp.ClientTimeout,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Answer:
         """One request to the worker, sent again once if its connection turned out closed (`_closed_by_worker`): a
         worker that is really gone fails the second try too (an embedding call is safe to repeat). aiohttp already
@@ -234,7 +239,9 @@ class WorkerClient:
                 raise
             return await self._send(method, path, timeout, data, headers)
 
-    async def _send(self, method: str, path: str, timeout: aiohttp.ClientTimeout, data, headers) -> Answer:
+    async def _send(
+        self, method: str, path: str, timeout: aiohttp.ClientTimeout, data: bytes | None, headers: dict[str, str] | None
+    ) -> Answer:
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self._connections, keepalive_timeout=4.0)
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
