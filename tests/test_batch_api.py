@@ -283,7 +283,7 @@ def test_cancel_stops_a_running_batch_and_keeps_what_was_done(gateway) -> None:
 def test_a_batch_resumes_after_a_gateway_kill_without_redoing_lines(worker, tmp_path: Path) -> None:
     store = tmp_path / "batches"
     env = {**FAST, "GENEMBED_BATCH_DIR": str(store), "GENEMBED_BATCH_LEASE_S": "2", "GENEMBED_BATCH_MAX_IN_FLIGHT": "2"}
-    lines = [line(f"l{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts("resume", 60, per_line=4))]
+    lines = [line(f"l{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts("resume", 200, per_line=4))]
     with gateway_process(tmp_path, {MODEL: worker}, env) as (url, proc):
         api = client(url)
         batch = api.batches.create(input_file_id=upload(api, lines), endpoint="/v1/embeddings", completion_window="24h")
@@ -407,7 +407,7 @@ def test_a_gateway_that_shuts_down_releases_its_batches(worker, tmp_path: Path) 
         "GENEMBED_BATCH_LEASE_S": "600",
         "GENEMBED_BATCH_MAX_IN_FLIGHT": "1",
     }
-    lines = [line(f"t{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts("shutdown", 200, per_line=8))]
+    lines = [line(f"t{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts("shutdown", 1000, per_line=8))]
     with gateway_process(tmp_path, {MODEL: worker}, env) as (url, _):
         api = client(url)
         batch = api.batches.create(input_file_id=upload(api, lines), endpoint="/v1/embeddings", completion_window="24h")
