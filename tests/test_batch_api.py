@@ -8,6 +8,9 @@ import asyncio
 import base64
 import io
 import json
+import os
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -30,10 +33,15 @@ FINAL = ("completed", "failed", "cancelled", "expired")
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory) -> Iterator[str]:
+def worker_and_process(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
     """minilm-l6 in fp32: a line's vector and /v1/embeddings' agree to fp32 rounding whatever they were batched with."""
-    with worker_process(MODEL, tmp_path_factory.mktemp("batch-worker"), "--dtype", "float32") as (url, _):
-        yield url
+    with worker_process(MODEL, tmp_path_factory.mktemp("batch-worker"), "--dtype", "float32") as running_worker:
+        yield running_worker
+
+
+@pytest.fixture(scope="module")
+def worker(worker_and_process) -> str:
+    return worker_and_process[0]
 
 
 @pytest.fixture(scope="module")
@@ -397,9 +405,11 @@ def test_a_batch_past_its_window_expires_with_its_lines_in_the_error_file(worker
     assert all(e["response"] is None and e["error"]["code"] == "batch_expired" for e in errors)
 
 
-def test_a_gateway_that_shuts_down_releases_its_batches(worker, tmp_path: Path) -> None:
+def test_a_gateway_that_shuts_down_releases_its_batches(worker_and_process, tmp_path: Path) -> None:
     """SIGTERM stops a running batch where it is and clears its lease: another gateway takes it over at once,
-    not `batch_lease_s` later."""
+    not `batch_lease_s` later. The worker is paused from the first line written to the gateway's exit, so the batch
+    cannot finish first however fast the machine."""
+    worker, worker_proc = worker_and_process
     store = tmp_path / "batches"
     env = {
         **FAST,
@@ -408,12 +418,18 @@ def test_a_gateway_that_shuts_down_releases_its_batches(worker, tmp_path: Path) 
         "GENEMBED_BATCH_MAX_IN_FLIGHT": "1",
     }
     lines = [line(f"t{i}", {"model": MODEL, "input": t}) for i, t in enumerate(texts("shutdown", 1000, per_line=8))]
-    with gateway_process(tmp_path, {MODEL: worker}, env) as (url, _):
-        api = client(url)
-        batch = api.batches.create(input_file_id=upload(api, lines), endpoint="/v1/embeddings", completion_window="24h")
-        wait(api, batch.id, lambda b: b.request_counts.completed > 0)
-        held = json.loads((store / "batches" / "meta" / f"{batch.id}.json").read_text())["progress"]
-        assert held["lease_owner"] and held["lease_until"] > time.time()
+    try:
+        with gateway_process(tmp_path, {MODEL: worker}, env) as (url, _):
+            api = client(url)
+            batch = api.batches.create(
+                input_file_id=upload(api, lines), endpoint="/v1/embeddings", completion_window="24h"
+            )
+            wait(api, batch.id, lambda b: b.request_counts.completed > 0)
+            os.killpg(worker_proc.pid, signal.SIGSTOP)
+            held = json.loads((store / "batches" / "meta" / f"{batch.id}.json").read_text())["progress"]
+            assert held["lease_owner"] and held["lease_until"] > time.time()
+    finally:
+        os.killpg(worker_proc.pid, signal.SIGCONT)
     record = json.loads((store / "batches" / "meta" / f"{batch.id}.json").read_text())
     assert record["batch"]["status"] == "in_progress"
     assert (record["progress"]["lease_owner"], record["progress"]["lease_until"]) == (None, 0.0)
