@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 
 from pydantic import SecretStr
 
@@ -125,11 +126,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for the workers to load")
     p.add_argument(
         "--cpu-split",
-        choices=["off", "even"],
-        default="off",
-        help="even: with at least as many CPUs as workers, each worker gets an equal share of them to itself "
-        "(GENEMBED_WORKER_CPUS): no worker's burst slows another's steps, but a worker alone uses only its share "
-        "(docs/gateway.md); ignored when GENEMBED_WORKER_CPUS or OMP_NUM_THREADS is set (default off)",
+        choices=["turns", "even", "off"],
+        default="turns",
+        help="how several CPU workers share this machine's CPUs (docs/gateway.md). turns: each keeps every CPU and "
+        "they take turns, one engine pass at a time (GENEMBED_WORKER_CPU_TURNS); even: with at least as many CPUs "
+        "as workers, each gets an equal share to itself (GENEMBED_WORKER_CPUS), so a worker alone uses only its "
+        "share; off: they compute at once. even is ignored when GENEMBED_WORKER_CPUS or OMP_NUM_THREADS is set "
+        "(default turns)",
     )
     _add_gateway_flags(p)
     p.set_defaults(run=run_serve)
@@ -202,6 +205,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("genembed serve: --replicas must be at least 1", file=sys.stderr)
         return 2
     supervisor = Supervisor()
+    turns_file = None  # the lock file of workers that take turns at shared CPUs (threads.CpuTurns)
     try:
         # The workers answer only this gateway: the configured token, else one made for this run (in the
         # environment, not on a command line other users can read).
@@ -213,6 +217,11 @@ def run_serve(args: argparse.Namespace) -> int:
         shares: list[str | None] = [None] * len(models)
         if args.cpu_split == "even" and not {"GENEMBED_WORKER_CPUS", "OMP_NUM_THREADS"} & env.keys():
             shares = split_cpus(sorted(os.sched_getaffinity(0)), len(models)) or shares
+        shared = len(models) > 1 and shares[0] is None and "GENEMBED_WORKER_CPUS" not in env
+        if shared and args.cpu_split != "off" and "GENEMBED_WORKER_CPU_TURNS" not in env:
+            turns_fd, turns_file = tempfile.mkstemp(prefix="genembed-cpu-turns-")
+            os.close(turns_fd)
+            env["GENEMBED_WORKER_CPU_TURNS"] = turns_file
         for model, cpus in zip(models, shares, strict=True):
             cmd = [sys.executable, "-m", "cli.main", "worker", "--model", model, "--host", "127.0.0.1"]
             cmd += ["--log-format", args.log_format] if args.log_format else []
@@ -232,6 +241,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 130
     finally:
         supervisor.stop()
+        if turns_file:
+            os.unlink(turns_file)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -569,7 +569,7 @@ def main() -> None:
     parser.add_argument("--skip-target", action="store_true", help="skip the lock-step comparison")
     parser.add_argument("--only", default="abcdefg", help="scenarios to run, e.g. 'ae' (default: all)")
     parser.add_argument("--ready-timeout", type=float, default=600)
-    parser.add_argument("--cpu-split", choices=["off", "even"], default="off", help="serve's --cpu-split")
+    parser.add_argument("--cpu-split", choices=["turns", "even", "off"], default="turns", help="serve's --cpu-split")
     args = parser.parse_args()
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the served processes are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

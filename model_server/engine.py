@@ -22,6 +22,7 @@ did (`admission.Load`), which fits the cost model admission estimates with.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -36,6 +37,7 @@ from common.protocol import Priority
 from model_server.admission import Backlog, CostModel, Load, Seqs
 from model_server.metrics import WorkerMetrics
 from model_server.sequence import Embedded, Input, Iteration, Joining, Method, Prepared, SeqId, as_input
+from model_server.threads import CpuTurns
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +95,13 @@ class EngineLimits:
 
 
 class Engine:
-    def __init__(self, method: Method, limits: EngineLimits, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self, method: Method, limits: EngineLimits, metrics: WorkerMetrics, turns: CpuTurns | None = None
+    ) -> None:
         self.method = method
         self.limits = limits
         self.metrics = metrics
+        self.turns = turns  # passes wait for their turn at CPUs shared with other workers (None: not shared)
         self.cost = CostModel()  # fed by the engine thread alone
         self.waiting: deque[Sequence] = deque()  # online
         self.waiting_batch: deque[Sequence] = deque()
@@ -251,11 +256,14 @@ class Engine:
         running = self.running
         if not running and not admitted and not left:
             return None
-        started = time.perf_counter()
         stateful = self.method.stateful
         kv_read = sum(s.prompt_tokens + s.iterations for s in running) if stateful else 0
         iteration = Iteration([s.id for s in running], [Joining(s.id, s.input) for s in admitted], left)
-        finished = self.method.step(iteration).finished
+        waiting = time.perf_counter()
+        with self.turns or contextlib.nullcontext():
+            started = time.perf_counter()
+            self.metrics.cpu_turn_wait.inc(started - waiting)
+            finished = self.method.step(iteration).finished
         if not running and not admitted:
             return None  # the method only freed the slots of dropped sequences
         stepped = running + admitted

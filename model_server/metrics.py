@@ -74,6 +74,11 @@ class WorkerMetrics:
             ["outcome"],
             registry=reg,
         )
+        self.cpu_turn_wait = Counter(
+            "genembed_worker_cpu_turn_wait_seconds",
+            "Seconds the engine waited for its turn at CPUs shared with other workers (GENEMBED_WORKER_CPU_TURNS)",
+            registry=reg,
+        )
         self.deadline_dropped = Counter(
             "genembed_worker_deadline_dropped_sequences",
             "Sequences dropped because their deadline passed before they were done",

@@ -22,6 +22,7 @@ from model_server.methods import build_method
 from model_server.metrics import WorkerMetrics
 from model_server.prompts import PreparedInput
 from model_server.specs import ModelSpec
+from model_server.threads import CpuTurns
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,15 @@ class EmbeddingWorker:
         limits: EngineLimits,
         metrics: WorkerMetrics | None = None,
         policy: Policy | None = None,
+        cpu_turns: str | None = None,
     ) -> None:
+        """`cpu_turns`: a lock file shared with the workers whose CPUs this one shares (`threads.CpuTurns`; only
+        where the model runs on the CPU)."""
         self.loaded = loaded
         self.metrics = metrics or WorkerMetrics()
         self.method = build_method(loaded, limits.max_running_seqs)
-        self.engine = Engine(self.method, limits, self.metrics)
+        turns = CpuTurns(cpu_turns) if cpu_turns and loaded.device.type == "cpu" else None
+        self.engine = Engine(self.method, limits, self.metrics, turns)
         self.policy = policy or Policy()
         self.capacity = Capacity(
             limits.max_running_seqs, limits.max_batch_tokens, limits.max_kv_tokens, self.method.stateful
@@ -101,9 +106,14 @@ class EmbeddingWorker:
 
     @classmethod
     def load(
-        cls, spec: ModelSpec, limits: EngineLimits, metrics: WorkerMetrics | None = None, policy: Policy | None = None
+        cls,
+        spec: ModelSpec,
+        limits: EngineLimits,
+        metrics: WorkerMetrics | None = None,
+        policy: Policy | None = None,
+        cpu_turns: str | None = None,
     ) -> EmbeddingWorker:
-        worker = cls(load_model(spec), limits, metrics, policy)
+        worker = cls(load_model(spec), limits, metrics, policy, cpu_turns)
         worker.engine.start()
         return worker
 

@@ -40,6 +40,11 @@ class WorkerSettings(BaseSettings):
         description="added to the worker's CPU niceness before torch loads, for every thread of it (`genembed serve` "
         "gives its workers 5, so that on shared cores they never starve the gateway)",
     )
+    cpu_turns: str | None = Field(
+        default=None,
+        description="a lock file: CPU workers given the same one take turns at the CPUs they share, one engine pass "
+        "at a time (`genembed serve` sets one for its workers unless they have CPUs of their own)",
+    )
     max_running_seqs: int = Field(default=64, gt=0)
     max_batch_tokens: int = Field(default=4096, gt=0)
     max_kv_tokens: int = Field(default=65536, gt=0)

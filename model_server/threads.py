@@ -7,6 +7,7 @@ before its first torch import (cli/main.py). No torch here: this module must be 
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -34,7 +35,15 @@ MODES: dict[str, dict[str, str]] = {
 MAX_NICE = 19
 
 #: the variables a log line reports (whoever set them: `auto`, the operator, the image)
-REPORTED = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD")
+REPORTED = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "OMP_PROC_BIND",
+    "OMP_PLACES",
+    "LD_PRELOAD",
+    "GENEMBED_WORKER_CPU_TURNS",
+)
 
 
 def omp_environment(mode: str, environ: Mapping[str, str]) -> dict[str, str]:
@@ -104,3 +113,23 @@ def in_a_thread_of_its_own(fn: Callable[..., T], *args: object) -> T:
     engine's thread the only one whose pool lives."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="genembed-load") as pool:
         return pool.submit(fn, *args).result()
+
+
+class CpuTurns:
+    """Workers that share their CPUs take turns at them: one engine pass at a time among the processes given the same
+    lock file (`GENEMBED_WORKER_CPU_TURNS`; `genembed serve` gives its workers one unless they have CPUs of their
+    own). Two workers whose OpenMP teams compute at once on the same cores each wait at every parallel region's end
+    for a thread the other preempted, so both run far slower than their share; in turns each pass runs on every core
+    at full speed, and the time a worker waits for its turn is in its measured iteration times, where admission sees
+    it. A `flock`: the kernel releases it with its holder, so a worker that dies never blocks the others."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def __enter__(self) -> CpuTurns:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from common.protocol import EmbedItem, EmbedRequest
-from model_server.engine import DeadlineExceeded, QueueFull
+from model_server.engine import DeadlineExceeded, EngineLimits, QueueFull
 from model_server.sequence import Input
+from model_server.serving import EmbeddingWorker
 from tests.models import cosine, gircse_spec, make_tiny_llama, reference_gircse, start_worker
 
 
@@ -205,3 +206,51 @@ def test_batch_runs_in_what_online_leaves(tiny_dir):
             future.cancel()
     finally:
         worker.stop()
+
+
+def _passes(worker) -> list[tuple[float, float]]:
+    """Start and end of each of the worker's method passes from now on (the method's own step, timed around)."""
+    spans: list[tuple[float, float]] = []
+    step = worker.engine.method.step
+
+    def timed(iteration):
+        began = time.perf_counter()
+        try:
+            return step(iteration)
+        finally:
+            spans.append((began, time.perf_counter()))
+
+    worker.engine.method.step = timed
+    return spans
+
+
+def _run_both(workers, inputs: int = 6, steps: int = 12) -> None:
+    futures = [f for w in workers for f in w.engine.submit([Input(_ids(20, i), steps) for i in range(inputs)])]
+    for future in futures:
+        future.result(timeout=120)
+
+
+def _overlaps(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> int:
+    return sum(1 for s, e in a for s2, e2 in b if s < e2 and s2 < e)
+
+
+@pytest.mark.parametrize("turns", [True, False])
+def test_workers_given_one_turns_file_never_compute_at_once(tiny_dir, tmp_path, turns):
+    """Two engines (as two workers on shared CPUs would be) with the same `cpu_turns` file: while one runs a pass
+    the other waits, and the wait is counted. Without the file their passes overlap (the check can fail)."""
+    spec = gircse_spec(tiny_dir, dtype="float32")
+    path = str(tmp_path / "turns") if turns else None
+    workers = [EmbeddingWorker.load(spec, EngineLimits(max_running_seqs=8), cpu_turns=path) for _ in range(2)]
+    try:
+        spans = [_passes(w) for w in workers]
+        _run_both(workers)
+    finally:
+        for w in workers:
+            w.stop()
+    assert all(len(s) >= 12 for s in spans)  # every sequence decodes 12 steps: at least that many passes each
+    waited = [w.metrics.registry.get_sample_value("genembed_worker_cpu_turn_wait_seconds_total") for w in workers]
+    if turns:
+        assert _overlaps(*spans) == 0
+        assert sum(waited) > 0
+    else:
+        assert _overlaps(*spans) > 0

@@ -67,4 +67,27 @@ def test_serve_keeps_two_workers_on_cpus_of_their_own(tmp_path):
     with running(cmd, f"http://127.0.0.1:{port}/ready", log_path=tmp_path / "serve.log") as proc:
         masks = [os.sched_getaffinity(pid) for pid in children(proc.pid)]
         gateway = os.sched_getaffinity(proc.pid)
+        turns = [_environ(pid).get("GENEMBED_WORKER_CPU_TURNS") for pid in children(proc.pid)]
     assert len(masks) == 2 and not masks[0] & masks[1] and masks[0] | masks[1] == gateway
+    assert turns == [None, None]  # CPUs of their own: no turns to take
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = (entry.decode().partition("=") for entry in f.read().split(b"\0") if entry)
+        return {name: value for name, _, value in pairs}
+
+
+@pytest.mark.slow
+def test_serve_has_workers_on_shared_cpus_take_turns(tmp_path):
+    """By default serve's workers keep every CPU and share one turns file (`threads.CpuTurns`), removed on exit."""
+    port = free_port()
+    cmd = genembed("serve", "--model", "minilm-l6", "--replicas", "2", "--port", str(port))
+    with running(cmd, f"http://127.0.0.1:{port}/ready", log_path=tmp_path / "serve.log") as proc:
+        workers = children(proc.pid)
+        [path] = {_environ(pid).get("GENEMBED_WORKER_CPU_TURNS") for pid in workers}
+        assert path and os.path.exists(path)
+        assert all(os.sched_getaffinity(pid) == os.sched_getaffinity(proc.pid) for pid in workers)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert not os.path.exists(path)
