@@ -20,7 +20,7 @@ from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ItemResult, 
 from harness.procs import worker_process
 from service.cache import MemoryCache
 from service.embedder import Embedder, EmbedOptions
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, Overloaded
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
 from service.workers import WorkerClient, WorkerPool
@@ -173,8 +173,12 @@ async def test_a_step_range_is_granted_by_the_worker_and_cached_at_the_granted_s
                 break
             except InvalidRequest as exc:  # not even one step fits: at once, nothing computed
                 assert exc.code == "exceeds_deadline" and "a lower minimum" in exc.message, exc.message
-                assert deadline < 120
-                deadline *= 1.5
+            except Overloaded as exc:
+                # One step fits by the cost model alone but not once its correction for a slow spell is applied
+                # (the never-fits check is uncorrected): a retry, and a step on a noisy machine (CI saw it once).
+                assert "would finish after" in exc.message, exc.message
+            assert deadline < 120
+            deadline *= 1.5
         (granted,) = set(result.steps)  # one call, one grant
         assert 1 <= granted < 20, (deadline, granted)
         shed = metrics.registry.get_sample_value("genembed_gateway_steps_shed_total", {"model": GIRCSE})
