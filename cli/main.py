@@ -225,6 +225,7 @@ def run_serve(args: argparse.Namespace) -> int:
         for model, cpus in zip(models, shares, strict=True):
             cmd = [sys.executable, "-m", "cli.main", "worker", "--model", model, "--host", "127.0.0.1"]
             cmd += ["--log-format", args.log_format] if args.log_format else []
+            cmd += ["--log-level", args.log_level] if args.log_level else []  # serve's level is its workers' too
             own = env if cpus is None else {**env, "GENEMBED_WORKER_CPUS": cpus}
             supervisor.workers.append(Worker(cmd, free_port(), own))
         headers = settings.worker_headers()

@@ -16,7 +16,7 @@ from harness.procs import alive, children, free_port, genembed, genembed_exits, 
 def test_serve_starts_a_worker_per_model_and_stops_them_on_sigterm(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = genembed("serve", "--model", "minilm-l6", "--port", str(port))
+    cmd = genembed("serve", "--model", "minilm-l6", "--port", str(port), "--log-level", "warning")
     with running(cmd, f"{url}/ready", log_path=tmp_path / "serve.log") as proc:
         workers = children(proc.pid)
         assert len(workers) == 1
@@ -28,6 +28,7 @@ def test_serve_starts_a_worker_per_model_and_stops_them_on_sigterm(tmp_path):
         proc.send_signal(signal.SIGTERM)  # the main process only, as `docker stop` or `kill` would
         assert proc.wait(timeout=30) != 0
         assert not any(alive(pid) for pid in workers)
+    assert "items received" not in (tmp_path / "serve.log").read_text()  # serve's log level is its workers' too
 
 
 @pytest.mark.parametrize(
