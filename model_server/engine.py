@@ -262,7 +262,8 @@ class Engine:
         waiting = time.perf_counter()
         with self.turns or contextlib.nullcontext():
             started = time.perf_counter()
-            self.metrics.cpu_turn_wait.inc(started - waiting)
+            if self.turns is not None:
+                self.metrics.cpu_turn_wait.inc(started - waiting)
             finished = self.method.step(iteration).finished
         if not running and not admitted:
             return None  # the method only freed the slots of dropped sequences

@@ -237,7 +237,8 @@ def _overlaps(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> int
 @pytest.mark.parametrize("turns", [True, False])
 def test_workers_given_one_turns_file_never_compute_at_once(tiny_dir, tmp_path, turns):
     """Two engines (as two workers on shared CPUs would be) with the same `cpu_turns` file: while one runs a pass
-    the other waits, and the wait is counted. Without the file their passes overlap (the check can fail)."""
+    the other waits, and the wait is counted. Without the file their passes overlap and no wait is counted (the
+    checks can fail)."""
     spec = gircse_spec(tiny_dir, dtype="float32")
     path = str(tmp_path / "turns") if turns else None
     workers = [EmbeddingWorker.load(spec, EngineLimits(max_running_seqs=8), cpu_turns=path) for _ in range(2)]
@@ -254,3 +255,4 @@ def test_workers_given_one_turns_file_never_compute_at_once(tiny_dir, tmp_path, 
         assert sum(waited) > 0
     else:
         assert _overlaps(*spans) > 0
+        assert waited == [0.0, 0.0]  # no turns, no wait counted
