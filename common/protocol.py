@@ -7,6 +7,10 @@ A call is one gateway request's inputs: the worker admits it whole or refuses it
 
 Every /embed answer, refusals included, and `GET /load` carry the worker's backlog in the headers
 `x-genembed-drain-s` (expected seconds until the work it holds is done) and `x-genembed-queued-seqs`.
+A 429 from admission also says how long its decision holds: `x-genembed-refusal-holds-s`, the seconds during which
+a call at least as heavy (no fewer sequences, steps or prompt tokens, and no longer a deadline) would be
+refused too, and `x-genembed-refusal-holds-for: any` when any call would be (the queue alone outlasts the deadline). The
+gateway remembers it, so it does not send the worker calls it would refuse (service/workers.py, `Refusal`).
 
 Response body (content type `application/x-genembed`):
 
@@ -38,6 +42,8 @@ REQUEST_CONTENT_TYPE = "application/msgpack"
 REQUEST_ID_HEADER = "x-request-id"
 DRAIN_HEADER = "x-genembed-drain-s"
 QUEUED_HEADER = "x-genembed-queued-seqs"
+REFUSAL_HOLDS_HEADER = "x-genembed-refusal-holds-s"
+REFUSAL_HOLDS_FOR_HEADER = "x-genembed-refusal-holds-for"
 # The shared secret the gateway sends on every worker call (model_server/auth.py checks it).
 WORKER_TOKEN_HEADER = "x-genembed-worker-token"
 

@@ -183,6 +183,24 @@ class Outcome:
     embeddings: int = 0
     steps: list[int] = field(default_factory=list)
     lag_s: float = 0.0  # how late the generator sent it
+    refused_by: str = ""  # a 429's source (`refusal_source`)
+
+
+#: a 429's message, as the gateway words it, and which bound or decision refused the request
+REFUSAL_SOURCES = (
+    ("behind its requests", "gateway: event loop late"),
+    ("inputs are in flight", "gateway: inputs bound"),
+    ("worker calls are in flight", "gateway: calls bound"),
+    ("refused a call at least as heavy", "gateway: the worker's recent refusal"),
+    ("hold any new call", "worker: queue ahead"),
+    ("would finish after", "worker: would finish late"),
+    ("would make calls already accepted", "worker: would make others late"),
+)
+
+
+def refusal_source(body: dict | None) -> str:
+    message = ((body or {}).get("error") or {}).get("message", "")
+    return next((source for words, source in REFUSAL_SOURCES if words in message), "other")
 
 
 @dataclass
@@ -205,6 +223,7 @@ class ScenarioResult:
     generator_lag_p99_ms: float
     rss_peak_mb: dict[str, float]
     cpu_s: dict[str, float]  # CPU seconds per process over the scenario (the cores are shared)
+    refused_by: dict[str, int] = field(default_factory=dict)  # 429s per source (REFUSAL_SOURCES)
     note: str = ""
 
 
@@ -243,6 +262,7 @@ def summarise(
         generator_lag_p99_ms=percentile([1000 * o.lag_s for o in outcomes], 99),
         rss_peak_mb=usage[0],
         cpu_s=usage[1],
+        refused_by=dict(Counter(o.refused_by for o in outcomes if o.status == "429")),
         note=note,
     )
 
@@ -293,6 +313,8 @@ async def send(client: aiohttp.ClientSession, body: dict, scheduled: float, lag:
     """One request; latency from `scheduled` (perf_counter), so generator lag counts against the server."""
     reply = await post(client, body)
     latency = time.perf_counter() - scheduled
+    if reply.status == "429":
+        return Outcome(reply.status, latency, lag_s=lag, refused_by=refusal_source(reply.body))
     if reply.status != "200" or reply.body is None:
         return Outcome(reply.status, latency, lag_s=lag)
     data = reply.body["data"]
@@ -503,6 +525,8 @@ def print_row(r: ScenarioResult) -> None:
         f"{100 * r.share_other:5.1f}% {steps} {r.requests:6d}  {r.note}"
     )
     print(f"{'':<16} CPU s: " + ", ".join(f"{label} {seconds:.0f}" for label, seconds in sorted(r.cpu_s.items())))
+    if r.refused_by:
+        print(f"{'':<16} 429 from: " + ", ".join(f"{source} {n}" for source, n in sorted(r.refused_by.items())))
 
 
 HEADER = (

@@ -435,6 +435,10 @@ class Decision:
     expected_s: float | None = None  # expected seconds until the call is answered (accepted, with an estimate)
     retry_after_s: int = 0  # refused: when enough is expected to have drained
     detail: str = ""
+    # refused: for about these seconds from the decision this worker would refuse a call at least as heavy
+    # (as many sequences, steps and prompt tokens, no longer a deadline) sent later; `holds_for_any`: any call
+    holds_s: float = 0.0
+    holds_for_any: bool = False
 
 
 def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy: Policy, now: float) -> Decision:
@@ -498,7 +502,10 @@ def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy
     if low < 0:
         work, blocked_s = trial(0)
         finish_s = model.seconds(work) or 0.0
-        retry = min(max(math.ceil(max(finish_s - remaining, blocked_s or 0.0)), 1), policy.max_retry_after_s)
+        # A heavier call sent d seconds later meets the same queue, d seconds drained, with a deadline d later:
+        # it is late while d < finish_s - remaining; a promise it would break is kept only after blocked_s.
+        holds_s = max(finish_s - remaining, blocked_s or 0.0)
+        retry = min(max(math.ceil(holds_s), 1), policy.max_retry_after_s)
         why = (
             f"would finish after the {remaining:.1f} s its deadline leaves"
             if finish_s > remaining
@@ -511,6 +518,7 @@ def decide(model: CostModel, ahead: Schedule, idle: Schedule, call: Call, policy
                 f"the worker's queue is expected to take {drain_seconds(model, ahead):.1f} s; this call {why}; "
                 f"retry after {retry} s"
             ),
+            holds_s=holds_s,
         )
     return accept(low)
 
@@ -538,6 +546,8 @@ def refuse_unseen(soonest_s: float, deadline_s: float, received: float, policy: 
             f"the worker's queue is expected to hold any new call for {soonest_s:.1f} s, more than the "
             f"{max(remaining, 0.0):.1f} s its deadline leaves; retry after {retry} s"
         ),
+        holds_s=soonest_s - remaining,
+        holds_for_any=True,
     )
 
 

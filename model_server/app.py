@@ -29,6 +29,8 @@ from common.protocol import (
     DEADLINE_PASSED,
     EXCEEDS_DEADLINE,
     OVERLOADED,
+    REFUSAL_HOLDS_FOR_HEADER,
+    REFUSAL_HOLDS_HEADER,
     REQUEST_ID_HEADER,
     EmbedRequest,
 )
@@ -207,5 +209,11 @@ def _refusal(refusal: NotAdmitted, report: LoadReport) -> JSONResponse:
     decision = refusal.decision
     if decision.outcome == "never_fits":
         return _error(400, decision.detail, report.headers(), EXCEEDS_DEADLINE)
-    headers = {"Retry-After": str(decision.retry_after_s), **report.headers()}
+    headers = {
+        "Retry-After": str(decision.retry_after_s),
+        REFUSAL_HOLDS_HEADER: f"{decision.holds_s:.3f}",
+        **report.headers(),
+    }
+    if decision.holds_for_any:
+        headers[REFUSAL_HOLDS_FOR_HEADER] = "any"
     return _error(429, decision.detail, headers, OVERLOADED)

@@ -46,6 +46,10 @@ class GatewaySettings(BaseSettings):
     max_loop_lag_s: float = Field(
         default=2.0, ge=0, description="refuse new online work (429) while the event loop runs later; 0: never"
     )
+    remember_refusals: bool = Field(
+        default=True,
+        description="answer 429 at once for a call a worker's recent refusal covers (it says how long it holds)",
+    )
 
     # Workers
     worker_probe_interval_s: float = Field(default=2.0, gt=0)

@@ -19,6 +19,9 @@ that report, plus what this gateway has sent it since (sequences times the worke
 sequence, from its last /load); ties go to the fewest inputs in flight, then the least recently chosen. A worker
 that refuses (429) or fails (unreachable, 503, down mid-call) is followed by the next best one while the request's
 deadline allows, each worker at most once; when every one refused, the caller gets the smallest `Retry-After` seen.
+A worker's 429 says how long its decision holds for calls at least as heavy (`Refusal`): while it does, such calls
+count as refused by that worker without being sent (`remember_refusals`), so overload does not cost the worker an
+HTTP request, a parse and a decision per refused call, taken from the cores its engine computes on.
 Embedding is idempotent, so a retry at worst repeats work. The worker's other answers are final: 400
 `exceeds_deadline` (the call cannot fit its deadline even on an idle worker), 504 (dropped past its deadline), other
 4xx.
@@ -44,6 +47,8 @@ from common import tracing
 from common.protocol import (
     DRAIN_HEADER,
     EXCEEDS_DEADLINE,
+    REFUSAL_HOLDS_FOR_HEADER,
+    REFUSAL_HOLDS_HEADER,
     REQUEST_CONTENT_TYPE,
     REQUEST_ID_HEADER,
     EmbedRequest,
@@ -95,6 +100,62 @@ class Backlog:
 
 
 @dataclass(frozen=True)
+class Weight:
+    """What a call asks of a worker in the terms its admission prices, as the gateway counts them untokenized."""
+
+    sequences: int
+    steps: int  # each sequence's fewest steps (a range's minimum), summed
+    chars: int  # the prompts' characters: a stand-in for their tokens
+    token_ids: int  # inputs sent as token ids, counted in tokens
+
+    @classmethod
+    def of(cls, request: EmbedRequest) -> Weight:
+        sequences = steps = chars = token_ids = 0
+        for item in request.items:
+            n = item.samples or 1
+            sequences += n
+            steps += n * (item.min_steps if item.min_steps is not None else item.steps or 0)
+            chars += len(item.text or "") + len(item.text_pair or "") + len(item.instruction or "")
+            token_ids += len(item.token_ids or ())
+        return cls(sequences, steps, chars, token_ids)
+
+    def at_least(self, other: Weight) -> bool:
+        return (
+            self.sequences >= other.sequences
+            and self.steps >= other.steps
+            and self.chars >= other.chars
+            and self.token_ids >= other.token_ids
+        )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A worker's last refusal and how long it holds. The worker refused a call because it would finish past its
+    deadline share, or break an earlier call's promise: a call at least as heavy sent d seconds later meets the
+    same queue less d seconds of work (more, if others were admitted meanwhile) with a deadline d later, so it is
+    refused while d is under the worker's `holds_s`; a longer deadline shortens that by the difference."""
+
+    since: float  # loop time the refused call was sent: the decision came after it
+    holds_s: float
+    weight: Weight | None  # None: the worker's queue alone refuses any call
+    deadline_s: float
+    message: str
+
+    def covers(self, weight: Weight, deadline_s: float | None, now: float) -> bool:
+        if deadline_s is None or (self.weight is not None and not weight.at_least(self.weight)):
+            return False
+        return now - self.since + max(deadline_s - self.deadline_s, 0.0) < self.holds_s
+
+    def overloaded(self, name: str, now: float) -> Overloaded:
+        left = self.holds_s - (now - self.since)
+        return Overloaded(
+            f"the worker for model {name!r} refused a call at least as heavy {1000 * (now - self.since):.0f} ms "
+            f"ago ({self.message})",
+            retry_after=max(1, math.ceil(left)),
+        )
+
+
+@dataclass(frozen=True)
 class Answer:
     """A worker's whole answer, read before its connection goes back to the pool."""
 
@@ -131,8 +192,10 @@ class WorkerClient:
         self.outstanding = 0  # inputs in calls in flight: routing's tie-break
         self.last_chosen = 0  # routing's last tie-break
         self.backlog = Backlog()
+        self.refusal: Refusal | None = None  # its last refusal while it may hold (`remember_refusals`)
         self.idle = asyncio.Event()  # set while nothing is in flight
         self.idle.set()
+        self._remember_refusals = settings.remember_refusals
         self._metrics = metrics
         self._probe_timeout = aiohttp.ClientTimeout(total=settings.worker_probe_timeout_s)
         self._retry_after = math.ceil(settings.worker_probe_interval_s)
@@ -176,6 +239,7 @@ class WorkerClient:
                 # Back in rotation: what it held before (a restart lost it) and what was sent to it while it failed
                 # are not its queue; until its next report it counts as idle.
                 self.backlog = Backlog()
+                self.refusal = None
                 self._accepting = True
                 self._refused_token = False
                 log.info("worker %s at %s ready: %s revision %s", self.name, self.url, self.info.id, self.info.revision)
@@ -266,6 +330,11 @@ class WorkerClient:
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         """One /embed call. Raises a ServiceError for whole-call failures: Overloaded (the worker refused it now),
         Unavailable (the worker failed), InvalidRequest (it can never fit its deadline), DeadlineExceeded."""
+        if self.refusal is not None and request.priority == "online":
+            now = asyncio.get_running_loop().time()
+            if self.refusal.covers(Weight.of(request), request.deadline_s, now):
+                self._metrics.worker_calls.labels(self.name, self.url, "refused_remembered").inc()
+                raise self.refusal.overloaded(self.name, now)
         items = len(request.items)
         self._in_flight(items)
         self.backlog.sent_seqs += sequences(request)
@@ -301,6 +370,7 @@ class WorkerClient:
         # The worker answers 504 once the deadline has passed; this bound only catches one that never answers.
         read = None if request.deadline_s is None else max(request.deadline_s, 0.0) + _ANSWER_GRACE_S
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=read)
+        sent = asyncio.get_running_loop().time()
         post = self._request("POST", "/embed", timeout, data=request.encode(), headers=headers)
         call = asyncio.ensure_future(post)
         watch = asyncio.ensure_future(down.wait())
@@ -323,12 +393,19 @@ class WorkerClient:
             raise self.unavailable() from exc
         self._report_headers(response.headers)
         if response.status == 200:
+            if (
+                self.refusal is not None
+                and sent > self.refusal.since
+                and self.refusal.covers(Weight.of(request), request.deadline_s, sent)
+            ):
+                self.refusal = None  # a call it covered was admitted after all: the worker's state moved on
             try:
                 return EmbedResponse.decode(response.body)
             except (ValueError, KeyError, TypeError) as exc:
                 raise ServiceError(f"the worker for model {self.name!r} sent a malformed response: {exc}") from exc
         detail, code = _detail(response)
         if response.status == 429:
+            self._remember(request, response.headers, sent, detail)
             retry_after = response.headers.get("retry-after", "1")
             raise Overloaded(detail, retry_after=max(1, int(retry_after)) if retry_after.isdigit() else 1)
         if response.status == 503:
@@ -339,6 +416,17 @@ class WorkerClient:
         if response.status == 504:
             raise DeadlineExceeded(detail)
         raise ServiceError(f"the worker for model {self.name!r} answered {response.status}: {detail}")
+
+    def _remember(self, request: EmbedRequest, headers: CIMultiDictProxy[str], sent: float, detail: str) -> None:
+        """Keep the refusal while it holds (only admission's refusals say so; not a full queue's)."""
+        try:
+            holds_s = float(headers.get(REFUSAL_HOLDS_HEADER, ""))
+        except ValueError:
+            return
+        if not self._remember_refusals or request.deadline_s is None or not holds_s > 0:
+            return
+        weight = None if headers.get(REFUSAL_HOLDS_FOR_HEADER) == "any" else Weight.of(request)
+        self.refusal = Refusal(sent, holds_s, weight, request.deadline_s, detail)
 
     async def aclose(self) -> None:
         if self._session is not None:

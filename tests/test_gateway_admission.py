@@ -3,7 +3,7 @@ and calls in flight per model) refuse at once with 429 + Retry-After and leave n
 idle server, through one gateway or two sharing the worker, is answered or refused at once, never accepted and
 then late; a request that cannot fit even alone gets a 400 at once; a worker's 429 sends the request to another
 worker. A step range is granted by the worker. A connection the worker closed under a request is not a dead
-worker."""
+worker. A worker's refusal, while it holds, answers the calls it covers without asking the worker again."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from service.embedder import Embedder, EmbedOptions
 from service.errors import InvalidRequest, Overloaded
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
-from service.workers import WorkerClient, WorkerPool
+from service.workers import Refusal, Weight, WorkerClient, WorkerPool
 from tests.gateway_fixtures import gateway_process
 from tests.load import sample, texts
 
@@ -151,6 +151,81 @@ def test_a_workers_429_sends_the_request_to_another_worker(minilm_worker, tmp_pa
             response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
             error = _assert_openai_error(response, 429, "overloaded")
             assert error["message"].startswith("model 'minilm-l6' is overloaded: worker queue is full")
+
+
+def _request(texts_: list[str], steps: int = 5, deadline_s: float = 30.0, **item: object) -> EmbedRequest:
+    return EmbedRequest([EmbedItem(text=t, steps=steps, **item) for t in texts_], deadline_s=deadline_s)
+
+
+def test_a_remembered_refusal_covers_calls_at_least_as_heavy_while_it_holds():
+    refused = _request(["twelve chars", "twelve chars"])
+    refusal = Refusal(since=100.0, holds_s=0.5, weight=Weight.of(refused), deadline_s=30.0, message="m")
+
+    def covers(request: EmbedRequest, now: float = 100.2) -> bool:
+        return refusal.covers(Weight.of(request), request.deadline_s, now)
+
+    assert covers(refused)
+    assert covers(_request(["twelve chars", "twelve chars", "x"]))  # more sequences
+    assert covers(_request(["twelve chars!", "twelve chars"]))  # longer prompts
+    assert covers(_request(["twelve chars"] * 2, steps=6))  # more steps
+    assert covers(_request(["twelve chars"] * 2, steps=9, min_steps=5))  # a range counts at its minimum
+    assert covers(_request(["twelve chars"] * 2, samples=2))  # o1 samples are sequences
+    assert covers(_request(["twelve chars"] * 2, deadline_s=25.0))  # a shorter deadline
+    assert not covers(refused, now=100.5)  # it held 0.5 s from when the refused call left
+    assert not covers(_request(["twelve chars"]))  # lighter in any term
+    assert not covers(_request(["twelve chars"] * 2, steps=4))
+    assert not covers(_request(["twelve chars", "eleven char"]))
+    assert not covers(_request(["twelve chars"] * 2, steps=9, min_steps=4))
+    assert not covers(_request(["twelve chars"] * 2, deadline_s=30.3))  # 0.2 s later, 0.3 s more deadline
+    assert covers(_request(["twelve chars"] * 2, deadline_s=30.2))
+    assert not covers(_request(["twelve chars"] * 2, deadline_s=None))
+    anything = Refusal(since=100.0, holds_s=0.5, weight=None, deadline_s=30.0, message="m")
+    assert anything.covers(Weight.of(_request(["x"], steps=0)), 30.0, 100.2)
+    error = refusal.overloaded("m1", now=100.2)
+    assert error.retry_after == 1 and "refused a call at least as heavy 200 ms ago" in error.message
+
+
+@pytest.mark.slow
+async def test_a_workers_refusal_answers_the_calls_it_covers_while_it_holds(gircse_worker, tmp_path):
+    """A worker busy for seconds refuses a short-deadline call and says for how long; the same call again is
+    refused by the gateway without a worker call, a lighter one still reaches the worker (unless the refusal held
+    for any call), and once the queue has drained the call is served."""
+    fill = [_heavy(f"fill {r}") for r in range(6)]
+    probe = {"model": GIRCSE, "input": "a query that waits behind the heavy ones", "refinement_steps": 5}
+
+    def decisions() -> float:
+        return sample(gircse_worker, "genembed_worker_admission_decisions_total")
+
+    with (
+        gateway_process(tmp_path, {GIRCSE: gircse_worker}, {"GENEMBED_REQUEST_TIMEOUT_S": "300"}) as (patient, _),
+        gateway_process(tmp_path, {GIRCSE: gircse_worker}, {"GENEMBED_REQUEST_TIMEOUT_S": "3"}) as (url, _),
+    ):
+        filling = asyncio.create_task(_burst([patient], fill))
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            while sample(patient, "genembed_gateway_worker_calls_total", outcome="ok") == 0 and not filling.done():
+                load = (await client.get(f"{gircse_worker}/load")).json()
+                if load["running_seqs"] + load["waiting"]["online"] >= 96:
+                    break
+                await asyncio.sleep(0.05)
+            first = await client.post("/v1/embeddings", json=probe)
+            error = _assert_openai_error(first, 429, "overloaded")
+            assert "refused a call at least as heavy" not in error["message"]
+            before = decisions()
+            again = await client.post("/v1/embeddings", json=probe)
+            error = _assert_openai_error(again, 429, "overloaded")
+            assert "refused a call at least as heavy" in error["message"], error["message"]
+            assert decisions() == before  # the worker was not asked
+            assert sample(url, "genembed_gateway_worker_calls_total", outcome="refused_remembered") == 1
+            lighter = await client.post("/v1/embeddings", json={**probe, "input": "a query", "refinement_steps": 4})
+            _assert_openai_error(lighter, 429, "overloaded")
+            if "hold any new call" in error["message"]:  # the queue alone refused it: so it does any call
+                assert decisions() == before
+            else:
+                assert decisions() == before + 1
+            responses = await filling
+            assert [r.status_code for r in responses] == [200] * len(fill)
+            served = await client.post("/v1/embeddings", json=probe)
+            assert served.status_code == 200, served.text
 
 
 @pytest.mark.slow

@@ -284,6 +284,52 @@ def test_a_call_that_would_make_an_accepted_one_late_is_refused():
     assert _decide(after, _call(1, 1, deadline_s=30.0, prompt=400)).outcome == "accepted"
 
 
+def test_a_refusal_says_how_long_it_holds_for_a_call_at_least_as_heavy():
+    """A call sent d seconds later meets the queue d seconds drained with a deadline d later: as if it had d more
+    seconds of deadline now. `holds_s` is the most such d that is still refused, so the gateway can answer calls
+    covered by it without asking (service/workers.py, `Refusal`)."""
+    ahead = _busy(400, 5)
+    call = _call(4, 5, deadline_s=2.0)
+    decision = _decide(ahead, call)
+    assert decision.outcome == "refused" and not decision.holds_for_any
+    finish = _model().seconds(_extended(ahead, call.seqs(0)))
+    assert decision.holds_s == pytest.approx(finish - 2.0 * 0.7)
+
+    def with_more_deadline(c: Call, seconds: float) -> Call:
+        return replace(c, deadline_s=c.deadline_s + seconds / 0.7)
+
+    assert _decide(ahead, with_more_deadline(call, decision.holds_s + 0.01)).outcome == "accepted"
+    assert _decide(ahead, with_more_deadline(call, decision.holds_s - 0.01)).outcome == "refused"
+    for heavier in (_call(5, 5, deadline_s=2.0), _call(4, 6, deadline_s=2.0), _call(4, 5, deadline_s=2.0, prompt=30)):
+        assert _decide(ahead, with_more_deadline(heavier, decision.holds_s - 0.01)).outcome == "refused"
+
+
+def test_a_refusal_for_a_promise_holds_until_that_promise_is_kept_whatever_the_deadline():
+    model = _model()
+    queued = Seqs.waiting([20] * 4, [5] * 4)
+    finish = model.seconds(_extended(Schedule(EMPTY, 4, 4096), queued))
+    promised = Backlog(EMPTY, Seqs.waiting([20] * 4, [5] * 4, due=finish + 0.05), EMPTY).schedule(
+        Capacity(8, 4096, 65536)
+    )
+    heavy = _call(2, 1, deadline_s=30.0, prompt=400)
+    decision = _decide(promised, heavy)
+    assert decision.outcome == "refused" and "already accepted" in decision.detail
+    # the promised calls' finish, later by the share of the call's work that joins their passes
+    assert finish < decision.holds_s <= finish + model.seconds(_extended(_idle(heavy), heavy.seqs(0)))
+    assert decision.retry_after_s == int(np.ceil(decision.holds_s))
+    assert _decide(promised, replace(heavy, deadline_s=3000.0)).outcome == "refused"
+
+
+def test_a_refusal_unseen_holds_for_any_call():
+    model = _model()
+    soonest = soonest_seconds(model, _busy(400, 5))
+    refusal = refuse_unseen(soonest, 0.9 * soonest / 0.7, 0.0, Policy(), now=0.0)
+    assert refusal is not None and refusal.holds_for_any
+    assert refusal.holds_s == pytest.approx(0.1 * soonest)
+    # a deadline longer by more than it holds is not refused unseen
+    assert refuse_unseen(soonest, (0.9 * soonest + refusal.holds_s + 0.01) / 0.7, 0.0, Policy(), now=0.0) is None
+
+
 def test_the_time_spent_before_the_decision_counts_against_the_deadline():
     call = replace(_call(4, 5, deadline_s=2.0), received=-1.35)  # arrived 1.35 s before `now`
     assert _decide(_idle(call), replace(call, received=0.0)).outcome == "accepted"
