@@ -99,7 +99,7 @@ class GatewayMetrics:
         )
         self.worker_calls = Counter(
             "genembed_gateway_worker_calls",
-            "Worker /embed calls, by outcome",
+            "Worker /embed calls, by outcome (refused_remembered: not sent, the worker's last refusal covered it)",
             ["model", "worker", "outcome"],
             registry=reg,
         )
