@@ -303,7 +303,9 @@ def session(url: str, timeout_s: float, connections: int = 4096) -> aiohttp.Clie
     """The generator's client: each request gives up `timeout_s` after it is sent."""
     return aiohttp.ClientSession(
         url,
-        connector=aiohttp.TCPConnector(limit=connections, keepalive_timeout=30),
+        # idle connections dropped before uvicorn's own keep-alive timeout (5 s) closes them: a request sent on one
+        # it is closing fails ("error", one in a few thousand at 4x before)
+        connector=aiohttp.TCPConnector(limit=connections, keepalive_timeout=4),
         timeout=aiohttp.ClientTimeout(total=timeout_s),
         json_serialize=lambda body: orjson.dumps(body).decode(),
     )
@@ -588,6 +590,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="per open-loop scenario (default 60, quick 10)")
     parser.add_argument("--capacity-seconds", type=float, default=None, help="per model (default 20, quick 8)")
     parser.add_argument("--capacity-concurrency", type=int, default=32)
+    parser.add_argument(
+        "--offer-per-s",
+        type=float,
+        nargs=2,
+        metavar=("GIRCSE", "MINILM"),
+        help="offer multiples of these rates instead of the measured capacities (A/B runs at equal offered load)",
+    )
     parser.add_argument("--max-requests", type=int, default=20000, help="cap of one open-loop schedule")
     parser.add_argument("--target-requests", type=int, default=None, help="K=5 target check (default 256, quick 64)")
     parser.add_argument("--skip-target", action="store_true", help="skip the lock-step comparison")
@@ -614,6 +623,11 @@ def main() -> None:
         "deadline_s": deadline,
         "seconds_per_scenario": seconds,
         "cpu_split": args.cpu_split,
+        "settings_from_environment": {  # what the servers inherit (secrets left out)
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith("GENEMBED_") and not any(w in k for w in ("TOKEN", "KEY", "PASSWORD", "SECRET", "URL"))
+        },
         "server_logs": str(logs),
     }
     results: list[ScenarioResult] = []
@@ -649,6 +663,11 @@ def main() -> None:
             f"(gircse K uniform from {list(MIXED_K)}); 200s per second"
         )
         print(f"capacity: {GIRCSE} {capacity[GIRCSE]:.2f}/s, {MINILM} {capacity[MINILM]:.2f}/s")
+        offer = capacity  # the rates the scenarios' factors multiply
+        if args.offer_per_s:
+            offer = dict(zip((GIRCSE, MINILM), args.offer_per_s, strict=True))
+            report["offer_per_s"] = offer
+            print(f"offering multiples of {GIRCSE} {offer[GIRCSE]:g}/s, {MINILM} {offer[MINILM]:g}/s (--offer-per-s)")
         sampler.take_usage()
         load.settle()
         print(HEADER)
@@ -665,7 +684,7 @@ def main() -> None:
 
         for factor in (0.5, 0.9, 1.5, 4.0) if "a" in args.only else ():
             outcomes, elapsed, offered = asyncio.run(
-                load.open_loop(GIRCSE, factor * capacity[GIRCSE], seconds, args.max_requests)
+                load.open_loop(GIRCSE, factor * offer[GIRCSE], seconds, args.max_requests)
             )
             record(summarise(f"a {factor:g}x", GIRCSE, outcomes, elapsed, offered, sampler.take_usage(), "K mixed"))
             load.settle()
@@ -677,15 +696,15 @@ def main() -> None:
                 print(f"e {factor:g}x: skipped, the gateway refused refinement_steps {STEP_RANGE}: {unsupported}")
                 continue
             outcomes, elapsed, offered = asyncio.run(
-                load.open_loop(GIRCSE, factor * capacity[GIRCSE], seconds, args.max_requests, STEP_RANGE)
+                load.open_loop(GIRCSE, factor * offer[GIRCSE], seconds, args.max_requests, STEP_RANGE)
             )
             record(summarise(f"e {factor:g}x", GIRCSE, outcomes, elapsed, offered, sampler.take_usage(), "K 1..10"))
             load.settle()
 
         async def both() -> list:
             return await asyncio.gather(
-                load.open_loop(GIRCSE, 0.9 * capacity[GIRCSE], seconds, args.max_requests),
-                load.open_loop(MINILM, 0.9 * capacity[MINILM], seconds, args.max_requests, steps=None),
+                load.open_loop(GIRCSE, 0.9 * offer[GIRCSE], seconds, args.max_requests),
+                load.open_loop(MINILM, 0.9 * offer[MINILM], seconds, args.max_requests, steps=None),
             )
 
         if "d" in args.only:
@@ -699,7 +718,7 @@ def main() -> None:
             with second_gateway(logs, GIRCSE, worker_url(url, GIRCSE)) as url_2:
                 other = Load(url_2, deadline, sampler, seed=1)
                 for factor in (0.9, 2.5):
-                    rate = factor * capacity[GIRCSE] / 2
+                    rate = factor * offer[GIRCSE] / 2
 
                     async def two_gateways(rate: float = rate) -> list:
                         return await asyncio.gather(

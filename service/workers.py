@@ -142,6 +142,8 @@ class Refusal:
     message: str
 
     def covers(self, weight: Weight, deadline_s: float | None, now: float) -> bool:
+        """Whether the worker would refuse this call now by the same reasoning (until a call of its is answered:
+        `WorkerClient` then forgets the refusal)."""
         if deadline_s is None or (self.weight is not None and not weight.at_least(self.weight)):
             return False
         return now - self.since + max(deadline_s - self.deadline_s, 0.0) < self.holds_s
@@ -393,12 +395,10 @@ class WorkerClient:
             raise self.unavailable() from exc
         self._report_headers(response.headers)
         if response.status == 200:
-            if (
-                self.refusal is not None
-                and sent > self.refusal.since
-                and self.refusal.covers(Weight.of(request), request.deadline_s, sent)
-            ):
-                self.refusal = None  # a call it covered was admitted after all: the worker's state moved on
+            # A call done: the queue the refusal saw has moved on, and the worker's estimates are pessimistic (its
+            # correction never below 1, the deadline share's headroom), so the promise a refusal waited for is
+            # often kept early; holding the refusal on past it refused calls the worker would have taken.
+            self.refusal = None
             try:
                 return EmbedResponse.decode(response.body)
             except (ValueError, KeyError, TypeError) as exc:

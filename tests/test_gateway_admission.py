@@ -314,3 +314,64 @@ async def test_a_connection_the_worker_closed_under_a_request_is_not_a_dead_work
     finally:
         await client.aclose()
         server.close()
+
+
+@pytest.mark.parametrize("remember", [True, False], ids=["remembered", "asked-again"])
+async def test_a_remembered_refusal_ends_with_the_workers_next_answer(remember):
+    """A worker that refused a call for the next 5 s is not asked about calls at least as heavy; a lighter call is
+    sent, and its answer (the queue has moved on) ends the refusal. With `remember_refusals` off, every call goes."""
+    info = ModelInfo("m", "pooled", 4, 0, 0, 0, 512, 100, "float32", "cpu", "r")
+    answers = ["429", "200", "200"]  # what /embed answers, in turn
+    embeds: list[int] = []  # inputs of each /embed call the worker saw
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path, extra = head.split()[1], b""
+                if path == b"/embed":
+                    length = re.search(rb"content-length: *(\d+)", head, re.I)
+                    call = EmbedRequest.decode(await reader.readexactly(int(length.group(1))))
+                    embeds.append(len(call.items))
+                    if answers.pop(0) == "429":
+                        body = json.dumps({"detail": "would finish after", "code": "overloaded"}).encode()
+                        extra = b"retry-after: 5\r\nx-genembed-refusal-holds-s: 5.000\r\n"
+                        status = b"429 Too Many Requests"
+                    else:
+                        status = b"200 OK"
+                        vectors = np.ones((len(call.items), 4))
+                        body = EmbedResponse(4, [ItemResult(1)] * len(call.items), vectors).encode()
+                else:
+                    status = b"200 OK"
+                    body = json.dumps(info.to_json() if path == b"/info" else {"status": "ready"}).encode()
+                writer.write(b"HTTP/1.1 %s\r\ncontent-length: %d\r\n%s\r\n%s" % (status, len(body), extra, body))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            return
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(worker, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = WorkerClient("m", url, GatewaySettings(remember_refusals=remember), GatewayMetrics())
+    heavy = EmbedRequest([EmbedItem(text="one", steps=0), EmbedItem(text="two", steps=0)], deadline_s=10)
+    light = EmbedRequest([EmbedItem(text="one", steps=0)], deadline_s=10)
+    try:
+        await client.probe()
+        with pytest.raises(Overloaded) as refused:
+            await client.embed(heavy)
+        assert refused.value.retry_after == 5 and embeds == [2]
+        if remember:
+            with pytest.raises(Overloaded) as again:
+                await client.embed(heavy)
+            assert "refused a call at least as heavy" in again.value.message and again.value.retry_after == 5
+            assert embeds == [2]  # not asked
+            assert (await client.embed(light)).vectors.shape == (1, 4)  # lighter: asked, and answered
+            assert client.refusal is None and embeds == [2, 1]
+        else:
+            assert (await client.embed(heavy)).vectors.shape == (2, 4) and embeds == [2, 2]
+            assert client.refusal is None
+        assert (await client.embed(heavy)).vectors.shape == (2, 4) and embeds[-1] == 2
+    finally:
+        await client.aclose()
+        server.close()
