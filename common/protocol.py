@@ -8,8 +8,8 @@ A call is one gateway request's inputs: the worker admits it whole or refuses it
 Every /embed answer, refusals included, and `GET /load` carry the worker's backlog in the headers
 `x-genembed-drain-s` (expected seconds until the work it holds is done) and `x-genembed-queued-seqs`.
 A 429 from admission also says how long its decision holds: `x-genembed-refusal-holds-s`, the seconds during which
-a call at least as heavy (no fewer sequences, steps or prompt tokens, and no longer a deadline) would be
-refused too, and `x-genembed-refusal-holds-for: any` when any call would be (the queue alone outlasts the deadline). The
+a call at least as heavy (no fewer sequences, steps or prompt tokens, and no longer a deadline) would be refused
+too, and `x-genembed-refusal-holds-for: any` when any call would be (the queue alone outlasts the deadline). The
 gateway remembers it, so it does not send the worker calls it would refuse (service/workers.py, `Refusal`).
 
 Response body (content type `application/x-genembed`):
