@@ -22,9 +22,12 @@ process on the same prompts.
 
 Per scenario: offered rate, goodput, p50/p95/p99 of 200s, shares of 429/503/other, the share *accepted then
 late* (504, or a client timeout: the gateway answers every request it does not refuse by its deadline plus a
-second, so a client that waited past that had its request accepted), mean steps granted, and the peak RSS of
-the gateway and each worker (psutil, every 0.5 s). The load generator, the gateway and the workers
+second, so a client that waited past that had its request accepted), mean steps granted, where each 429 came
+from (a gateway bound, a worker's decision, or the gateway repeating a worker's refusal that still holds), and the
+peak RSS of the gateway and each worker (psutil, every 0.5 s). The load generator, the gateway and the workers
 share this machine's cores: the JSON records the CPU, the load average and the busiest other processes.
+`--offer-per-s GIRCSE MINILM` offers multiples of fixed rates instead of the capacity each run measures, so the two
+sides of an A/B get the same load (the measured capacity moves by tens of percent between runs on a noisy VM).
 """
 
 from __future__ import annotations
