@@ -265,6 +265,7 @@ class WorkerClient:
         probe's business; a worker without the endpoint is asked no more."""
         if not self.ready or not self._has_load:
             return
+        asked = asyncio.get_running_loop().time()
         try:
             response = await self._request("GET", "/load", self._probe_timeout)
         except (aiohttp.ClientError, TimeoutError):
@@ -277,6 +278,10 @@ class WorkerClient:
             if response.status == 200:
                 load = response.json()  # {"drain_s", "queued_seqs" (all held), "running_seqs", "waiting": {...}}
                 self._report(float(load["drain_s"]), int(load["running_seqs"]) + int(load["waiting"]["online"]))
+                if self.refusal is not None and self.refusal.since < asked:
+                    # A report after the refusal ends it too: a gateway whose own calls were all refused gets no
+                    # answer to end it by, while other gateways' calls drain the worker.
+                    self.refusal = None
 
     def _report(self, drain_s: float, seqs: int | None = None) -> None:
         self.backlog.report(drain_s, asyncio.get_running_loop().time(), seqs)

@@ -319,9 +319,10 @@ async def test_a_connection_the_worker_closed_under_a_request_is_not_a_dead_work
 @pytest.mark.parametrize("remember", [True, False], ids=["remembered", "asked-again"])
 async def test_a_remembered_refusal_ends_with_the_workers_next_answer(remember):
     """A worker that refused a call for the next 5 s is not asked about calls at least as heavy; a lighter call is
-    sent, and its answer (the queue has moved on) ends the refusal. With `remember_refusals` off, every call goes."""
+    sent, and its answer (the queue has moved on) ends the refusal, as does the worker's next `GET /load` report.
+    With `remember_refusals` off, every call goes."""
     info = ModelInfo("m", "pooled", 4, 0, 0, 0, 512, 100, "float32", "cpu", "r")
-    answers = ["429", "200", "200"]  # what /embed answers, in turn
+    answers = ["429", "200", "200", "429"]  # what /embed answers, in turn
     embeds: list[int] = []  # inputs of each /embed call the worker saw
 
     async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -343,7 +344,9 @@ async def test_a_remembered_refusal_ends_with_the_workers_next_answer(remember):
                         body = EmbedResponse(4, [ItemResult(1)] * len(call.items), vectors).encode()
                 else:
                     status = b"200 OK"
-                    body = json.dumps(info.to_json() if path == b"/info" else {"status": "ready"}).encode()
+                    load = {"drain_s": 1.0, "queued_seqs": 2, "running_seqs": 2, "waiting": {"online": 0, "batch": 0}}
+                    answer = {b"/info": info.to_json(), b"/load": load}.get(path, {"status": "ready"})
+                    body = json.dumps(answer).encode()
                 writer.write(b"HTTP/1.1 %s\r\ncontent-length: %d\r\n%s\r\n%s" % (status, len(body), extra, body))
                 await writer.drain()
         except asyncio.IncompleteReadError:
@@ -372,6 +375,11 @@ async def test_a_remembered_refusal_ends_with_the_workers_next_answer(remember):
             assert (await client.embed(heavy)).vectors.shape == (2, 4) and embeds == [2, 2]
             assert client.refusal is None
         assert (await client.embed(heavy)).vectors.shape == (2, 4) and embeds[-1] == 2
+        with pytest.raises(Overloaded):
+            await client.embed(heavy)  # refused again: remembered (or not) anew
+        assert (client.refusal is not None) is remember
+        await client.poll_load()  # a report after the refusal ends it (a gateway none of whose calls is answered)
+        assert client.refusal is None and client.backlog.drain_s == 1.0
     finally:
         await client.aclose()
         server.close()
