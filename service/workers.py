@@ -140,6 +140,7 @@ class Refusal:
     weight: Weight | None  # None: the worker's queue alone refuses any call
     deadline_s: float
     message: str
+    drain_s: float  # the worker's drain time reported with the refusal
 
     def covers(self, weight: Weight, deadline_s: float | None, now: float) -> bool:
         """Whether the worker would refuse this call now by the same reasoning (until a call of its is answered:
@@ -147,6 +148,12 @@ class Refusal:
         if deadline_s is None or (self.weight is not None and not weight.at_least(self.weight)):
             return False
         return now - self.since + max(deadline_s - self.deadline_s, 0.0) < self.holds_s
+
+    def caught_up(self, drain_s: float, at: float) -> bool:
+        """Whether a drain time reported at `at` says the worker got through its queue faster than the refusal
+        assumed (the queue less the time since): then its estimates were pessimistic, or nobody else was admitted.
+        A gateway whose calls are all refused has no answer of its own to end a refusal by, so `GET /load` asks."""
+        return at > self.since and drain_s + (at - self.since) < self.drain_s
 
     def overloaded(self, name: str, now: float) -> Overloaded:
         left = self.holds_s - (now - self.since)
@@ -278,9 +285,7 @@ class WorkerClient:
             if response.status == 200:
                 load = response.json()  # {"drain_s", "queued_seqs" (all held), "running_seqs", "waiting": {...}}
                 self._report(float(load["drain_s"]), int(load["running_seqs"]) + int(load["waiting"]["online"]))
-                if self.refusal is not None and self.refusal.since < asked:
-                    # A report after the refusal ends it too: a gateway whose own calls were all refused gets no
-                    # answer to end it by, while other gateways' calls drain the worker.
+                if self.refusal is not None and self.refusal.caught_up(self.backlog.drain_s, asked):
                     self.refusal = None
 
     def _report(self, drain_s: float, seqs: int | None = None) -> None:
@@ -431,7 +436,7 @@ class WorkerClient:
         if not self._remember_refusals or request.deadline_s is None or not holds_s > 0:
             return
         weight = None if headers.get(REFUSAL_HOLDS_FOR_HEADER) == "any" else Weight.of(request)
-        self.refusal = Refusal(sent, holds_s, weight, request.deadline_s, detail)
+        self.refusal = Refusal(sent, holds_s, weight, request.deadline_s, detail, self.backlog.drain_s)
 
     async def aclose(self) -> None:
         if self._session is not None:

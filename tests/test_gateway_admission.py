@@ -159,7 +159,7 @@ def _request(texts_: list[str], steps: int = 5, deadline_s: float = 30.0, **item
 
 def test_a_remembered_refusal_covers_calls_at_least_as_heavy_while_it_holds():
     refused = _request(["twelve chars", "twelve chars"])
-    refusal = Refusal(since=100.0, holds_s=0.5, weight=Weight.of(refused), deadline_s=30.0, message="m")
+    refusal = Refusal(since=100.0, holds_s=0.5, weight=Weight.of(refused), deadline_s=30.0, message="m", drain_s=9.0)
 
     def covers(request: EmbedRequest, now: float = 100.2) -> bool:
         return refusal.covers(Weight.of(request), request.deadline_s, now)
@@ -179,8 +179,11 @@ def test_a_remembered_refusal_covers_calls_at_least_as_heavy_while_it_holds():
     assert not covers(_request(["twelve chars"] * 2, deadline_s=30.3))  # 0.2 s later, 0.3 s more deadline
     assert covers(_request(["twelve chars"] * 2, deadline_s=30.2))
     assert not covers(_request(["twelve chars"] * 2, deadline_s=None))
-    anything = Refusal(since=100.0, holds_s=0.5, weight=None, deadline_s=30.0, message="m")
+    anything = Refusal(since=100.0, holds_s=0.5, weight=None, deadline_s=30.0, message="m", drain_s=9.0)
     assert anything.covers(Weight.of(_request(["x"], steps=0)), 30.0, 100.2)
+    # caught up: the queue it saw, 9 s, drained faster than the time since (not: as fast, or more work came)
+    assert refusal.caught_up(drain_s=8.7, at=100.2) and not refusal.caught_up(drain_s=8.9, at=100.2)
+    assert not refusal.caught_up(drain_s=1.0, at=99.9)  # a report from before the refusal
     error = refusal.overloaded("m1", now=100.2)
     assert error.retry_after == 1 and "refused a call at least as heavy 200 ms ago" in error.message
 
@@ -319,11 +322,13 @@ async def test_a_connection_the_worker_closed_under_a_request_is_not_a_dead_work
 @pytest.mark.parametrize("remember", [True, False], ids=["remembered", "asked-again"])
 async def test_a_remembered_refusal_ends_with_the_workers_next_answer(remember):
     """A worker that refused a call for the next 5 s is not asked about calls at least as heavy; a lighter call is
-    sent, and its answer (the queue has moved on) ends the refusal, as does the worker's next `GET /load` report.
+    sent, and its answer (the queue has moved on) ends the refusal, as does a `GET /load` report of a queue that
+    drained faster than the refusal assumed.
     With `remember_refusals` off, every call goes."""
     info = ModelInfo("m", "pooled", 4, 0, 0, 0, 512, 100, "float32", "cpu", "r")
     answers = ["429", "200", "200", "429"]  # what /embed answers, in turn
     embeds: list[int] = []  # inputs of each /embed call the worker saw
+    drains = [9.5, 1.0]  # what GET /load reports, in turn
 
     async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -336,7 +341,7 @@ async def test_a_remembered_refusal_ends_with_the_workers_next_answer(remember):
                     embeds.append(len(call.items))
                     if answers.pop(0) == "429":
                         body = json.dumps({"detail": "would finish after", "code": "overloaded"}).encode()
-                        extra = b"retry-after: 5\r\nx-genembed-refusal-holds-s: 5.000\r\n"
+                        extra = b"retry-after: 5\r\nx-genembed-refusal-holds-s: 5.000\r\nx-genembed-drain-s: 9.000\r\n"
                         status = b"429 Too Many Requests"
                     else:
                         status = b"200 OK"
@@ -344,8 +349,11 @@ async def test_a_remembered_refusal_ends_with_the_workers_next_answer(remember):
                         body = EmbedResponse(4, [ItemResult(1)] * len(call.items), vectors).encode()
                 else:
                     status = b"200 OK"
-                    load = {"drain_s": 1.0, "queued_seqs": 2, "running_seqs": 2, "waiting": {"online": 0, "batch": 0}}
-                    answer = {b"/info": info.to_json(), b"/load": load}.get(path, {"status": "ready"})
+                    answer = {"status": "ready"}
+                    if path == b"/info":
+                        answer = info.to_json()
+                    elif path == b"/load":
+                        answer = {"drain_s": drains.pop(0), "running_seqs": 2, "waiting": {"online": 0}}
                     body = json.dumps(answer).encode()
                 writer.write(b"HTTP/1.1 %s\r\ncontent-length: %d\r\n%s\r\n%s" % (status, len(body), extra, body))
                 await writer.drain()
@@ -378,7 +386,11 @@ async def test_a_remembered_refusal_ends_with_the_workers_next_answer(remember):
         with pytest.raises(Overloaded):
             await client.embed(heavy)  # refused again: remembered (or not) anew
         assert (client.refusal is not None) is remember
-        await client.poll_load()  # a report after the refusal ends it (a gateway none of whose calls is answered)
+        # A /load report ends it once the worker's queue drained faster than the refusal assumed (a gateway none of
+        # whose calls is answered has no answer to end it by): 9.5 s of work left is not that, 1.0 s is.
+        await client.poll_load()
+        assert (client.refusal is not None) is remember and client.backlog.drain_s == 9.5
+        await client.poll_load()
         assert client.refusal is None and client.backlog.drain_s == 1.0
     finally:
         await client.aclose()
