@@ -269,6 +269,17 @@ async def test_a_step_range_is_granted_by_the_worker_and_cached_at_the_granted_s
         await pool.aclose()
 
 
+async def _read_call(reader: asyncio.StreamReader, head: bytes) -> EmbedRequest:
+    """The body of a raw-socket worker's /embed request, whose head was read."""
+    length = re.search(rb"content-length: *(\d+)", head, re.I)
+    return EmbedRequest.decode(await reader.readexactly(int(length.group(1))))
+
+
+def _answered(call: EmbedRequest) -> bytes:
+    """A raw-socket worker's answer to `call`: a 4-dimensional vector of ones per input."""
+    return EmbedResponse(4, [ItemResult(1)] * len(call.items), np.ones((len(call.items), 4))).encode()
+
+
 async def test_a_connection_the_worker_closed_under_a_request_is_not_a_dead_worker():
     """uvicorn closes a keep-alive connection idle for 5 s; a gateway whose event loop was too busy to expire it first
     sends a request on it and reads nothing back. That request goes again on a new connection, and the worker stays
@@ -289,9 +300,7 @@ async def test_a_connection_the_worker_closed_under_a_request_is_not_a_dead_work
                     return
                 path = head.split()[1]
                 if path == b"/embed":
-                    length = re.search(rb"content-length: *(\d+)", head, re.I)
-                    call = EmbedRequest.decode(await reader.readexactly(int(length.group(1))))
-                    body = EmbedResponse(4, [ItemResult(1)] * len(call.items), np.ones((len(call.items), 4))).encode()
+                    body = _answered(await _read_call(reader, head))
                 else:
                     body = json.dumps(info.to_json() if path == b"/info" else {"status": "ready"}).encode()
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
@@ -336,17 +345,14 @@ async def test_a_remembered_refusal_ends_with_the_workers_next_answer(remember):
                 head = await reader.readuntil(b"\r\n\r\n")
                 path, extra = head.split()[1], b""
                 if path == b"/embed":
-                    length = re.search(rb"content-length: *(\d+)", head, re.I)
-                    call = EmbedRequest.decode(await reader.readexactly(int(length.group(1))))
+                    call = await _read_call(reader, head)
                     embeds.append(len(call.items))
                     if answers.pop(0) == "429":
                         body = json.dumps({"detail": "would finish after", "code": "overloaded"}).encode()
                         extra = b"retry-after: 5\r\nx-genembed-refusal-holds-s: 5.000\r\nx-genembed-drain-s: 9.000\r\n"
                         status = b"429 Too Many Requests"
                     else:
-                        status = b"200 OK"
-                        vectors = np.ones((len(call.items), 4))
-                        body = EmbedResponse(4, [ItemResult(1)] * len(call.items), vectors).encode()
+                        status, body = b"200 OK", _answered(call)
                 else:
                     status = b"200 OK"
                     answer = {"status": "ready"}
