@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -205,7 +206,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("genembed serve: --replicas must be at least 1", file=sys.stderr)
         return 2
     supervisor = Supervisor()
-    turns_file = None  # the lock file of workers that take turns at shared CPUs (threads.CpuTurns)
+    turns_dir = None  # holds the lock file and ledger of workers that take turns at shared CPUs (threads.CpuTurns)
     try:
         # The workers answer only this gateway: the configured token, else one made for this run (in the
         # environment, not on a command line other users can read).
@@ -219,9 +220,8 @@ def run_serve(args: argparse.Namespace) -> int:
             shares = split_cpus(sorted(os.sched_getaffinity(0)), len(models)) or shares
         shared = len(models) > 1 and shares[0] is None and "GENEMBED_WORKER_CPUS" not in env
         if shared and args.cpu_split != "off" and "GENEMBED_WORKER_CPU_TURNS" not in env:
-            turns_fd, turns_file = tempfile.mkstemp(prefix="genembed-cpu-turns-")
-            os.close(turns_fd)
-            env["GENEMBED_WORKER_CPU_TURNS"] = turns_file
+            turns_dir = tempfile.mkdtemp(prefix="genembed-cpu-turns-")
+            env["GENEMBED_WORKER_CPU_TURNS"] = os.path.join(turns_dir, "turns")
         for model, cpus in zip(models, shares, strict=True):
             cmd = [sys.executable, "-m", "cli.main", "worker", "--model", model, "--host", "127.0.0.1"]
             cmd += ["--log-format", args.log_format] if args.log_format else []
@@ -242,8 +242,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 130
     finally:
         supervisor.stop()
-        if turns_file:
-            os.unlink(turns_file)
+        if turns_dir:
+            shutil.rmtree(turns_dir)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -86,14 +86,14 @@ class EmbeddingWorker:
         limits: EngineLimits,
         metrics: WorkerMetrics | None = None,
         policy: Policy | None = None,
-        cpu_turns: str | None = None,
+        cpu_turns: CpuTurns | None = None,
     ) -> None:
-        """`cpu_turns`: a lock file shared with the workers whose CPUs this one shares (`threads.CpuTurns`; only
-        where the model runs on the CPU)."""
+        """`cpu_turns`: the turns this worker takes at CPUs it shares with other workers (only where the model runs
+        on the CPU)."""
         self.loaded = loaded
         self.metrics = metrics or WorkerMetrics()
         self.method = build_method(loaded, limits.max_running_seqs)
-        turns = CpuTurns(cpu_turns) if cpu_turns and loaded.device.type == "cpu" else None
+        turns = cpu_turns if loaded.device.type == "cpu" else None
         self.engine = Engine(self.method, limits, self.metrics, turns)
         self.policy = policy or Policy()
         self.capacity = Capacity(
@@ -111,7 +111,7 @@ class EmbeddingWorker:
         limits: EngineLimits,
         metrics: WorkerMetrics | None = None,
         policy: Policy | None = None,
-        cpu_turns: str | None = None,
+        cpu_turns: CpuTurns | None = None,
     ) -> EmbeddingWorker:
         worker = cls(load_model(spec), limits, metrics, policy, cpu_turns)
         worker.engine.start()

@@ -11,7 +11,7 @@ from common.logs import LogFormat
 from model_server.admission import Policy
 from model_server.engine import EngineLimits
 from model_server.specs import DEFAULT_MODEL
-from model_server.threads import MAX_NICE, OmpMode
+from model_server.threads import MAX_NICE, CpuTurns, OmpMode
 
 
 class WorkerSettings(BaseSettings):
@@ -44,6 +44,12 @@ class WorkerSettings(BaseSettings):
         default=None,
         description="a lock file: CPU workers given the same one take turns at the CPUs they share, one engine pass "
         "at a time (`genembed serve` sets one for its workers unless they have CPUs of their own)",
+    )
+    cpu_turn_lead_s: float = Field(
+        default=CpuTurns.LEAD_S,
+        ge=0,
+        description="turns are shared by time: how many seconds more than a waiting neighbour a worker may have held "
+        "the CPUs and still take the next turn (inf: one pass each, whatever its length)",
     )
     max_running_seqs: int = Field(default=64, gt=0)
     max_batch_tokens: int = Field(default=4096, gt=0)
@@ -92,6 +98,9 @@ class WorkerSettings(BaseSettings):
 
     def policy(self) -> Policy:
         return Policy(deadline_share=self.deadline_share, max_retry_after_s=self.max_retry_after_s)
+
+    def turns(self) -> CpuTurns | None:
+        return CpuTurns(self.cpu_turns, self.cpu_turn_lead_s) if self.cpu_turns else None
 
     def spec_overrides(self) -> dict[str, object]:
         fields = ("dtype", "device", "linear", "cuda_graphs")

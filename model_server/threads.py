@@ -7,10 +7,15 @@ before its first torch import (cli/main.py). No torch here: this module must be 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fcntl
+import itertools
+import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Literal, TypeVar, get_args
 
@@ -121,15 +126,116 @@ class CpuTurns:
     own). Two workers whose OpenMP teams compute at once on the same cores each wait at every parallel region's end
     for a thread the other preempted, so both run far slower than their share; in turns each pass runs on every core
     at full speed, and the time a worker waits for its turn is in its measured iteration times, where admission sees
-    it. A `flock`: the kernel releases it with its holder, so a worker that dies never blocks the others."""
+    it. The turn is an `flock`: the kernel releases it with its holder, so a worker that dies never blocks the others.
 
-    def __init__(self, path: str) -> None:
+    Turns are shared by time, not by passes: a minilm pass of 64 sequences held the CPUs for a second while a gircse
+    decode step took a tenth of that, so one pass each gave gircse a tenth of the time, and calls it had admitted
+    were late (docs/benchmarks.md). A ledger beside the lock file (`<path>.ledger`) keeps the seconds each worker has
+    held the turn; a worker that has held it `lead_s` longer than one that waits lets that one go first. A worker back
+    from idle starts at most `CATCH_UP_S` behind the busiest-recent neighbour, so time it did not ask for is not
+    owed to it."""
+
+    #: by default, how far ahead of a waiting neighbour a worker may be and still take the turn
+    LEAD_S = 0.02
+    #: how far behind its recently busy neighbours a worker coming back from idle may start
+    CATCH_UP_S = 0.5
+    #: how long after a neighbour's pass ends it may still be behind and coming back for the next
+    GRACE_S = 0.02
+    #: a neighbour that held or asked for the turn this recently counts as busy
+    RECENT_S = 1.0
+    #: a wait older than this is a worker that went away without leaving the ledger (another PID namespace)
+    STALE_S = 30.0
+    #: how long a worker that let a neighbour go first sleeps before it asks again (the neighbour, blocked in
+    #: `flock`, takes the turn within microseconds)
+    YIELD_S = 0.001
+
+    _instances = itertools.count()
+
+    def __init__(self, path: str, lead_s: float = LEAD_S) -> None:
         self.path = path
+        self.lead_s = lead_s
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._ledger = os.open(path + ".ledger", os.O_RDWR | os.O_CREAT, 0o600)
+        self.name = f"{os.getpid()}.{next(self._instances)}"  # two engines in one process are two entries
+        self._started = 0.0
 
     def __enter__(self) -> CpuTurns:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        with self._book() as book:
+            me = book.setdefault(self.name, _Entry())
+            now = time.monotonic()
+            busy = [e.used_s for n, e in book.items() if n != self.name and e.busy(now, self.RECENT_S)]
+            if busy:
+                me.used_s = max(me.used_s, min(busy) - self.CATCH_UP_S)
+            me.state, me.since = "waiting", now
+        try:
+            while True:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                with self._book() as book:
+                    me = book[self.name]
+                    if not self._behind_me(book, me.used_s):
+                        me.state, me.since = "holding", time.monotonic()
+                        break
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                time.sleep(self.YIELD_S)
+        except BaseException:
+            with self._book() as book:
+                book[self.name].state = "idle"
+            raise
+        self._started = time.perf_counter()
         return self
 
     def __exit__(self, *_: object) -> None:
+        with self._book() as book:
+            me = book[self.name]
+            me.used_s += time.perf_counter() - self._started
+            me.state, me.since = "idle", time.monotonic()
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _behind_me(self, book: dict[str, _Entry], used_s: float) -> bool:
+        """Whether a neighbour that has held the turn for `lead_s` less than this worker waits for it, or has just
+        ended a pass (between two passes a busy worker is idle for the engine's bookkeeping: taking the turn then
+        gives one pass each again)."""
+        now = time.monotonic()
+        return any(
+            e.used_s < used_s - self.lead_s and now - e.since < (self.STALE_S if e.state == "waiting" else self.GRACE_S)
+            for n, e in book.items()
+            if n != self.name and e.state != "holding"
+        )
+
+    @contextlib.contextmanager
+    def _book(self) -> Iterator[dict[str, _Entry]]:
+        """The ledger, read and written back under its own lock (held for microseconds, never during a pass); the
+        entries of processes that ended are left out."""
+        fcntl.flock(self._ledger, fcntl.LOCK_EX)
+        try:
+            raw = os.pread(self._ledger, 1 << 20, 0)
+            book = {n: _Entry(*e) for n, e in json.loads(raw).items() if _alive(n)} if raw else {}
+            yield book
+            data = json.dumps({n: astuple(e) for n, e in book.items()}).encode()
+            os.ftruncate(self._ledger, 0)
+            os.pwrite(self._ledger, data, 0)
+        finally:
+            fcntl.flock(self._ledger, fcntl.LOCK_UN)
+
+
+@dataclass
+class _Entry:
+    """One worker's line in the turns ledger."""
+
+    used_s: float = 0.0  # seconds it has held the turn
+    state: Literal["idle", "waiting", "holding"] = "idle"
+    since: float = 0.0  # time.monotonic() (one clock for every process on the host) of its last change of state
+
+    def busy(self, now: float, recent_s: float) -> bool:
+        return self.state != "idle" or now - self.since < recent_s
+
+
+def _alive(name: str) -> bool:
+    """Whether the process of a ledger entry (`<pid>.<n>`) still runs (one of another user counts)."""
+    try:
+        os.kill(int(name.split(".")[0]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -13,6 +13,7 @@ from common.protocol import EmbedItem, EmbedRequest
 from model_server.engine import DeadlineExceeded, EngineLimits, QueueFull
 from model_server.sequence import Input
 from model_server.serving import EmbeddingWorker
+from model_server.threads import CpuTurns
 from tests.models import cosine, gircse_spec, make_tiny_llama, reference_gircse, start_worker
 
 
@@ -241,7 +242,8 @@ def test_workers_given_one_turns_file_never_compute_at_once(tiny_dir, tmp_path, 
     checks can fail)."""
     spec = gircse_spec(tiny_dir, dtype="float32")
     path = str(tmp_path / "turns") if turns else None
-    workers = [EmbeddingWorker.load(spec, EngineLimits(max_running_seqs=8), cpu_turns=path) for _ in range(2)]
+    limits = EngineLimits(max_running_seqs=8)
+    workers = [EmbeddingWorker.load(spec, limits, cpu_turns=path and CpuTurns(path)) for _ in range(2)]
     try:
         spans = [_passes(w) for w in workers]
         _run_both(workers)

@@ -81,14 +81,15 @@ def _environ(pid: int) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_serve_has_workers_on_shared_cpus_take_turns(tmp_path):
-    """By default serve's workers keep every CPU and share one turns file (`threads.CpuTurns`), removed on exit."""
+    """By default serve's workers keep every CPU and share one turns file and its ledger (`threads.CpuTurns`),
+    removed on exit."""
     port = free_port()
     cmd = genembed("serve", "--model", "minilm-l6", "--replicas", "2", "--port", str(port))
     with running(cmd, f"http://127.0.0.1:{port}/ready", log_path=tmp_path / "serve.log") as proc:
         workers = children(proc.pid)
         [path] = {_environ(pid).get("GENEMBED_WORKER_CPU_TURNS") for pid in workers}
-        assert path and os.path.exists(path)
+        assert path and os.path.exists(path) and os.path.exists(path + ".ledger")
         assert all(os.sched_getaffinity(pid) == os.sched_getaffinity(proc.pid) for pid in workers)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    assert not os.path.exists(path)
+    assert not os.path.exists(path) and not os.path.exists(path + ".ledger")

@@ -3,7 +3,10 @@ niceness (GENEMBED_WORKER_NICE) and CPUs (GENEMBED_WORKER_CPUS) every thread of 
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,7 +16,7 @@ import torch
 
 from harness.procs import genembed_exits, thread_niceness, worker_process
 from model_server import threads
-from model_server.threads import in_a_thread_of_its_own
+from model_server.threads import CpuTurns, in_a_thread_of_its_own
 
 
 def test_a_mode_adds_what_is_unset_and_off_adds_nothing() -> None:
@@ -100,3 +103,73 @@ def test_the_model_loads_in_a_thread_that_leaves_no_openmp_threads_behind() -> N
     while {t.name for t in tasks.iterdir()} - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not {t.name for t in tasks.iterdir()} - before
+
+
+def _take_turns(path: str, pass_s: float, until: float, held: list[float], lead_s: float = CpuTurns.LEAD_S) -> None:
+    """A worker whose every pass holds the turn for `pass_s` (asleep: the share is of the turn, not of the cores)."""
+    turns = CpuTurns(path, lead_s)
+    while time.monotonic() < until:
+        with turns:
+            started = time.monotonic()
+            time.sleep(pass_s)
+            held.append(time.monotonic() - started)
+
+
+def _shares(path: str, passes_s: tuple[float, ...], seconds: float, lead_s: float) -> list[float]:
+    until = time.monotonic() + seconds
+    held: list[list[float]] = [[] for _ in passes_s]
+    pairs = zip(passes_s, held, strict=True)
+    workers = [threading.Thread(target=_take_turns, args=(path, p, until, h, lead_s)) for p, h in pairs]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return [sum(h) / sum(map(sum, held)) for h in held]
+
+
+@pytest.mark.parametrize("by_time", [True, False])
+def test_turns_are_shared_by_time_not_by_passes(tmp_path, by_time: bool) -> None:
+    """A worker with 0.2 s passes beside one with 0.02 s passes: turns by time give each about half of the time;
+    with the lead unlimited (one pass each, as before) the short passes get about a tenth, so the check can fail."""
+    lead_s = CpuTurns.LEAD_S if by_time else math.inf
+    _, short = _shares(str(tmp_path / "turns"), (0.2, 0.02), seconds=3.0, lead_s=lead_s)
+    if by_time:
+        assert 0.3 < short < 0.7
+    else:
+        assert short < 0.2
+
+
+def test_a_worker_back_from_idle_is_owed_no_more_than_the_catch_up(tmp_path) -> None:
+    """A worker that held the turn alone for 2 s, then a second one arrives: the newcomer goes first for about
+    `CATCH_UP_S`, then they share; it is not owed the 2 s it did not ask for."""
+    path = str(tmp_path / "turns")
+    early: list[float] = []
+    first = threading.Thread(target=_take_turns, args=(path, 0.02, time.monotonic() + 3.5, early))
+    first.start()
+    time.sleep(2.0)
+    arrived, late = len(early), []
+    _take_turns(path, 0.02, time.monotonic() + 1.5, late)
+    first.join()
+    alongside = sum(early[arrived:])
+    assert sum(late) > CpuTurns.CATCH_UP_S  # it went first for its catch-up, then shared
+    assert alongside > 0.25  # without the catch-up bound the first would have waited through all 1.5 s
+
+
+def test_a_neighbour_that_went_away_while_waiting_blocks_no_one(tmp_path) -> None:
+    """Ledger entries of an ended process, or of a wait too old to be real (a process in another PID namespace),
+    are not waited for, even though they have held the turn for less."""
+    path = str(tmp_path / "turns")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    ledger = {
+        f"{ended.pid}.0": [0.0, "waiting", time.monotonic()],
+        f"{os.getpid()}.999": [0.0, "waiting", time.monotonic() - 2 * CpuTurns.STALE_S],
+    }
+    Path(path + ".ledger").write_text(json.dumps(ledger))
+    held: list[float] = []
+    # a lead of -1 s: any waiter that counts would go first
+    worker = threading.Thread(target=_take_turns, args=(path, 0.0, time.monotonic() + 0.2, held, -1.0))
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and held
+    assert f"{ended.pid}.0" not in json.loads(Path(path + ".ledger").read_text())
