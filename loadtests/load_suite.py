@@ -150,6 +150,42 @@ class RssSampler:
         self.thread.join(2)
 
 
+class WorkerEstimates:
+    """How each worker's expected finish times held up over a scenario: the worker's own histogram of expected minus
+    actual seconds to each accepted online call's answer (`genembed_worker_finish_error_seconds`), read before and
+    after. Admission is only as good as these estimates: a call answered after its expected time is one its worker
+    admitted on too short an estimate, late to the client or not."""
+
+    METRIC = "genembed_worker_finish_error_seconds_bucket"
+
+    def __init__(self, workers: dict[str, str]) -> None:
+        self.workers = workers  # model: worker URL
+        self.seen = {model: self._read(url) for model, url in workers.items()}
+
+    def _read(self, url: str) -> dict[str, float]:
+        """Cumulative count per bucket bound (`le`)."""
+        with contextlib.suppress(httpx.HTTPError):
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            return {le: float(v) for le, v in re.findall(rf'^{self.METRIC}{{le="([^"]+)"}} (\S+)$', text, re.M)}
+        return {}
+
+    def take(self) -> dict[str, dict[str, float]]:
+        """Per model since the last call: accepted online calls, and the shares answered after their expected time
+        and more than 1 s after it."""
+        out = {}
+        for model, url in self.workers.items():
+            now = self._read(url)
+            delta = {le: v - self.seen[model].get(le, 0.0) for le, v in now.items()}
+            self.seen[model] = now
+            calls = delta.get("+Inf", 0.0)
+            out[model] = {
+                "calls": calls,
+                "after_expected": delta.get("0.0", 0.0) / calls if calls else 0.0,
+                "over_1s_after": delta.get("-1.0", 0.0) / calls if calls else 0.0,
+            }
+        return out
+
+
 def output_path(prefix: Path, suffix: str) -> Path:
     """`prefix` with `suffix` added: a prefix may hold dots (`/tmp/load-share0.7`), which `with_suffix` would cut."""
     return prefix.with_name(prefix.name.removesuffix(suffix) + suffix)
@@ -228,6 +264,7 @@ class ScenarioResult:
     cpu_s: dict[str, float]  # CPU seconds per process over the scenario (the cores are shared)
     refused_by: dict[str, int] = field(default_factory=dict)  # 429s per source (REFUSAL_SOURCES)
     note: str = ""
+    estimates: dict[str, float] | None = None  # how its worker's expected finish times held up (WorkerEstimates)
 
 
 def summarise(
@@ -532,6 +569,12 @@ def print_row(r: ScenarioResult) -> None:
     print(f"{'':<16} CPU s: " + ", ".join(f"{label} {seconds:.0f}" for label, seconds in sorted(r.cpu_s.items())))
     if r.refused_by:
         print(f"{'':<16} 429 from: " + ", ".join(f"{source} {n}" for source, n in sorted(r.refused_by.items())))
+    if r.estimates and r.estimates["calls"]:
+        e = r.estimates
+        print(
+            f"{'':<16} worker's estimates: {e['calls']:.0f} calls accepted, {100 * e['after_expected']:.1f} % answered "
+            f"after their expected time, {100 * e['over_1s_after']:.1f} % more than 1 s after"
+        )
 
 
 HEADER = (
@@ -634,9 +677,16 @@ def main() -> None:
         "server_logs": str(logs),
     }
     results: list[ScenarioResult] = []
+    estimates: WorkerEstimates | None = None
+    taken: dict[str, dict[str, dict[str, float]]] = {}  # the estimates of the scenario being recorded
 
     def record(r: ScenarioResult) -> None:
         """Print the row and rewrite the JSON, so a run cut short keeps what it measured."""
+        if estimates is not None:
+            if r.name not in taken:  # (d) records one row per model: one reading for both
+                taken.clear()
+                taken[r.name] = estimates.take()
+            r.estimates = taken[r.name].get(r.model)
         results.append(r)
         print_row(r)
         partial = {**report, "scenarios": [asdict(x) for x in results]}
@@ -673,6 +723,7 @@ def main() -> None:
             print(f"offering multiples of {GIRCSE} {offer[GIRCSE]:g}/s, {MINILM} {offer[MINILM]:g}/s (--offer-per-s)")
         sampler.take_usage()
         load.settle()
+        estimates = WorkerEstimates({model: worker_url(url, model) for model in (GIRCSE, MINILM)})
         print(HEADER)
 
         # (c) and (g) first: the server is idle right after the capacity phase settles.
