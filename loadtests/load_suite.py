@@ -169,9 +169,9 @@ class WorkerEstimates:
             return {le: float(v) for le, v in re.findall(rf'^{self.METRIC}{{le="([^"]+)"}} (\S+)$', text, re.M)}
         return {}
 
-    def take(self) -> dict[str, dict[str, float]]:
-        """Per model since the last call: accepted online calls, and the shares answered after their expected time
-        and more than 1 s after it."""
+    def take(self) -> dict[str, dict[str, object]]:
+        """Per model since the last call: accepted online calls, the shares answered after their expected time and
+        more than 1 s after it, and the histogram's cumulative counts (expected minus actual seconds, per bound)."""
         out = {}
         for model, url in self.workers.items():
             now = self._read(url)
@@ -182,6 +182,7 @@ class WorkerEstimates:
                 "calls": calls,
                 "after_expected": delta.get("0.0", 0.0) / calls if calls else 0.0,
                 "over_1s_after": delta.get("-1.0", 0.0) / calls if calls else 0.0,
+                "cumulative": delta,
             }
         return out
 
@@ -264,7 +265,7 @@ class ScenarioResult:
     cpu_s: dict[str, float]  # CPU seconds per process over the scenario (the cores are shared)
     refused_by: dict[str, int] = field(default_factory=dict)  # 429s per source (REFUSAL_SOURCES)
     note: str = ""
-    estimates: dict[str, float] | None = None  # how its worker's expected finish times held up (WorkerEstimates)
+    estimates: dict[str, object] | None = None  # how its worker's expected finish times held up (WorkerEstimates)
 
 
 def summarise(
@@ -678,7 +679,7 @@ def main() -> None:
     }
     results: list[ScenarioResult] = []
     estimates: WorkerEstimates | None = None
-    taken: dict[str, dict[str, dict[str, float]]] = {}  # the estimates of the scenario being recorded
+    taken: dict[str, dict[str, dict[str, object]]] = {}  # the estimates of the scenario being recorded
 
     def record(r: ScenarioResult) -> None:
         """Print the row and rewrite the JSON, so a run cut short keeps what it measured."""

@@ -67,26 +67,42 @@ class CostModel:
     still remembers a slower spell, estimates keep it). It is learned from iterations, not from calls: a call's
     time also holds the iterations widened by calls admitted after it, which the queue it was admitted against
     could not know, and a correction learned from that made estimates on an idle burst 3x too long
-    (docs/benchmarks.md, issue 22)."""
+    (docs/benchmarks.md, issue 22).
 
-    def __init__(self, window: int = 512, trim: float = 0.1, refit_every: int = 16, recent: int = 16) -> None:
+    Time an iteration spent waiting for its turn at CPUs shared with another worker (`threads.CpuTurns`) is kept
+    out of both: the fit and the median see the pass's own time, the device's speed. The waits enter the
+    correction as a share instead, the last `held` iterations' wall time over their time computing: turns are
+    shared by time, so a worker waits once for a neighbour's second-long pass and then runs several passes
+    unhindered, a pattern a median of ratios reads as no neighbour at all, and a fit that learned the waits kept
+    refusing for its whole window once the neighbour had gone (docs/benchmarks.md, "Turns shared by time")."""
+
+    def __init__(
+        self, window: int = 512, trim: float = 0.1, refit_every: int = 16, recent: int = 16, held: int = 64
+    ) -> None:
         self._window: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self._seed: list[tuple[np.ndarray, float]] = []
         self._trim = trim
         self._refit_every = refit_every
         self._since_fit = 0
         self._ratios: deque[float] = deque(maxlen=recent)
+        self._held: deque[tuple[float, float]] = deque(maxlen=held)  # (wall seconds, seconds waiting for a turn)
+        self._slower = 1.0  # the device part of the correction
         self.coefficients: np.ndarray | None = None
         self.correction = 1.0
 
-    def observe(self, load: Load, seconds: float) -> None:
+    def observe(self, load: Load, seconds: float, waited_s: float = 0.0) -> None:
+        """One iteration: it took `seconds` of wall time, `waited_s` of them waiting for its turn at the CPUs."""
+        computing = seconds - waited_s
         modelled = self.seconds(load, corrected=False)
         if modelled:
-            self._ratios.append(seconds / modelled)
+            self._ratios.append(computing / modelled)
             # Never below 1: the fit's memory of a slower spell is what keeps a burst after a quiet spell from
             # being admitted on the quiet spell's speed (4 of 16 admitted calls answered 504 in CI's overload test).
-            self.correction = max(1.0, float(np.median(np.array(self._ratios))))
-        self._window.append((load.vector(), seconds))
+            self._slower = max(1.0, float(np.median(np.array(self._ratios))))
+        self._held.append((seconds, waited_s))
+        wall = sum(s for s, _ in self._held)
+        self.correction = self._slower * (wall / max(wall - sum(w for _, w in self._held), 1e-9))
+        self._window.append((load.vector(), computing))
         self._since_fit += 1
         # refit at every sample while there are few, then every `refit_every` (a fit is ~1 ms of numpy)
         if self._since_fit >= self._refit_every or len(self._window) < 4 * self._refit_every:
@@ -102,7 +118,8 @@ class CostModel:
         self._seed = list(self._window)
         self.refit()
         self._ratios.clear()
-        self.correction = 1.0
+        self._held.clear()
+        self._slower = self.correction = 1.0
 
     def refit(self) -> None:
         self._since_fit = 0

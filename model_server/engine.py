@@ -193,9 +193,9 @@ class Engine:
                 admitted = self._admit()
                 self._publish(admitted)  # this iteration's work is in the backlog while it runs
             try:
-                load = self._run(admitted, left)
+                load, waited_s = self._run(admitted, left)
                 if load is not None:
-                    self.cost.observe(load, time.perf_counter() - started)
+                    self.cost.observe(load, time.perf_counter() - started, waited_s)
             except Exception as exc:  # a failed pass fails its sequences, never the engine
                 log.exception("engine iteration failed")
                 self.metrics.errors.inc()
@@ -250,12 +250,13 @@ class Engine:
         self._count_waiting()
         return admitted
 
-    def _run(self, admitted: list[Sequence], left: list[SeqId]) -> Load | None:
+    def _run(self, admitted: list[Sequence], left: list[SeqId]) -> tuple[Load | None, float]:
         """One forward pass over the running sequences and `admitted` (after the method frees `left`); resolves
-        the finished ones. What it did, for the cost model (None when there was nothing to run)."""
+        the finished ones. What it did, for the cost model (None when there was nothing to run), and the seconds it
+        waited for its turn at shared CPUs."""
         running = self.running
         if not running and not admitted and not left:
-            return None
+            return None, 0.0
         stateful = self.method.stateful
         kv_read = sum(s.prompt_tokens + s.iterations for s in running) if stateful else 0
         iteration = Iteration([s.id for s in running], [Joining(s.id, s.input) for s in admitted], left)
@@ -265,8 +266,9 @@ class Engine:
             if self.turns is not None:
                 self.metrics.cpu_turn_wait.inc(started - waiting)
             finished = self.method.step(iteration).finished
+        waited_s = started - waiting
         if not running and not admitted:
-            return None  # the method only freed the slots of dropped sequences
+            return None, waited_s  # the method only freed the slots of dropped sequences
         stepped = running + admitted
         for seq in stepped:
             seq.iterations += 1
@@ -282,7 +284,7 @@ class Engine:
                 self._resolve(seq, embedded, None)
         # a sequence that goes on needed the logits of this pass (gircse's next soft token, o1's next token)
         logits = len(self.running) if stateful else 0
-        return Load(1, len(running), prefill_tokens, kv_read, logits)
+        return Load(1, len(running), prefill_tokens, kv_read, logits), waited_s
 
     def _drop_gone(self) -> list[SeqId]:
         """Drop running sequences that were cancelled or whose deadline passed; their ids (the method frees them).

@@ -401,6 +401,25 @@ def test_the_correction_follows_a_step_change_in_iteration_time_and_returns_when
     assert model.seconds(probe, corrected=False) == pytest.approx(model.seconds(probe) / model.correction)
 
 
+def test_waits_for_turns_enter_the_correction_as_a_share_and_leave_with_the_neighbour():
+    """Turns shared by time: seven passes run unhindered, the eighth first waits while the neighbour runs as long as
+    the eight computed. The estimates double (a median of per-iteration ratios would read 1), the fit keeps the
+    device's own speed, and once the neighbour stops the estimates are back within the share's 64 iterations."""
+    rng = np.random.default_rng(4)
+    model = _fitted(rng)
+    probe = Load(10, 400, 800, 40000, 400)
+    computed: list[float] = []
+    for i, load in enumerate(_random_iterations(rng, 128)):
+        computed.append(_seconds(load))
+        waited = sum(computed[-8:]) if i % 8 == 7 else 0.0
+        model.observe(load, computed[-1] + waited, waited)
+    assert model.seconds(probe) / _seconds(probe) == pytest.approx(2.0, rel=0.15)
+    assert model.seconds(probe, corrected=False) == pytest.approx(_seconds(probe), rel=0.05)
+    for load in _random_iterations(rng, 64):
+        model.observe(load, _seconds(load), 0.0)
+    assert model.seconds(probe) / _seconds(probe) == pytest.approx(1.0, rel=0.05)
+
+
 def test_one_slow_iteration_does_not_move_the_correction():
     rng = np.random.default_rng(2)
     model = _fitted(rng)
