@@ -132,8 +132,8 @@ class CpuTurns:
     decode step took a tenth of that, so one pass each gave gircse a tenth of the time, and calls it had admitted
     were late (docs/benchmarks.md). A ledger beside the lock file (`<path>.ledger`) keeps the seconds each worker has
     held the turn; a worker that has held it `lead_s` longer than one that waits lets that one go first. A worker back
-    from idle starts at most `CATCH_UP_S` behind the busiest-recent neighbour, so time it did not ask for is not
-    owed to it."""
+    from idle starts at most `CATCH_UP_S` behind the busy neighbour that has held the turn least, so time it did not
+    ask for is not owed to it."""
 
     #: by default, how far ahead of a waiting neighbour a worker may be and still take the turn
     LEAD_S = 0.02
@@ -171,7 +171,7 @@ class CpuTurns:
             while True:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
                 with self._book() as book:
-                    me = book[self.name]
+                    me = book.setdefault(self.name, _Entry())
                     if not self._behind_me(book, me.used_s):
                         me.state, me.since = "holding", time.monotonic()
                         break
@@ -179,14 +179,14 @@ class CpuTurns:
                 time.sleep(self.YIELD_S)
         except BaseException:
             with self._book() as book:
-                book[self.name].state = "idle"
+                book.setdefault(self.name, _Entry()).state = "idle"
             raise
         self._started = time.perf_counter()
         return self
 
     def __exit__(self, *_: object) -> None:
         with self._book() as book:
-            me = book[self.name]
+            me = book.setdefault(self.name, _Entry())
             me.used_s += time.perf_counter() - self._started
             me.state, me.since = "idle", time.monotonic()
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -205,11 +205,15 @@ class CpuTurns:
     @contextlib.contextmanager
     def _book(self) -> Iterator[dict[str, _Entry]]:
         """The ledger, read and written back under its own lock (held for microseconds, never during a pass); the
-        entries of processes that ended are left out."""
+        entries of processes that ended are left out. One that cannot be read (a writer killed mid-write) starts
+        afresh: turns then go by passes until the ledger fills again, never stop."""
         fcntl.flock(self._ledger, fcntl.LOCK_EX)
         try:
             raw = os.pread(self._ledger, 1 << 20, 0)
-            book = {n: _Entry(*e) for n, e in json.loads(raw).items() if _alive(n)} if raw else {}
+            try:
+                book = {n: _Entry(*e) for n, e in json.loads(raw).items() if _alive(n)} if raw else {}
+            except (ValueError, TypeError, AttributeError):
+                book = {}
             yield book
             data = json.dumps({n: astuple(e) for n, e in book.items()}).encode()
             os.ftruncate(self._ledger, 0)

@@ -173,3 +173,14 @@ def test_a_neighbour_that_went_away_while_waiting_blocks_no_one(tmp_path) -> Non
     worker.join(timeout=10)
     assert not worker.is_alive() and held
     assert f"{ended.pid}.0" not in json.loads(Path(path + ".ledger").read_text())
+
+
+def test_a_ledger_that_cannot_be_read_starts_afresh(tmp_path) -> None:
+    """A writer killed mid-write leaves half a ledger: turns go on, and the ledger is whole again after a pass."""
+    path = str(tmp_path / "turns")
+    Path(path + ".ledger").write_text('{"1.0": [0.0, "wait')
+    held: list[float] = []
+    _take_turns(path, 0.0, time.monotonic() + 0.1, held)
+    assert held
+    [name] = json.loads(Path(path + ".ledger").read_text())
+    assert name.startswith(f"{os.getpid()}.")
