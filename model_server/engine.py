@@ -263,10 +263,10 @@ class Engine:
         waiting = time.perf_counter()
         with self.turns or contextlib.nullcontext():
             started = time.perf_counter()
+            waited_s = started - waiting
             if self.turns is not None:
-                self.metrics.cpu_turn_wait.inc(started - waiting)
+                self.metrics.cpu_turn_wait.inc(waited_s)
             finished = self.method.step(iteration).finished
-        waited_s = started - waiting
         if not running and not admitted:
             return None, waited_s  # the method only freed the slots of dropped sequences
         stepped = running + admitted
