@@ -1,12 +1,13 @@
 """o1's nucleus sampler looks among the top 64 tokens first: it must draw exactly what sorting the whole
-vocabulary draws, peaked rows and flat ones, ties at the cut included."""
+vocabulary draws, peaked rows and flat ones, ties at the cut included. Greedy thoughts take each row's first
+most likely token, as `argmax` does."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model_server.methods.o1 import NUCLEUS_TOP_K, nucleus_sample
+from model_server.methods.o1 import NUCLEUS_TOP_K, greedy, nucleus_sample
 
 VOCAB = 49152
 
@@ -76,3 +77,15 @@ def test_small_vocabulary_and_float64():
     probs = torch.softmax(torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4)), -1)
     draws = _draws(6, seed=5).double()
     assert nucleus_sample(probs, 0.9, draws) == full_sort_sample(probs, 0.9, draws)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_greedy_is_argmax_and_takes_the_first_of_tied_tokens(dtype):
+    generator = torch.Generator().manual_seed(11)
+    logits = (torch.randn(16, VOCAB, generator=generator) * 4).to(dtype)
+    # Rows 0-3: the maximum at several ids, the first of them at the start, middle and end of the row.
+    for row, ids in enumerate(([0, 5, VOCAB - 1], [777, 30000], [30000, VOCAB - 1], list(range(40000, 40100)))):
+        logits[row, ids] = 100.0
+    want = [int(row.double().numpy().argmax()) for row in logits]  # numpy: the first maximum, by definition
+    assert want[:4] == [0, 777, 30000, 40000]
+    assert greedy(logits) == want == logits.argmax(dim=-1).tolist()
