@@ -448,7 +448,8 @@ class Load:
                 if reply.status == "200":
                     outcomes.append(Outcome("200", latency, embeddings=batch))
                 else:
-                    outcomes.append(Outcome(reply.status, latency))
+                    source = refusal_source(reply.body) if reply.status == "429" else ""
+                    outcomes.append(Outcome(reply.status, latency, refused_by=source))
                     await asyncio.sleep(min(reply.retry_after, 10))
 
         async with self.client() as client:
