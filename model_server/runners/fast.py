@@ -144,12 +144,11 @@ def group_by_length(lengths: list[int]) -> list[list[int]]:
 
 @dataclass
 class PrefillGroup:
-    """Index tensors that gather a group of packed prompts into a padded batch (built once per pass)."""
+    """Index tensors that gather a group of packed prompts into a right-padded batch (built once per pass)."""
 
     members: torch.Tensor  # [n] prompt indices
     rows: torch.Tensor  # [n, width] packed row of each position (0 where padded)
     valid: torch.Tensor  # [n, width] real positions
-    mask: torch.Tensor  # [n, 1, group*width, width] causal mask over real keys, repeated per query head
 
 
 class DecoderRunner(Runner):
@@ -226,7 +225,6 @@ class DecoderRunner(Runner):
 
     def _prefill_groups(self, lengths: list[int]) -> list[PrefillGroup]:
         starts = list(itertools.accumulate(lengths, initial=0))
-        group_size = self.n_heads // self.n_kv
         groups = []
         for members in group_by_length(lengths):
             width = max(lengths[i] for i in members)
@@ -234,16 +232,8 @@ class DecoderRunner(Runner):
             sizes = torch.tensor([lengths[i] for i in members], device=self.device)
             valid = offsets[None, :] < sizes[:, None]
             rows = torch.tensor([starts[i] for i in members], device=self.device)[:, None] + offsets[None, :]
-            causal = offsets[None, :] <= offsets[:, None]  # [query, key]
-            mask = causal[None] & valid[:, None, :]  # [n, query, key]
-            groups.append(
-                PrefillGroup(
-                    members=torch.tensor(members, device=self.device),
-                    rows=torch.where(valid, rows, 0),
-                    valid=valid,
-                    mask=mask.repeat(1, group_size, 1)[:, None],
-                )
-            )
+            members_t = torch.tensor(members, device=self.device)
+            groups.append(PrefillGroup(members=members_t, rows=torch.where(valid, rows, 0), valid=valid))
         return groups
 
     def _decode_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
@@ -268,7 +258,12 @@ class DecoderRunner(Runner):
         None: they keep no KV).
 
         Prompts of similar length form a group that runs as one padded attention call; padding
-        exists only inside attention, whose cost is small beside the projections.
+        exists only inside attention, whose cost is small beside the projections. The padding is on the right, so
+        the causal mask alone is exact for every real position (it never sees the padding after it), and SDPA gets
+        no mask tensor: on CUDA that lets it pick its flash kernel, which takes none (not measured here: no GPU). On
+        the 2-core Xeon, against the padded mask it replaced: the same vectors, level in time (0.93-1.03x per pair
+        of processes, 32 prompts of ~52 tokens and 8 of ~475, bf16). K and V are repeated per query head
+        (`enable_gqa` needs torch 2.5).
         """
         out = q.new_zeros(q.shape[0], self.n_heads * self.head_dim)  # padding rows (`prefill_rows`) stay 0
         group_size = self.n_heads // self.n_kv
@@ -278,13 +273,11 @@ class DecoderRunner(Runner):
             if first_slot is not None:
                 self.keys[layer][first_slot + g.members, :, :width] = kg
                 self.values[layer][first_slot + g.members, :, :width] = vg
-            # A kv head's query heads stacked on the query axis: GQA without repeating K/V.
-            qg = q[g.rows].view(n, width, self.n_kv, group_size, self.head_dim)
-            qg = qg.permute(0, 2, 3, 1, 4).reshape(n, self.n_kv, group_size * width, self.head_dim)
+            if group_size > 1:
+                kg, vg = kg.repeat_interleave(group_size, dim=1), vg.repeat_interleave(group_size, dim=1)
             with self._kernel():
-                attended = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)
-            attended = attended.view(n, self.n_kv, group_size, width, self.head_dim).permute(0, 3, 1, 2, 4)
-            out[g.rows[g.valid]] = attended.reshape(n, width, -1)[g.valid]
+                attended = F.scaled_dot_product_attention(q[g.rows].transpose(1, 2), kg, vg, is_causal=True)
+            out[g.rows[g.valid]] = attended.transpose(1, 2).reshape(n, width, -1)[g.valid]
         return out
 
     def _forward(
