@@ -161,7 +161,7 @@ class CpuTurns:
 
     def __enter__(self) -> CpuTurns:
         with self._book() as book:
-            me = book.setdefault(self.name, _Entry())
+            me = book[self.name]
             now = time.monotonic()
             busy = [e.used_s for n, e in book.items() if n != self.name and e.busy(now, self.RECENT_S)]
             if busy:
@@ -171,7 +171,7 @@ class CpuTurns:
             while True:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
                 with self._book() as book:
-                    me = book.setdefault(self.name, _Entry())
+                    me = book[self.name]
                     if not self._behind_me(book, me.used_s):
                         me.state, me.since = "holding", time.monotonic()
                         break
@@ -179,14 +179,14 @@ class CpuTurns:
                 time.sleep(self.YIELD_S)
         except BaseException:
             with self._book() as book:
-                book.setdefault(self.name, _Entry()).state = "idle"
+                book[self.name].state = "idle"
             raise
         self._started = time.perf_counter()
         return self
 
     def __exit__(self, *_: object) -> None:
         with self._book() as book:
-            me = book.setdefault(self.name, _Entry())
+            me = book[self.name]
             me.used_s += time.perf_counter() - self._started
             me.state, me.since = "idle", time.monotonic()
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -205,8 +205,8 @@ class CpuTurns:
     @contextlib.contextmanager
     def _book(self) -> Iterator[dict[str, _Entry]]:
         """The ledger, read and written back under its own lock (held for microseconds, never during a pass); the
-        entries of processes that ended are left out. One that cannot be read (a writer killed mid-write) starts
-        afresh: turns then go by passes until the ledger fills again, never stop."""
+        entries of processes that ended are left out, this worker's is always in. One that cannot be read (a writer
+        killed mid-write) starts afresh: turns then go by passes until the ledger fills again, never stop."""
         fcntl.flock(self._ledger, fcntl.LOCK_EX)
         try:
             raw = os.pread(self._ledger, 1 << 20, 0)
@@ -214,6 +214,7 @@ class CpuTurns:
                 book = {n: _Entry(*e) for n, e in json.loads(raw).items() if _alive(n)} if raw else {}
             except (ValueError, TypeError, AttributeError):
                 book = {}
+            book.setdefault(self.name, _Entry())  # this worker's own entry: absent at first, or after a reset
             yield book
             data = json.dumps({n: astuple(e) for n, e in book.items()}).encode()
             os.ftruncate(self._ledger, 0)
