@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from common.protocol import EmbedItem
+from model_server.runners import packed as packed_module
 from model_server.runners.fast import GRAPH_BUCKETS, DecodeGraphs, graph_bucket
-from model_server.runners.packed import PackedLinear, pack_linears, packing_available
+from model_server.runners.packed import PackedLinear, gemm_dtype, pack_linears
 from model_server.settings import WorkerSettings
 from model_server.specs import load_spec
 from tests.models import cosine, embed_all, gircse_spec, make_tiny_llama, reference_gircse, start_worker
 
-#: oneDNN packs bf16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere bf16 serves on `F.linear`
-BF16_PACKS = packing_available(torch.device("cpu"), torch.bfloat16)
+#: oneDNN packs bf16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; elsewhere bf16 packs for fp32 GEMMs
+BF16_PACKS = gemm_dtype(torch.bfloat16) == torch.bfloat16
 
 TEXTS = [
     "What is the boiling point of water at sea level?",
@@ -28,10 +29,6 @@ TEXTS = [
 def test_packed_linear_equals_linear(dtype, tolerance, bias):
     torch.manual_seed(0)
     linear = torch.nn.Linear(576, 1536, bias=bias).to(dtype)
-    if dtype == torch.bfloat16 and not BF16_PACKS:  # this CPU refuses, and serving knows it before it packs
-        with pytest.raises(RuntimeError, match="bf16 path needs"):
-            PackedLinear.of(linear)
-        return
     packed = PackedLinear.of(linear)
     with torch.inference_mode():
         for shape in ((1, 576), (16, 576), (3, 7, 576)):
@@ -40,6 +37,31 @@ def test_packed_linear_equals_linear(dtype, tolerance, bias):
             got = packed(x)
             assert got.dtype == dtype and got.shape == want.shape
             assert (got.float() - want).abs().max() <= tolerance * want.abs().max()
+
+
+@pytest.fixture
+def fp32_gemms(monkeypatch):
+    """bf16 weights packed for fp32 GEMMs, as on a CPU without a bf16 GEMM, whatever this CPU has."""
+    monkeypatch.setattr(packed_module, "gemm_dtype", lambda dtype: torch.float32)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_through_fp32_gemms_rounds_as_a_bf16_gemm(fp32_gemms, bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 1536, bias=bias).to(torch.bfloat16)
+    packed = PackedLinear.of(linear)
+    assert packed.gemm_dtype == torch.float32
+    wide = linear.weight.float(), None if linear.bias is None else linear.bias.float()
+    with torch.inference_mode():
+        for shape in ((1, 576), (16, 576), (3, 7, 576)):
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            got = packed(x)
+            # exact products and fp32 sums, rounded once: at most one bf16 step (1/128 relative) from the fp32 GEMM's
+            # own rounding, whose summation order may differ
+            want = torch.nn.functional.linear(x.float(), *wide)
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape
+            assert ((got.float() - want).abs() <= want.abs() / 128 + 1e-6).all()
+            assert (got.float() - linear(x).float()).abs().max() <= 1e-2 * want.abs().max()
 
 
 def test_pack_linears_swaps_every_projection_and_the_head_once(tmp_path):
@@ -103,7 +125,7 @@ def test_gircse_bfloat16_packs_the_soft_token_mix():
     for linear in ("packed", "eager"):
         worker = start_worker(load_spec("smollm2-gircse", dtype="bfloat16", linear=linear))
         try:
-            assert (worker.method.mix is not None) == (linear == "packed" and BF16_PACKS)
+            assert (worker.method.mix is not None) == (linear == "packed")
             vectors[linear] = embed_all(worker, [EmbedItem(text=t, input_type="query", steps=2) for t in TEXTS])
         finally:
             worker.stop()
@@ -116,7 +138,7 @@ def test_o1_bfloat16_packed_close_to_eager():
     for linear in ("packed", "eager"):
         worker = start_worker(load_spec("smollm2-o1", dtype="bfloat16", linear=linear, thought_temperature=0.0))
         try:
-            assert (type(worker.loaded.model.lm_head) is PackedLinear) == (linear == "packed" and BF16_PACKS)
+            assert (type(worker.loaded.model.lm_head) is PackedLinear) == (linear == "packed")
             vectors[linear] = embed_all(worker, [EmbedItem(text=t, input_type="query", steps=6) for t in TEXTS])
         finally:
             worker.stop()
@@ -193,12 +215,17 @@ def test_rms_norm_and_rotary_equal_the_familys_own(dtype, tolerance):
         assert (got.double() - want.double()).abs().max() <= tolerance * want.double().abs().max()
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_epilogues_equal_the_plain_ops(dtype, tolerance):
+@pytest.mark.parametrize(
+    ("dtype", "tolerance", "gemms"),
+    [(torch.float32, 1e-5, "native"), (torch.bfloat16, 2e-2, "native"), (torch.bfloat16, 2e-2, "fp32")],
+)
+def test_epilogues_equal_the_plain_ops(dtype, tolerance, gemms, request):
     from model_server.runners.packed import gated_product, linear_plus
 
-    if dtype == torch.bfloat16 and not BF16_PACKS:
-        pytest.skip("this CPU does not pack bf16 (serving keeps F.linear there)")
+    if gemms == "fp32":
+        request.getfixturevalue("fp32_gemms")
+    elif dtype == torch.bfloat16 and not BF16_PACKS:
+        pytest.skip("this CPU has no bf16 GEMM to pack for (the fp32 case covers it)")
     torch.manual_seed(0)
     gate, up, down = (torch.nn.Linear(*shape).to(dtype) for shape in ((48, 96), (48, 96), (96, 48)))
     packed = [PackedLinear.of(linear) for linear in (gate, up, down)]
