@@ -193,23 +193,36 @@ def test_fused_projections_keep_the_models_own_forward(tmp_path):
     assert (got - want).abs().max() <= 1e-12 * want.abs().max()
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_rms_norm_and_rotary_equal_the_familys_own(dtype, tolerance):
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_the_familys_own_bit_for_bit(dtype):
+    """Decode rows, prefill rows and a qwen3 q/k norm's [tokens, heads, head_dim]: every element as the module's."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from model_server.runners.fast import _rotate, rms_norm
+    from model_server.runners.fast import rms_norm
 
     torch.manual_seed(0)
-    norm = LlamaRMSNorm(64, eps=1e-5).to(dtype)
-    norm.weight.data = torch.randn(64, dtype=dtype)
-    x = torch.randn(37, 64, dtype=dtype) * 3
+    for shape in [(16, 576), (1664, 576), (37, 4, 64)]:
+        norm = LlamaRMSNorm(shape[-1], eps=1e-5).to(dtype)
+        norm.weight.data = torch.randn(shape[-1], dtype=dtype) * 0.1 + 1
+        x = torch.randn(shape, dtype=dtype) * 3
+        with torch.inference_mode():
+            got, want = rms_norm(norm, x), norm(x)
+        assert got.dtype == dtype and torch.equal(got, want), (shape, (got != want).sum().item())
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_rotary_equals_the_familys_own(dtype, tolerance):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from model_server.runners.fast import _rotate
+
+    torch.manual_seed(0)
     q, k = torch.randn(37, 4, 16, dtype=dtype), torch.randn(37, 2, 16, dtype=dtype)
     cos, sin = torch.randn(37, 16, dtype=dtype), torch.randn(37, 16, dtype=dtype)
     with torch.inference_mode():
-        pairs = [(rms_norm(norm, x), norm(x))]
         # The family's own takes [batch, heads, tokens, head_dim]
         want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
-        pairs += [(_rotate(q, cos, sin), want_q[0].transpose(0, 1)), (_rotate(k, cos, sin), want_k[0].transpose(0, 1))]
+        pairs = [(_rotate(q, cos, sin), want_q[0].transpose(0, 1)), (_rotate(k, cos, sin), want_k[0].transpose(0, 1))]
     for got, want in pairs:
         assert got.dtype == dtype and got.shape == want.shape
         assert (got.double() - want.double()).abs().max() <= tolerance * want.double().abs().max()

