@@ -53,7 +53,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The family's RMSNorm module's function, rounded as it rounds: `x / rms(x)` computed in fp32 (or wider) and
-    rounded to x's dtype, then times the weight in that dtype. torch's own kernel does the first part in one pass
+    rounded to x's dtype, then times the weight in that dtype. torch's own op does the first part
     (two ops where widening by hand took nine), and its result equals the family's bit for bit (bf16 and fp32; the
     hand-written reduction it replaced differed in the last bit of up to a fifth of the elements). A 16-row bf16
     decode step's norm: 12.7 against 16.5 µs; prefill's [1664, 576] level in bf16, 253 against 194 µs in fp32
