@@ -7,7 +7,8 @@
    soft-token mix `probs @ E` at decode's row counts, eager (`F.linear`, the matmul) against the weight packed
    once for oneDNN (`model_server.runners.packed.PackedLinear`); best of `--repeats` rounds, the two alternating.
 2. the decode step: the runner's `forward` for `rows` running sequences of `--context` cached positions each,
-   built through the serving path (`build_method`) per variant: CPU `eager` vs `packed` projections, CUDA
+   built through the serving path (`build_method`) per variant: CPU `eager` vs `packed` projections (both with
+   torch's SDPA) vs `kernel` (packed, decode attention on `runners/cpu_attention`, the default), CUDA
    `eager` vs `graphs` (replayed from CUDA graphs). Median step time over `--steps` steps after a warm-up, the
    variants alternating twice per batch size (each one's best counts).
 Prints a table and writes JSON (results/decode-step-<tag>.json).
@@ -39,7 +40,11 @@ from model_server.specs import load_spec  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 #: spec overrides of the step variants per device type: the fallback first
 STEP_VARIANTS: dict[str, dict[str, dict[str, object]]] = {
-    "cpu": {"eager": {"linear": "eager"}, "packed": {"linear": "packed"}},
+    "cpu": {
+        "eager": {"linear": "eager", "attn_implementation": "sdpa"},
+        "packed": {"linear": "packed", "attn_implementation": "sdpa"},
+        "kernel": {"linear": "packed"},  # and decode attention on our kernel (runners/cpu_attention)
+    },
     "cuda": {"eager": {"cuda_graphs": False}, "graphs": {"cuda_graphs": True}},
 }
 
@@ -169,6 +174,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per projection shape")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: its own choice)")
     parser.add_argument("--tag", default=None, help="name of the result file (default: the device)")
+    parser.add_argument("--skip-linears", action="store_true", help="the decode steps only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,7 +183,7 @@ def main() -> None:
     linears: list[LinearRow] = []
     step_rows: list[StepRow] = []
     for dtype in args.dtypes:
-        if not args.device.startswith("cuda"):
+        if not args.device.startswith("cuda") and not args.skip_linears:
             linears += bench_linears(args.model, dtype, args.rows, args.repeats)
         step_rows += bench_steps(args.model, args.device, dtype, args.rows, args.context, args.steps)
     if linears:

@@ -107,7 +107,8 @@ class ModelSpec(BaseModel):
     dtype: DType = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
         default="auto",
-        description="auto/sdpa: torch SDPA (it picks flash kernels on CUDA); eager: its plain math kernel",
+        description="auto: decode steps on the CPU attend through our kernel (runners/cpu_attention), the rest "
+        "through torch SDPA (flash kernels on CUDA); sdpa: SDPA throughout; eager: SDPA's plain math kernel",
     )
     device: str = "auto"
     # How the decoder runner computes, not what (the revision leaves them out: rounding differs, vectors do not).

@@ -125,16 +125,18 @@ def test_client_cancellation_through_embed(tiny_dir):
         worker.stop()
 
 
-def test_eager_attention_matches_sdpa(tiny_dir):
+def test_attention_kernels_serve_the_same_vector(tiny_dir):
+    """auto (decode steps on our CPU kernel, `runners/cpu_attention`), torch's SDPA and its math kernel."""
     ids = _ids(9, 11)
     vectors = []
-    for attention in ("sdpa", "eager"):
+    for attention in ("auto", "sdpa", "eager"):
         worker = start_worker(gircse_spec(tiny_dir, dtype="float64", attn_implementation=attention))
         try:
+            assert (worker.method.runner._decode_kernel is not None) == (attention == "auto")
             vectors.append(_submit(worker, ids, 3).result(timeout=30).vector)
         finally:
             worker.stop()
-    assert 1 - cosine(*vectors) <= 1e-12
+    assert 1 - cosine(vectors[0], vectors[1]) <= 1e-12 and 1 - cosine(vectors[0], vectors[2]) <= 1e-12
 
 
 def _dropped(worker) -> float:

@@ -139,8 +139,8 @@ def test_the_default_names_the_adapter_shipped_in_the_package():
         resolve_adapter(missing)
 
 
-def test_a_built_wheel_carries_the_adapter(tmp_path):
-    """Package data, not a file beside the checkout: an installed (non-editable) package finds it too."""
+def test_a_built_wheel_carries_the_adapter_and_the_kernel_source(tmp_path):
+    """Package data, not files beside the checkout: an installed (non-editable) package finds them too."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
         cwd=Path(model_server.__file__).parents[1],
@@ -150,6 +150,7 @@ def test_a_built_wheel_carries_the_adapter(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for file in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
         assert f"model_server/adapters/smollm2-gircse-icr/{file}" in names
+    assert "model_server/runners/cpu_attention.cpp" in names
 
 
 def test_the_trained_default_beats_its_untrained_backbone():

@@ -92,10 +92,11 @@ def test_packed_soft_token_mix_equals_the_matmul(tmp_path):
 def test_worker_setting_reaches_the_spec(monkeypatch):
     monkeypatch.setenv("GENEMBED_WORKER_LINEAR", "eager")
     monkeypatch.setenv("GENEMBED_WORKER_CUDA_GRAPHS", "false")
+    monkeypatch.setenv("GENEMBED_WORKER_ATTN_IMPLEMENTATION", "sdpa")
     overrides = WorkerSettings().spec_overrides()
-    assert overrides == {"linear": "eager", "cuda_graphs": False}
+    assert overrides == {"linear": "eager", "cuda_graphs": False, "attn_implementation": "sdpa"}
     spec = load_spec("smollm2-gircse", **overrides)
-    assert spec.linear == "eager" and spec.cuda_graphs is False
+    assert spec.linear == "eager" and spec.cuda_graphs is False and spec.attn_implementation == "sdpa"
     assert load_spec("smollm2-gircse").linear == "auto"
 
 

@@ -37,8 +37,7 @@ def fast_runner(loaded: LoadedModel, max_seqs: int) -> DecoderRunner | None:
     if family not in FAMILIES:
         return None
     graphs = spec.cuda_graphs and loaded.device.type == "cuda"
-    eager = spec.attn_implementation == "eager"
-    runner = DecoderRunner(loaded.model, max_seqs, eager_attention=eager, cuda_graphs=graphs)
+    runner = DecoderRunner(loaded.model, max_seqs, attention=spec.attn_implementation, cuda_graphs=graphs)
     runner.packed = pack_for_serving(loaded)  # after the runner fused its projections: one packed weight each
     how = f"{'packed' if runner.packed else 'eager'} projections{', CUDA-graph decode steps' if graphs else ''}"
     log.info("%s (%s): %s runs on the %s runner (%s)", spec.id, family, spec.method, runner.kind, how)

@@ -17,7 +17,8 @@ families run on `hf.HFRunner`.
 On CUDA a step that only decodes can replay a CUDA graph (`DecodeGraphs`): the step's rows are padded to a
 bucket (1, 2, 4, 8, 16, ...) and attend over the pool's whole capacity under a mask, so its shapes and
 addresses stay fixed while the batch changes; the kernels of all layers launch as one graph instead of one
-Python call each. Steps with new prompts, and every step on the CPU, run eagerly.
+Python call each. Steps with new prompts, and every step on the CPU, run eagerly. On the CPU the decode rows attend
+through genembed's own kernel (`cpu_attention`) rather than SDPA, unless the spec asks for SDPA or it cannot build.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model_server.runners.base import Runner
+from model_server.runners.cpu_attention import decode_kernel
 from model_server.runners.packed import gated_product, linear_plus
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,7 @@ class DecoderRunner(Runner):
     kind = "fast"
 
     def __init__(
-        self, causal_lm: torch.nn.Module, max_seqs: int, eager_attention: bool = False, cuda_graphs: bool = False
+        self, causal_lm: torch.nn.Module, max_seqs: int, attention: str = "auto", cuda_graphs: bool = False
     ) -> None:
         super().__init__(causal_lm)
         self.decoder = causal_lm.get_decoder()
@@ -170,7 +172,11 @@ class DecoderRunner(Runner):
         weight = causal_lm.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
         # A factory: a kernel-selection context manager can be entered only once.
-        self._kernel = functools.partial(sdpa_kernel, SDPBackend.MATH) if eager_attention else contextlib.nullcontext
+        math = attention == "eager"
+        self._kernel = functools.partial(sdpa_kernel, SDPBackend.MATH) if math else contextlib.nullcontext
+        # auto: decode steps on the CPU attend through our kernel where it builds (`cpu_attention`)
+        self._decode_kernel = decode_kernel() if attention == "auto" and self.device.type == "cpu" else None
+        self.scale = self.head_dim**-0.5  # SDPA's default, which the family's attention uses
         n_layers = len(self.decoder.layers)
         self.keys: list[torch.Tensor] = [self._empty(0, 0)] * n_layers
         self.values: list[torch.Tensor] = [self._empty(0, 0)] * n_layers
@@ -243,11 +249,13 @@ class DecoderRunner(Runner):
         """Rows 0..n-1 (one new token each) attend over their slot's cached positions (`visible`)."""
         n, span = len(positions), visible.shape[-1]
         keys, values = self.keys[layer], self.values[layer]
+        # Grouped-query attention without repeating K/V: a kv head's query heads form the query axis.
+        grouped = q.view(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+        if self._decode_kernel is not None:  # it writes the new K and V too
+            return self._decode_kernel(grouped, k, v, keys, values, positions, self.scale).view(n, -1)
         rows = torch.arange(n, device=self.device)
         keys[rows, :, positions] = k
         values[rows, :, positions] = v
-        # Grouped-query attention without repeating K/V: a kv head's query heads form the query axis.
-        grouped = q.view(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
         with self._kernel():
             out = F.scaled_dot_product_attention(grouped, keys[:n, :, :span], values[:n, :, :span], attn_mask=visible)
         return out.reshape(n, -1)

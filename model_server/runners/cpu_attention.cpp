@@ -1,0 +1,158 @@
+// Decode attention over the fast runner's slot KV pool on the CPU (model_server/runners/cpu_attention.py says why).
+//
+// Each row is one new token of a running sequence: its K and V are written at the row's position in its slot,
+// then its query heads attend over the slot's positions 0..position. One task per (row, kv head) reads that
+// head's cached K and V once for all the query heads that share it (grouped-query attention), with scores,
+// softmax and the weighted sum in fp32 (fp64 for fp64 models); only the output is rounded to the model's dtype.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+// `count` (at most a vector's width) elements of a row, widened to the accumulation type A. Lanes past `count`
+// are zero: a head_dim that is not a multiple of the width (the tests' tiny models) adds nothing to a dot.
+template <typename T, typename A>
+inline Vectorized<A> widen(const T* p, int64_t count) {
+  using Vec = Vectorized<A>;
+  if constexpr (std::is_same_v<T, A>) {
+    return Vec::loadu(p, count);
+  } else {
+    if (count == Vec::size()) {
+      Vec out;
+      at::vec::load_to_float<T>(p, out);
+      return out;
+    }
+    A tail[Vec::size()] = {};
+    for (int64_t e = 0; e < count; ++e) tail[e] = static_cast<A>(p[e]);
+    return Vec::loadu(tail, count);
+  }
+}
+
+constexpr int64_t kMaxHeadDim = 256, kMaxHeads = 64;
+
+// One (row, kv head): write the row's K and V at `pos`, attend its `g` query heads over positions 0..pos. D is the
+// head_dim where it is known at compile time (64, 128: the chunk loops unroll into registers), else 0.
+template <typename T, int64_t D>
+void attend_one(const T* q, const T* k_new, const T* v_new, T* keys, T* values, T* out, int64_t pos, int64_t g,
+                int64_t d_runtime, double scale, std::vector<at::opmath_type<T>>& scores) {
+  using A = at::opmath_type<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t width = Vec::size();
+  const int64_t d = D ? D : d_runtime, chunks = (d + width - 1) / width, span = pos + 1;
+  auto count = [=](int64_t c) { return std::min(width, d - c * width); };
+  std::copy_n(k_new, d, keys + pos * d);
+  std::copy_n(v_new, d, values + pos * d);
+  scores.resize(g * span);
+  A* s = scores.data();
+  const A sc = static_cast<A>(scale);
+  Vec query[kMaxHeadDim / width], key[kMaxHeadDim / width];
+  for (int64_t r = 0; r < g; ++r) {  // a query head's scores: its chunks stay in registers over the keys
+    for (int64_t c = 0; c < chunks; ++c) query[c] = widen<T, A>(q + r * d + c * width, count(c));
+    for (int64_t j = 0; j < span; ++j) {
+      const T* kj = keys + j * d;
+      Vec dot = query[0] * widen<T, A>(kj, count(0));
+      for (int64_t c = 1; c < chunks; ++c) dot = at::vec::fmadd(query[c], widen<T, A>(kj + c * width, count(c)), dot);
+      s[r * span + j] = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, dot) * sc;
+    }
+  }
+  (void)key;
+  A inv[kMaxHeads];
+  for (int64_t r = 0; r < g; ++r) {
+    A* sr = s + r * span;
+    const A top = at::vec::reduce_all<A>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, span);
+    at::vec::map([top](Vec x) { return (x - Vec(top)).exp(); }, sr, sr, span);
+    inv[r] = 1 / at::vec::reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, sr, span);
+  }
+  A row[width];
+  for (int64_t r = 0; r < g; ++r) {
+    const A* p = s + r * span;
+    for (int64_t c = 0; c < chunks; ++c) {  // four sums in registers, so the adds need not wait on each other
+      const T* vc = values + c * width;
+      const int64_t m = count(c);
+      Vec a0(0), a1(0), a2(0), a3(0);
+      int64_t j = 0;
+      for (; j + 4 <= span; j += 4) {
+        a0 = at::vec::fmadd(Vec(p[j]), widen<T, A>(vc + j * d, m), a0);
+        a1 = at::vec::fmadd(Vec(p[j + 1]), widen<T, A>(vc + (j + 1) * d, m), a1);
+        a2 = at::vec::fmadd(Vec(p[j + 2]), widen<T, A>(vc + (j + 2) * d, m), a2);
+        a3 = at::vec::fmadd(Vec(p[j + 3]), widen<T, A>(vc + (j + 3) * d, m), a3);
+      }
+      for (; j < span; ++j) a0 = at::vec::fmadd(Vec(p[j]), widen<T, A>(vc + j * d, m), a0);
+      (((a0 + a1) + (a2 + a3)) * Vec(inv[r])).store(row);
+      for (int64_t e = 0; e < m; ++e) out[r * d + c * width + e] = static_cast<T>(row[e]);
+    }
+  }
+}
+
+template <typename T>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys, at::Tensor& values,
+            const at::Tensor& positions, double scale, at::Tensor& out) {
+  const int64_t n = q.size(0), n_kv = q.size(1), g = q.size(2), d = q.size(3), cap = keys.size(2);
+  const int64_t k_row = k.stride(0), v_row = v.stride(0);  // a row's heads are contiguous, rows may be apart
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* keys_p = keys.data_ptr<T>();
+  T* values_p = values.data_ptr<T>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  auto one = d == 64 ? attend_one<T, 64> : d == 128 ? attend_one<T, 128> : attend_one<T, 0>;
+  at::parallel_for(0, n * n_kv, 1, [=](int64_t begin, int64_t end) {
+    std::vector<at::opmath_type<T>> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / n_kv, h = task % n_kv;
+      one(qp + task * g * d, kp + i * k_row + h * d, vp + i * v_row + h * d, keys_p + task * cap * d,
+          values_p + task * cap * d, op + task * g * d, pos[i], g, d, scale, scores);
+    }
+  });
+}
+
+// q [n, n_kv, g, d]; k, v [n, n_kv, d] (the rows' new K and V, rows may be strided); keys, values [slots >= n, n_kv, cap, d], written
+// at `positions` [n] (int64); returns [n, n_kv, g, d].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys,
+                            at::Tensor& values, const at::Tensor& positions, double scale) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && k.dim() == 3, "decode_attention: q 4-d, keys 4-d, k 3-d");
+  const int64_t n = q.size(0), n_kv = q.size(1), d = q.size(3);
+  TORCH_CHECK(q.is_contiguous() && keys.is_contiguous() && values.is_contiguous() && positions.is_contiguous(),
+              "decode_attention: q, the pool and positions must be contiguous");
+  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(0) >= n && keys.size(1) == n_kv && keys.size(3) == d,
+              "decode_attention: the pool's shape does not fit q");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == n && k.size(1) == n_kv && k.size(2) == d,
+              "decode_attention: k and v must be [n, n_kv, d]");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == d && v.stride(2) == 1 && v.stride(1) == d,
+              "decode_attention: a row's K and V heads must be contiguous");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+                  keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
+              "decode_attention: one dtype for q, k, v and the pool");
+  TORCH_CHECK(d <= kMaxHeadDim && q.size(2) <= kMaxHeads, "decode_attention: head_dim <= 256, <= 64 query heads a kv head");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == n, "decode_attention: int64 positions [n]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < keys.size(2), "decode_attention: a position outside the pool's capacity");
+  auto out = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention",
+                                  [&] { attend<scalar_t>(q, k, v, keys, values, positions, scale, out); });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(genembed, m) {
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
+      "float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(genembed, CPU, m) { m.impl("decode_attention", &decode_attention); }
