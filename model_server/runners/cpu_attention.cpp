@@ -96,6 +96,20 @@ void attend_one(const T* q, const T* k_new, const T* v_new, T* keys, T* values, 
   }
 }
 
+// Ask for a task's cached K and V while the one before it computes: a decode step's KV comes from memory (the
+// layers' weights went through the caches since this layer's last step), and one core's demand reads alone do
+// not keep up with the arithmetic.
+template <typename T>
+inline void prefetch(const T* keys, const T* values, int64_t task, int64_t cap, int64_t d, int64_t span) {
+  const char* kb = reinterpret_cast<const char*>(keys + task * cap * d);
+  const char* vb = reinterpret_cast<const char*>(values + task * cap * d);
+  const int64_t bytes = span * d * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(kb + b);
+    __builtin_prefetch(vb + b);
+  }
+}
+
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys, at::Tensor& values,
             const at::Tensor& positions, double scale, at::Tensor& out) {
@@ -113,6 +127,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
     std::vector<at::opmath_type<T>> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / n_kv, h = task % n_kv;
+      if (task + 1 < end) prefetch(keys_p, values_p, task + 1, cap, d, pos[(task + 1) / n_kv] + 1);
       one(qp + task * g * d, kp + i * k_row + h * d, vp + i * v_row + h * d, keys_p + task * cap * d,
           values_p + task * cap * d, op + task * g * d, pos[i], g, d, scale, scores);
     }
