@@ -8,7 +8,8 @@
    once for oneDNN (`model_server.runners.packed.PackedLinear`); best of `--repeats` rounds, the two alternating.
 2. the decode step: the runner's `forward` for `rows` running sequences of `--context` cached positions each,
    built through the serving path (`build_method`) per variant: CPU `eager` vs `packed` projections (both with
-   torch's SDPA) vs `kernel` (packed, decode attention on `runners/cpu_attention`, the default), CUDA
+   torch's ops around them) vs `kernels` (packed, decode attention and RMSNorm in `runners/cpu_kernels`: the
+   default), CUDA
    `eager` vs `graphs` (replayed from CUDA graphs). Median step time over `--steps` steps after a warm-up, the
    variants alternating twice per batch size (each one's best counts).
 Prints a table and writes JSON (results/decode-step-<tag>.json).
@@ -41,9 +42,9 @@ RESULTS = Path(__file__).parent / "results"
 #: spec overrides of the step variants per device type: the fallback first
 STEP_VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "cpu": {
-        "eager": {"linear": "eager", "attn_implementation": "sdpa"},
-        "packed": {"linear": "packed", "attn_implementation": "sdpa"},
-        "kernel": {"linear": "packed"},  # and decode attention on our kernel (runners/cpu_attention)
+        "eager": {"linear": "eager", "kernels": "torch"},
+        "packed": {"linear": "packed", "kernels": "torch"},
+        "kernels": {"linear": "packed"},  # and decode attention and RMSNorm in genembed's (runners/cpu_kernels)
     },
     "cuda": {"eager": {"cuda_graphs": False}, "graphs": {"cuda_graphs": True}},
 }

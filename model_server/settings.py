@@ -28,8 +28,8 @@ class WorkerSettings(BaseSettings):
         default=None, description="overrides the spec's: packed (oneDNN, CPU) or eager projections"
     )
     cuda_graphs: bool | None = Field(default=None, description="overrides the spec's: CUDA-graph decode steps")
-    attn_implementation: Literal["auto", "sdpa", "eager"] | None = Field(
-        default=None, description="overrides the spec's: auto (decode attention on our CPU kernel), sdpa or eager"
+    kernels: Literal["auto", "torch"] | None = Field(
+        default=None, description="overrides the spec's: auto (genembed's CPU kernels where they build) or torch"
     )
     omp: OmpMode = Field(
         default="auto",
@@ -106,5 +106,5 @@ class WorkerSettings(BaseSettings):
         return CpuTurns(self.cpu_turns, self.cpu_turn_lead_s) if self.cpu_turns else None
 
     def spec_overrides(self) -> dict[str, object]:
-        fields = ("dtype", "device", "linear", "cuda_graphs", "attn_implementation")
+        fields = ("dtype", "device", "linear", "cuda_graphs", "kernels")
         return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}

@@ -107,8 +107,7 @@ class ModelSpec(BaseModel):
     dtype: DType = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
         default="auto",
-        description="auto: decode steps on the CPU attend through our kernel (runners/cpu_attention), the rest "
-        "through torch SDPA (flash kernels on CUDA); sdpa: SDPA throughout; eager: SDPA's plain math kernel",
+        description="auto/sdpa: torch SDPA (it picks flash kernels on CUDA); eager: its plain math kernel",
     )
     device: str = "auto"
     # How the decoder runner computes, not what (the revision leaves them out: rounding differs, vectors do not).
@@ -118,6 +117,11 @@ class ModelSpec(BaseModel):
         "where fp32/bf16; bf16 packs for fp32 GEMMs on a CPU without a bf16 GEMM), or eager torch F.linear",
     )
     cuda_graphs: bool = Field(default=True, description="gircse/o1 on CUDA: replay decode steps from captured graphs")
+    kernels: Literal["auto", "torch"] = Field(
+        default="auto",
+        description="decoder runner on CPU: auto runs decode attention and RMSNorm in genembed's compiled kernels "
+        "(runners/cpu_kernels; built on first use, torch's ops where they cannot build), torch only torch's ops",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -126,13 +126,15 @@ def test_client_cancellation_through_embed(tiny_dir):
 
 
 def test_attention_kernels_serve_the_same_vector(tiny_dir):
-    """auto (decode steps on our CPU kernel, `runners/cpu_attention`), torch's SDPA and its math kernel."""
+    """genembed's CPU kernels (decode attention and RMSNorm, `runners/cpu_kernels`), torch's SDPA and its math
+    kernel: the same vector."""
     ids = _ids(9, 11)
     vectors = []
-    for attention in ("auto", "sdpa", "eager"):
-        worker = start_worker(gircse_spec(tiny_dir, dtype="float64", attn_implementation=attention))
+    for attention, kernels in (("auto", "auto"), ("sdpa", "torch"), ("eager", "torch")):
+        spec = gircse_spec(tiny_dir, dtype="float64", attn_implementation=attention, kernels=kernels)
+        worker = start_worker(spec)
         try:
-            assert (worker.method.runner._decode_kernel is not None) == (attention == "auto")
+            assert (worker.method.runner.kernels is not None) == (kernels == "auto")
             vectors.append(_submit(worker, ids, 3).result(timeout=30).vector)
         finally:
             worker.stop()

@@ -150,7 +150,7 @@ def test_a_built_wheel_carries_the_adapter_and_the_kernel_source(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for file in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
         assert f"model_server/adapters/smollm2-gircse-icr/{file}" in names
-    assert "model_server/runners/cpu_attention.cpp" in names
+    assert "model_server/runners/cpu_kernels.cpp" in names
 
 
 def test_the_trained_default_beats_its_untrained_backbone():

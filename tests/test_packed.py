@@ -92,11 +92,11 @@ def test_packed_soft_token_mix_equals_the_matmul(tmp_path):
 def test_worker_setting_reaches_the_spec(monkeypatch):
     monkeypatch.setenv("GENEMBED_WORKER_LINEAR", "eager")
     monkeypatch.setenv("GENEMBED_WORKER_CUDA_GRAPHS", "false")
-    monkeypatch.setenv("GENEMBED_WORKER_ATTN_IMPLEMENTATION", "sdpa")
+    monkeypatch.setenv("GENEMBED_WORKER_KERNELS", "torch")
     overrides = WorkerSettings().spec_overrides()
-    assert overrides == {"linear": "eager", "cuda_graphs": False, "attn_implementation": "sdpa"}
+    assert overrides == {"linear": "eager", "cuda_graphs": False, "kernels": "torch"}
     spec = load_spec("smollm2-gircse", **overrides)
-    assert spec.linear == "eager" and spec.cuda_graphs is False and spec.attn_implementation == "sdpa"
+    assert spec.linear == "eager" and spec.cuda_graphs is False and spec.kernels == "torch"
     assert load_spec("smollm2-gircse").linear == "auto"
 
 

@@ -2,7 +2,8 @@
 
 `fast.DecoderRunner` (llama, mistral, qwen2, qwen3: packed prefills over a slot KV pool, CUDA-graph decode steps)
 and `hf.HFRunner` (any other family: the model's own forward, a cache per sequence); `packed` packs linear layers
-for oneDNN on the CPU. `build_runner` picks one for a loaded model.
+for oneDNN on the CPU, `cpu_kernels` compiles decode attention and RMSNorm for it. `build_runner` picks one for a
+loaded model.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ def fast_runner(loaded: LoadedModel, max_seqs: int) -> DecoderRunner | None:
     if family not in FAMILIES:
         return None
     graphs = spec.cuda_graphs and loaded.device.type == "cuda"
-    runner = DecoderRunner(loaded.model, max_seqs, attention=spec.attn_implementation, cuda_graphs=graphs)
+    compiled = spec.kernels == "auto" and loaded.device.type == "cpu"
+    runner = DecoderRunner(
+        loaded.model, max_seqs, attention=spec.attn_implementation, cuda_graphs=graphs, cpu_kernels=compiled
+    )
     runner.packed = pack_for_serving(loaded)  # after the runner fused its projections: one packed weight each
     how = f"{'packed' if runner.packed else 'eager'} projections{', CUDA-graph decode steps' if graphs else ''}"
+    how += ", genembed's CPU kernels" if runner.kernels is not None else ""
     log.info("%s (%s): %s runs on the %s runner (%s)", spec.id, family, spec.method, runner.kind, how)
     return runner

@@ -17,8 +17,8 @@ families run on `hf.HFRunner`.
 On CUDA a step that only decodes can replay a CUDA graph (`DecodeGraphs`): the step's rows are padded to a
 bucket (1, 2, 4, 8, 16, ...) and attend over the pool's whole capacity under a mask, so its shapes and
 addresses stay fixed while the batch changes; the kernels of all layers launch as one graph instead of one
-Python call each. Steps with new prompts, and every step on the CPU, run eagerly. On the CPU the decode rows attend
-through genembed's own kernel (`cpu_attention`) rather than SDPA, unless the spec asks for SDPA or it cannot build.
+Python call each. Steps with new prompts, and every step on the CPU, run eagerly. On the CPU, decode attention and
+RMSNorm run in genembed's own compiled kernels (`cpu_kernels`) where they build, unless the spec asks for torch's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model_server.runners.base import Runner
-from model_server.runners.cpu_attention import decode_kernel
+from model_server.runners.cpu_kernels import CpuKernels
+from model_server.runners.cpu_kernels import cpu_kernels as built_kernels
 from model_server.runners.packed import gated_product, linear_plus
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     (two ops where widening by hand took nine), and its result equals the family's bit for bit (bf16 and fp32; the
     hand-written reduction it replaced differed in the last bit of up to a fifth of the elements). A 16-row bf16
     decode step's norm: 12.7 against 16.5 µs; prefill's [1664, 576] level in bf16, 253 against 194 µs in fp32
-    (2-core AMD EPYC Zen 5, alternating)."""
+    (2-core AMD EPYC Zen 5, alternating). The runner's norm where genembed's CPU kernels are off or cannot build
+    (`cpu_kernels` has one pass per row instead), and on CUDA."""
     return F.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon).mul_(norm.weight)
 
 
@@ -158,7 +160,12 @@ class DecoderRunner(Runner):
     kind = "fast"
 
     def __init__(
-        self, causal_lm: torch.nn.Module, max_seqs: int, attention: str = "auto", cuda_graphs: bool = False
+        self,
+        causal_lm: torch.nn.Module,
+        max_seqs: int,
+        attention: str = "auto",
+        cuda_graphs: bool = False,
+        cpu_kernels: bool = False,
     ) -> None:
         super().__init__(causal_lm)
         self.decoder = causal_lm.get_decoder()
@@ -174,8 +181,9 @@ class DecoderRunner(Runner):
         # A factory: a kernel-selection context manager can be entered only once.
         math = attention == "eager"
         self._kernel = functools.partial(sdpa_kernel, SDPBackend.MATH) if math else contextlib.nullcontext
-        # auto: decode steps on the CPU attend through our kernel where it builds (`cpu_attention`)
-        self._decode_kernel = decode_kernel() if attention == "auto" and self.device.type == "cpu" else None
+        self.kernels: CpuKernels | None = built_kernels() if cpu_kernels and self.device.type == "cpu" else None
+        # SDPA's math kernel, where asked for, stays the decode path too
+        self._decode_kernel = self.kernels.decode_attention if self.kernels and not math else None
         self.scale = self.head_dim**-0.5  # SDPA's default, which the family's attention uses
         n_layers = len(self.decoder.layers)
         self.keys: list[torch.Tensor] = [self._empty(0, 0)] * n_layers
@@ -219,13 +227,18 @@ class DecoderRunner(Runner):
 
     # -- forward passes -------------------------------------------------------------------------
 
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is None:
+            return rms_norm(norm, x)
+        return self.kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+
     def _project(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, k, v for tokens x [T, H] with rotary (cos/sin [T, head_dim]) applied: [T, heads, head_dim]."""
         t = x.shape[0]
         q, k, v = attn.qkv_proj(x)
         q, k, v = q.view(t, self.n_heads, self.head_dim), k.view(t, self.n_kv, self.head_dim), v.view(t, self.n_kv, -1)
         if hasattr(attn, "q_norm"):  # qwen3
-            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
+            q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def _prefill_groups(self, lengths: list[int]) -> list[PrefillGroup]:
@@ -339,17 +352,17 @@ class DecoderRunner(Runner):
         first_slot = n_dec if keep else None
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
-            q, k, v = self._project(attn, rms_norm(layer.input_layernorm, hidden), cos, sin)
+            q, k, v = self._project(attn, self._norm(layer.input_layernorm, hidden), cos, sin)
             parts = []
             if n_dec:
                 parts.append(self._attend_decode(index, q[:n_dec], k[:n_dec], v[:n_dec], positions[:n_dec], visible))
             if groups:
                 parts.append(self._attend_prefill(index, q[n_dec:], k[n_dec:], v[n_dec:], first_slot, groups))
             hidden = linear_plus(attn.o_proj, torch.cat(parts) if len(parts) > 1 else parts[0], hidden)
-            mlp, normed = layer.mlp, rms_norm(layer.post_attention_layernorm, hidden)
+            mlp, normed = layer.mlp, self._norm(layer.post_attention_layernorm, hidden)
             gated = gated_product(mlp.gate_proj, mlp.up_proj, mlp.act_fn, self.silu, normed)
             hidden = linear_plus(mlp.down_proj, gated, hidden)
-        return rms_norm(self.decoder.norm, hidden)[:rows]
+        return self._norm(self.decoder.norm, hidden)[:rows]
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""The CPU decode-attention kernel (`model_server/runners/cpu_attention.cpp`), compiled here as the worker compiles
-it: against SDPA over the same pool, inside the runner's decode steps, and its fallback where it cannot build.
-(The fidelity tests run on it too: `auto`, the default, attends through it on the CPU.)"""
+"""genembed's CPU kernels (`model_server/runners/cpu_kernels.cpp`), compiled here as the worker compiles them: decode
+attention against SDPA over the same pool, RMSNorm against the family's module, both inside the runner's passes,
+and the fallback where they cannot build. (The fidelity tests run on them too: the specs' default `kernels = auto`
+uses them on the CPU.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from model_server.runners import cpu_attention
+from model_server.runners import cpu_kernels
 from model_server.runners.base import Prefill
 from model_server.runners.fast import DecoderRunner
 from tests.models import make_tiny_llama
@@ -21,10 +22,15 @@ TOLERANCES = [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 1e
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    built = cpu_attention.decode_kernel()
-    assert built is not None, "the kernel must build on the CI machines (AVX2, gcc, ninja)"
+def kernels():
+    built = cpu_kernels.cpu_kernels()
+    assert built is not None, "the kernels must build on the CI machines (AVX2, gcc, ninja)"
     return built
+
+
+@pytest.fixture(scope="module")
+def kernel(kernels):
+    return kernels.decode_attention
 
 
 def _pool(n, n_kv, cap, d, dtype, seed=0):
@@ -79,15 +85,15 @@ def test_kernel_refuses_what_does_not_fit(kernel):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_runner_decodes_alike_on_the_kernel_and_on_sdpa(tmp_path, kernel, dtype):
+def test_runner_passes_alike_on_the_kernels_and_on_torch(tmp_path, kernels, dtype):
     """Prompts of different lengths prefill, then decode steps while a sequence joins and one leaves, on both
     paths: the same states."""
     directory = make_tiny_llama(tmp_path / "tiny")
     runners = {
-        how: DecoderRunner(AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval(), 8, attention=how)
-        for how in ("auto", "sdpa")
+        on: DecoderRunner(AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval(), 8, cpu_kernels=on)
+        for on in (True, False)
     }
-    assert runners["auto"]._decode_kernel is not None and runners["sdpa"]._decode_kernel is None
+    assert runners[True]._decode_kernel is not None and runners[False].kernels is None
     generator = torch.Generator().manual_seed(0)
 
     def rows(n):
@@ -96,31 +102,77 @@ def test_runner_decodes_alike_on_the_kernel_and_on_sdpa(tmp_path, kernel, dtype)
     first = [Prefill(i, rows(n), 32) for i, n in enumerate((5, 11, 3))]
     # (decode rows, a joining prompt) per pass, or a sequence leaving
     plan = [(rows(3), []), (rows(3), [Prefill(3, rows(7), 32)]), (rows(4), []), 1, (rows(3), []), (rows(3), [])]
-    outputs = {how: [] for how in runners}
-    for how, runner in runners.items():
-        runner.forward(None, first)
+    outputs = {on: [] for on in runners}
+    for on, runner in runners.items():
+        outputs[on] += runner.forward(None, first)[1]
         for step in plan:
             if isinstance(step, int):
                 runner.remove([step])
                 continue
-            decoded, _ = runner.forward(*step)
-            outputs[how].append(decoded)
+            decoded, prefilled = runner.forward(*step)
+            outputs[on] += [decoded, *prefilled]
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
-    for got, want in zip(outputs["auto"], outputs["sdpa"], strict=True):
+    for got, want in zip(outputs[True], outputs[False], strict=True):
         assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max()
 
 
-def test_a_kernel_that_cannot_build_leaves_sdpa(monkeypatch, caplog):
+@pytest.mark.parametrize("rows", [1, 16, 300])
+@pytest.mark.parametrize("width", [32, 576, 100])
+def test_rms_norm_rounds_where_the_family_rounds(kernels, rows, width):
+    """Against the family's own module: fp32 within a few ulp (only the sum of squares adds in another order; the
+    runner's old torch path was bit-exact here), bf16 within two bf16 steps (the normed value's and the product's
+    rounding) and the same in nearly every element; fp64 as torch computes it in fp64."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(rows * width)
+    norm = LlamaRMSNorm(width, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(width, generator=generator) * 2)
+    x = torch.randn(rows, width, generator=generator) * 3
+    with torch.no_grad():  # the module's weight is a parameter
+        for dtype in (torch.float32, torch.bfloat16):
+            module = norm.to(dtype)
+            want, got = module(x.to(dtype)), kernels.rms_norm(x.to(dtype), module.weight, module.variance_epsilon)
+            assert got.dtype == dtype and got.shape == want.shape
+            if dtype == torch.float32:
+                assert torch.allclose(got, want, rtol=5e-7, atol=0)
+            else:
+                step = want.float().abs() * 2**-6
+                assert ((got.float() - want.float()).abs() <= step).all()
+                assert (got != want).float().mean() <= 0.01
+        wide = x.double()
+        want = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+        got = kernels.rms_norm(wide, norm.weight.double(), 1e-5)
+    assert torch.allclose(got, want, rtol=1e-14, atol=0)
+
+
+def test_rms_norm_takes_strided_rows_and_refuses_a_wrong_weight(kernels):
+    fused = torch.randn(4, 3 * 64)
+    heads = fused[:, :128].view(4, 2, 64)  # qwen3's per-head norm gets a view of the fused projection
+    weight = torch.rand(64)
+    want = torch.nn.functional.rms_norm(heads, (64,), eps=1e-6) * weight
+    assert torch.allclose(kernels.rms_norm(heads, weight, 1e-6), want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="the weight must be"):
+        kernels.rms_norm(heads, torch.rand(32), 1e-6)
+    with pytest.raises(RuntimeError, match="the weight must be"):
+        kernels.rms_norm(heads, weight.double(), 1e-6)
+
+
+def test_kernels_that_cannot_build_leave_torchs_ops(monkeypatch, caplog, tmp_path):
     from torch.utils import cpp_extension
 
     def fail(**_):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(cpp_extension, "load", fail)
-    cpu_attention.decode_kernel.cache_clear()
+    cpu_kernels.cpu_kernels.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
-            assert cpu_attention.decode_kernel() is None
-        assert "decode attention runs on SDPA" in caplog.text and "Ninja is required" in caplog.text
+        with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+            model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "tiny")).eval()
+            runner = DecoderRunner(model, 4, cpu_kernels=True)
+        assert runner.kernels is None and runner._decode_kernel is None
+        assert "keeps torch's ops" in caplog.text and "Ninja is required" in caplog.text
+        runner.forward(None, [Prefill(0, torch.randn(3, 32), 8)])
+        assert runner.forward(torch.randn(1, 32), [])[0].shape == (1, 32)
     finally:
-        cpu_attention.decode_kernel.cache_clear()
+        cpu_kernels.cpu_kernels.cache_clear()

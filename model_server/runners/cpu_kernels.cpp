@@ -1,9 +1,12 @@
-// Decode attention over the fast runner's slot KV pool on the CPU (model_server/runners/cpu_attention.py says why).
+// The fast runner's CPU kernels (model_server/runners/cpu_kernels.py says why), over ATen's vector types.
 //
-// Each row is one new token of a running sequence: its K and V are written at the row's position in its slot,
-// then its query heads attend over the slot's positions 0..position. One task per (row, kv head) reads that
-// head's cached K and V once for all the query heads that share it (grouped-query attention), with scores,
+// decode_attention: each row is one new token of a running sequence: its K and V are written at the row's position
+// in its slot, then its query heads attend over the slot's positions 0..position. One task per (row, kv head) reads
+// that head's cached K and V once for all the query heads that share it (grouped-query attention), with scores,
 // softmax and the weighted sum in fp32 (fp64 for fp64 models); only the output is rounded to the model's dtype.
+//
+// rms_norm: the Llama family's RMSNorm in one pass per row, rounded where the family's module rounds: x / rms(x) in
+// fp32 (fp64 for fp64 models) rounded to x's dtype, then times the weight in that dtype.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -134,6 +137,51 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
   });
 }
 
+template <typename T>
+void norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t h, double eps) {
+  using A = at::opmath_type<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t width = Vec::size();
+  const int64_t chunks = (h + width - 1) / width;
+  auto count = [=](int64_t c) { return std::min(width, h - c * width); };
+  // rows of a decode step stay on one thread: below ~32k elements a parallel region costs more than it saves
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / h), [=](int64_t begin, int64_t end) {
+    A normed[width], scaled[width];
+    for (int64_t i = begin; i < end; ++i) {
+      const T* xr = x + i * h;
+      Vec squares(0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Vec v = widen<T, A>(xr + c * width, count(c));
+        squares = at::vec::fmadd(v, v, squares);
+      }
+      const A sum = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, squares);
+      const A inv = A(1) / std::sqrt(sum / static_cast<A>(h) + static_cast<A>(eps));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t m = count(c);
+        (widen<T, A>(xr + c * width, m) * Vec(inv)).store(normed);
+        for (int64_t e = 0; e < m; ++e)
+          scaled[e] = static_cast<A>(static_cast<T>(normed[e])) * static_cast<A>(weight[c * width + e]);
+        for (int64_t e = 0; e < m; ++e) out[i * h + c * width + e] = static_cast<T>(scaled[e]);
+      }
+    }
+  });
+}
+
+// x [..., h] (any layout: strided views are copied), weight [h] in x's dtype.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t h = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == h && weight.scalar_type() == x.scalar_type(),
+              "rms_norm: the weight must be [h] in x's dtype");
+  const auto rows = x.contiguous();
+  const auto w = weight.contiguous();
+  auto out = at::empty_like(rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    norm_rows<scalar_t>(rows.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                        rows.numel() / std::max<int64_t>(h, 1), h, eps);
+  });
+  return out;
+}
+
 // q [n, n_kv, g, d]; k, v [n, n_kv, d] (the rows' new K and V, rows may be strided); keys, values [slots >= n, n_kv, cap, d], written
 // at `positions` [n] (int64); returns [n, n_kv, g, d].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys,
@@ -168,6 +216,10 @@ TORCH_LIBRARY(genembed, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
       "float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(genembed, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(genembed, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
+}

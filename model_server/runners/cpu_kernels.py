@@ -1,0 +1,73 @@
+"""The fast runner's CPU kernels of our own (`cpu_kernels.cpp`): decode attention and RMSNorm, compiled on first use.
+
+Why: a decode step on the CPU is many small operations on a few rows, and torch's eager ops pay a fixed cost each.
+- Decode attention is, per running sequence, one new query row against that sequence's cached K and V. torch's
+  CPU SDPA runs it through its flash kernel, built for long query blocks, whose per-(sequence, head) set-up costs
+  far more than the arithmetic; on the 2-core machines a fifth to a third of a 16-row SmolLM2 step went there. The
+  kernel reads each kv head's cached K and V once for all the query heads that share it, fetches the next task's
+  ahead, and also writes the rows' new K and V (two index writes a layer before).
+- RMSNorm through torch is about ten ops (widen, square, mean, add, rsqrt, multiply, narrow, times the weight); in
+  a decode step they took 12 % of it on the AMX Xeon. The kernel does a row in one pass. It rounds where the
+  family's module rounds; only its sum of squares adds in another order than torch's, so a result may differ from
+  the module's in the last bit (fp32), rarely by one bf16 step.
+
+They build with torch's own extension loader (ninja and a C++ compiler, about 7 s once; torch keeps the library
+under `TORCH_EXTENSIONS_DIR`) over ATen's vector types at the width torch itself runs here (AVX2 or AVX-512),
+and only there. Where they cannot build, the runner keeps torch's ops and says why once in the log. They link
+the OpenMP runtime torch loaded (the same soname), so their threads are torch's intra-op pool, not a second one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+#: compiler flags per torch CPU capability: ATen's vector types (`at::vec`) at that width, as torch builds its own
+ISA = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    #: (q [n, n_kv, g, d], k, v [n, n_kv, d], keys, values [slots, n_kv, cap, d], positions [n], scale) -> [n, n_kv,
+    #: g, d]; writes k and v into the pool at `positions` first
+    decode_attention: Callable[..., torch.Tensor]
+    #: (x [..., h], weight [h], eps) -> the family's RMSNorm of x
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@functools.cache
+def cpu_kernels() -> CpuKernels | None:
+    """The compiled ops, or None where they cannot run here: a CPU without AVX2, or no compiler or ninja (the
+    reason is logged)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ISA:
+        log.info("the runner keeps torch's ops: torch's CPU capability is %s, genembed's kernels need AVX2", capability)
+        return None
+    from torch.utils import cpp_extension  # imports setuptools: only when a CPU runner asks
+
+    try:
+        cpp_extension.load(
+            name=f"genembed_cpu_kernels_{capability.lower()}",  # a cache shared by two CPUs keeps both builds
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+            + ISA[capability],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        log.warning("the runner keeps torch's ops: building %s failed (%s)", SOURCE.name, error)
+        return None
+    ops = torch.ops.genembed
+    return CpuKernels(decode_attention=ops.decode_attention, rms_norm=ops.rms_norm)
