@@ -176,3 +176,23 @@ def test_kernels_that_cannot_build_leave_torchs_ops(monkeypatch, caplog, tmp_pat
         assert runner.forward(torch.randn(1, 32), [])[0].shape == (1, 32)
     finally:
         cpu_kernels.cpu_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rope_rounds_as_the_family_does(kernels, dtype):
+    """Bit for bit the family's `apply_rotary_pos_emb`, q read from a strided view as the fused projection leaves it."""
+    from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    tokens, heads, d = 37, 3, 64
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=heads * d, num_attention_heads=heads))
+    generator = torch.Generator().manual_seed(0)
+    fused = (torch.randn(tokens, 5 * heads * d, generator=generator) * 4).to(dtype)
+    q = fused[:, heads * d : 2 * heads * d].view(tokens, heads, d)
+    positions = torch.arange(tokens) * 7 % 300
+    cos, sin = rotary(q[None], positions[None])
+    want, _ = apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], cos, sin)
+    got = kernels.rope(q, cos[0], sin[0])
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got, want[0].transpose(0, 1))
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        kernels.rope(q, cos[0, :5], sin[0, :5])

@@ -7,6 +7,9 @@
 //
 // rms_norm: the Llama family's RMSNorm in one pass per row, rounded where the family's module rounds: x / rms(x) in
 // fp32 (fp64 for fp64 models) rounded to x's dtype, then times the weight in that dtype.
+//
+// rope: rotary embedding of q or k straight from the fused projection's output, rounded as the family's
+// `x * cos + rotate_half(x) * sin` rounds.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -40,6 +43,26 @@ inline Vectorized<A> widen(const T* p, int64_t count) {
     A tail[Vec::size()] = {};
     for (int64_t e = 0; e < count; ++e) tail[e] = static_cast<A>(p[e]);
     return Vec::loadu(tail, count);
+  }
+}
+
+// Store `count` lanes of `a` as T (rounded to nearest even, as torch rounds).
+template <typename T, typename A>
+inline void narrow_store(const Vectorized<A>& a, T* p, int64_t count) {
+  if constexpr (std::is_same_v<T, A>) {
+    a.store(p, count);
+  } else {
+    at::vec::convert_from_float<T>(a, a).store(p, count);
+  }
+}
+
+// `a` rounded to T and widened back: where the family's module rounds an intermediate to the model's dtype.
+template <typename T, typename A>
+inline Vectorized<A> rounded(const Vectorized<A>& a) {
+  if constexpr (std::is_same_v<T, A>) {
+    return a;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, a)));
   }
 }
 
@@ -78,7 +101,6 @@ void attend_one(const T* q, const T* k_new, const T* v_new, T* keys, T* values, 
     at::vec::map([top](Vec x) { return (x - Vec(top)).exp(); }, sr, sr, span);
     inv[r] = 1 / at::vec::reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, sr, span);
   }
-  A row[width];
   for (int64_t r = 0; r < g; ++r) {
     const A* p = s + r * span;
     for (int64_t c = 0; c < chunks; ++c) {  // four sums in registers, so the adds need not wait on each other
@@ -93,8 +115,7 @@ void attend_one(const T* q, const T* k_new, const T* v_new, T* keys, T* values, 
         a3 = at::vec::fmadd(Vec(p[j + 3]), widen<T, A>(vc + (j + 3) * d, m), a3);
       }
       for (; j < span; ++j) a0 = at::vec::fmadd(Vec(p[j]), widen<T, A>(vc + j * d, m), a0);
-      (((a0 + a1) + (a2 + a3)) * Vec(inv[r])).store(row);
-      for (int64_t e = 0; e < m; ++e) out[r * d + c * width + e] = static_cast<T>(row[e]);
+      narrow_store<T, A>(((a0 + a1) + (a2 + a3)) * Vec(inv[r]), out + r * d + c * width, m);
     }
   }
 }
@@ -146,7 +167,6 @@ void norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t h, dou
   auto count = [=](int64_t c) { return std::min(width, h - c * width); };
   // rows of a decode step stay on one thread: below ~32k elements a parallel region costs more than it saves
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / h), [=](int64_t begin, int64_t end) {
-    A normed[width], scaled[width];
     for (int64_t i = begin; i < end; ++i) {
       const T* xr = x + i * h;
       Vec squares(0);
@@ -155,16 +175,61 @@ void norm_rows(const T* x, const T* weight, T* out, int64_t rows, int64_t h, dou
         squares = at::vec::fmadd(v, v, squares);
       }
       const A sum = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, squares);
-      const A inv = A(1) / std::sqrt(sum / static_cast<A>(h) + static_cast<A>(eps));
+      const Vec inv(A(1) / std::sqrt(sum / static_cast<A>(h) + static_cast<A>(eps)));
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t m = count(c);
-        (widen<T, A>(xr + c * width, m) * Vec(inv)).store(normed);
-        for (int64_t e = 0; e < m; ++e)
-          scaled[e] = static_cast<A>(static_cast<T>(normed[e])) * static_cast<A>(weight[c * width + e]);
-        for (int64_t e = 0; e < m; ++e) out[i * h + c * width + e] = static_cast<T>(scaled[e]);
+        const Vec normed = rounded<T, A>(widen<T, A>(xr + c * width, m) * inv);
+        narrow_store<T, A>(normed * widen<T, A>(weight + c * width, m), out + i * h + c * width, m);
       }
     }
   });
+}
+
+template <typename T>
+void rope_rows(const T* x, int64_t x_row, const T* cos, const T* sin, T* out, int64_t rows, int64_t heads,
+               int64_t d) {
+  using A = at::opmath_type<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t width = Vec::size();
+  const int64_t half = d / 2, chunks = (half + width - 1) / width;
+  at::parallel_for(0, rows * heads, std::max<int64_t>(1, 32768 / d), [=](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / heads, h = task % heads;
+      const T* xr = x + t * x_row + h * d;
+      const T* c = cos + t * d;
+      const T* s = sin + t * d;
+      T* o = out + task * d;
+      for (int64_t k = 0; k < chunks; ++k) {
+        const int64_t at = k * width, m = std::min(width, half - at);
+        const Vec x1 = widen<T, A>(xr + at, m), x2 = widen<T, A>(xr + half + at, m);
+        // x * cos + rotate_half(x) * sin, each product rounded to T as the family's module rounds it
+        const Vec lo = rounded<T, A>(x1 * widen<T, A>(c + at, m)) - rounded<T, A>(x2 * widen<T, A>(s + at, m));
+        const Vec hi =
+            rounded<T, A>(x2 * widen<T, A>(c + half + at, m)) + rounded<T, A>(x1 * widen<T, A>(s + half + at, m));
+        narrow_store<T, A>(lo, o + at, m);
+        narrow_store<T, A>(hi, o + half + at, m);
+      }
+    }
+  });
+}
+
+// x [tokens, heads, d] (a row's heads contiguous, rows may be apart: a view of the fused projection), cos and sin
+// [tokens, d] in x's dtype; returns x with rotary embedding applied, contiguous.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && x.size(2) % 2 == 0,
+              "rope: x must be [tokens, heads, d] with a row's heads contiguous and d even");
+  const int64_t tokens = x.size(0), heads = x.size(1), d = x.size(2);
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == tokens && cos.size(1) == d,
+              "rope: cos and sin must be [tokens, d]");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "rope: cos and sin in x's dtype");
+  const auto c = cos.contiguous(), s = sin.contiguous();
+  auto out = at::empty({tokens, heads, d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope", [&] {
+    rope_rows<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), c.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                        out.data_ptr<scalar_t>(), tokens, heads, d);
+  });
+  return out;
 }
 
 // x [..., h] (any layout: strided views are copied), weight [h] in x's dtype.
@@ -217,9 +282,11 @@ TORCH_LIBRARY(genembed, m) {
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
       "float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(genembed, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
 }

@@ -1,4 +1,5 @@
-"""The fast runner's CPU kernels of our own (`cpu_kernels.cpp`): decode attention and RMSNorm, compiled on first use.
+"""The fast runner's CPU kernels of our own (`cpu_kernels.cpp`): decode attention, RMSNorm and rotary embedding,
+compiled on first use.
 
 Why: a decode step on the CPU is many small operations on a few rows, and torch's eager ops pay a fixed cost each.
 - Decode attention is, per running sequence, one new query row against that sequence's cached K and V. torch's
@@ -10,6 +11,9 @@ Why: a decode step on the CPU is many small operations on a few rows, and torch'
   a decode step they took 12 % of it on the AMX Xeon. The kernel does a row in one pass. It rounds where the
   family's module rounds; only its sum of squares adds in another order than torch's, so a result may differ from
   the module's in the last bit (fp32), rarely by one bf16 step.
+- Rotary embedding as three eager passes (multiply, two in-place multiply-adds) over q and k took ~8 % of a
+  pooled prefill; the kernel reads q or k from the fused projection's output once and rounds as the family's
+  `x * cos + rotate_half(x) * sin` does.
 
 They build with torch's own extension loader (ninja and a C++ compiler, about 7 s once; torch keeps the library
 under `TORCH_EXTENSIONS_DIR`) over ATen's vector types at the width torch itself runs here (AVX2 or AVX-512),
@@ -45,6 +49,8 @@ class CpuKernels:
     decode_attention: Callable[..., torch.Tensor]
     #: (x [..., h], weight [h], eps) -> the family's RMSNorm of x
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    #: (x [tokens, heads, d], cos, sin [tokens, d]) -> x with rotary embedding, contiguous
+    rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @functools.cache
@@ -57,12 +63,13 @@ def cpu_kernels() -> CpuKernels | None:
         return None
     from torch.utils import cpp_extension  # imports setuptools: only when a CPU runner asks
 
+    # -ffp-contract=off: no `a * b + c` in one rounding where the kernels round as the family's modules round
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
     try:
         cpp_extension.load(
             name=f"genembed_cpu_kernels_{capability.lower()}",  # a cache shared by two CPUs keeps both builds
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
-            + ISA[capability],
+            extra_cflags=flags + ISA[capability],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
@@ -70,4 +77,4 @@ def cpu_kernels() -> CpuKernels | None:
         log.warning("the runner keeps torch's ops: building %s failed (%s)", SOURCE.name, error)
         return None
     ops = torch.ops.genembed
-    return CpuKernels(decode_attention=ops.decode_attention, rms_norm=ops.rms_norm)
+    return CpuKernels(decode_attention=ops.decode_attention, rms_norm=ops.rms_norm, rope=ops.rope)

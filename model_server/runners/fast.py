@@ -46,7 +46,9 @@ FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on [..., tokens, heads, head_dim] with cos/sin of [tokens, head_dim]: `x * cos +
-    rotate_half(x) * sin` as the family computes it, in three passes instead of six (no rotated copy)."""
+    rotate_half(x) * sin` as the family computes it, in three passes instead of six (no rotated copy; the
+    multiply-adds round once where the family rounds twice). Where genembed's CPU kernels are off or cannot build
+    (`cpu_kernels.rope` is one pass, bit for bit the family's), and on CUDA."""
     half = x.shape[-1] // 2
     out = x * cos.unsqueeze(-2)
     out[..., :half].addcmul_(x[..., half:], sin[..., None, :half], value=-1)
@@ -239,7 +241,9 @@ class DecoderRunner(Runner):
         q, k, v = q.view(t, self.n_heads, self.head_dim), k.view(t, self.n_kv, self.head_dim), v.view(t, self.n_kv, -1)
         if hasattr(attn, "q_norm"):  # qwen3
             q, k = self._norm(attn.q_norm, q), self._norm(attn.k_norm, k)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        if self.kernels is None:
+            return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        return self.kernels.rope(q, cos, sin), self.kernels.rope(k, cos, sin), v
 
     def _prefill_groups(self, lengths: list[int]) -> list[PrefillGroup]:
         starts = list(itertools.accumulate(lengths, initial=0))
