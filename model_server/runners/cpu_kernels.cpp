@@ -83,7 +83,7 @@ void attend_one(const T* q, const T* k_new, const T* v_new, T* keys, T* values, 
   scores.resize(g * span);
   A* s = scores.data();
   const A sc = static_cast<A>(scale);
-  Vec query[kMaxHeadDim / width], key[kMaxHeadDim / width];
+  Vec query[kMaxHeadDim / width];
   for (int64_t r = 0; r < g; ++r) {  // a query head's scores: its chunks stay in registers over the keys
     for (int64_t c = 0; c < chunks; ++c) query[c] = widen<T, A>(q + r * d + c * width, count(c));
     for (int64_t j = 0; j < span; ++j) {
@@ -93,7 +93,6 @@ void attend_one(const T* q, const T* k_new, const T* v_new, T* keys, T* values, 
       s[r * span + j] = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, dot) * sc;
     }
   }
-  (void)key;
   A inv[kMaxHeads];
   for (int64_t r = 0; r < g; ++r) {
     A* sr = s + r * span;
