@@ -119,7 +119,7 @@ class ModelSpec(BaseModel):
     cuda_graphs: bool = Field(default=True, description="gircse/o1 on CUDA: replay decode steps from captured graphs")
     kernels: Literal["auto", "torch"] = Field(
         default="auto",
-        description="decoder runner on CPU: auto runs decode attention and RMSNorm in genembed's compiled kernels "
+        description="decoder runner on CPU: auto runs decode attention, RMSNorm and rotary in genembed's kernels "
         "(runners/cpu_kernels; built on first use, torch's ops where they cannot build), torch only torch's ops",
     )
 

@@ -2,8 +2,8 @@
 
 `fast.DecoderRunner` (llama, mistral, qwen2, qwen3: packed prefills over a slot KV pool, CUDA-graph decode steps)
 and `hf.HFRunner` (any other family: the model's own forward, a cache per sequence); `packed` packs linear layers
-for oneDNN on the CPU, `cpu_kernels` compiles decode attention and RMSNorm for it. `build_runner` picks one for a
-loaded model.
+for oneDNN on the CPU, `cpu_kernels` compiles decode attention, RMSNorm and rotary for it. `build_runner` picks
+one for a loaded model.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ families run on `hf.HFRunner`.
 On CUDA a step that only decodes can replay a CUDA graph (`DecodeGraphs`): the step's rows are padded to a
 bucket (1, 2, 4, 8, 16, ...) and attend over the pool's whole capacity under a mask, so its shapes and
 addresses stay fixed while the batch changes; the kernels of all layers launch as one graph instead of one
-Python call each. Steps with new prompts, and every step on the CPU, run eagerly. On the CPU, decode attention and
-RMSNorm run in genembed's own compiled kernels (`cpu_kernels`) where they build, unless the spec asks for torch's.
+Python call each. Steps with new prompts, and every step on the CPU, run eagerly. On the CPU, decode attention,
+RMSNorm and rotary run in genembed's own compiled kernels (`cpu_kernels`) where they build, unless the spec asks
+for torch's.
 """
 
 from __future__ import annotations
