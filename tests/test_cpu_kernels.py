@@ -196,3 +196,34 @@ def test_rope_rounds_as_the_family_does(kernels, dtype):
     assert torch.equal(got, want[0].transpose(0, 1))
     with pytest.raises(RuntimeError, match="cos and sin must be"):
         kernels.rope(q, cos[0, :5], sin[0, :5])
+
+
+def test_the_avx2_build_computes_alike():
+    """The AVX2 build (CPUs without AVX-512, such as the AVX2-only EPYC) on this machine, with torch told to run
+    at AVX2: its decode attention against SDPA and its rope against the family's, in a process of their own."""
+    import os
+    import subprocess
+    import sys
+
+    check = """
+import torch, torch.nn.functional as F
+from model_server.runners.cpu_kernels import cpu_kernels
+assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+kernels = cpu_kernels()
+g = torch.Generator().manual_seed(0)
+keys, values = torch.randn(4, 2, 40, 64, generator=g), torch.randn(4, 2, 40, 64, generator=g)
+q, k, v = torch.randn(3, 2, 3, 64, generator=g), torch.randn(3, 2, 64, generator=g), torch.randn(3, 2, 64, generator=g)
+positions = torch.tensor([0, 17, 39])
+got = kernels.decode_attention(q, k, v, keys, values, positions, 0.125)
+visible = (torch.arange(40)[None, :] <= positions[:, None])[:, None, None, :]
+want = F.scaled_dot_product_attention(q.double(), keys[:3].double(), values[:3].double(), attn_mask=visible)
+assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
+x = torch.randn(5, 4, 64, generator=g).bfloat16()
+cos, sin = torch.randn(5, 64, generator=g).bfloat16(), torch.randn(5, 64, generator=g).bfloat16()
+rotated = torch.cat((-x[..., 32:], x[..., :32]), -1)
+assert torch.equal(kernels.rope(x, cos, sin), x * cos[:, None] + rotated * sin[:, None])
+print("ok")
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
