@@ -71,6 +71,27 @@ def test_kernel_attends_and_writes_as_sdpa_does(kernel, dtype, tolerance, n_kv, 
     assert (got.double() - want).abs().max().item() <= sdpa_error + tolerance * scale
 
 
+def test_heads_beyond_the_kernels_bounds_attend_through_sdpa(tmp_path, kernels):
+    model = AutoModelForCausalLM.from_pretrained(
+        make_tiny_llama(tmp_path / "wide", hidden_size=1024, num_attention_heads=2, num_key_value_heads=1)
+    ).eval()
+    runner = DecoderRunner(model, 4, cpu_kernels=True)
+    assert runner.head_dim == 512 and runner.kernels is not None and runner._decode_kernel is None
+    runner.forward(None, [Prefill(0, torch.randn(3, 1024), 8)])
+    assert runner.forward(torch.randn(1, 1024), [])[0].shape == (1, 1024)
+    keys, values = _pool(1, 1, 4, 512, torch.float32)
+    with pytest.raises(RuntimeError, match="head_dim <= 256"):
+        kernels.decode_attention(
+            torch.randn(1, 1, 2, 512),
+            torch.randn(1, 1, 512),
+            torch.randn(1, 1, 512),
+            keys,
+            values,
+            torch.tensor([1]),
+            1.0,
+        )
+
+
 def test_kernel_refuses_what_does_not_fit(kernel):
     keys, values = _pool(2, 2, 8, 16, torch.float32)
     q, k = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 16)

@@ -263,7 +263,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
                   keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
               "decode_attention: one dtype for q, k, v and the pool");
-  TORCH_CHECK(d <= kMaxHeadDim && q.size(2) <= kMaxHeads, "decode_attention: head_dim <= 256, <= 64 query heads a kv head");
+  TORCH_CHECK(d <= kMaxHeadDim && q.size(2) <= kMaxHeads,
+              "decode_attention: head_dim <= 256, <= 64 query heads a kv head");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == n, "decode_attention: int64 positions [n]");
   const int64_t* pos = positions.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)

@@ -42,6 +42,10 @@ ISA = {
 }
 
 
+#: the decode kernel's bounds (`kMaxHeadDim`, `kMaxHeads` in the C++): larger heads attend through SDPA
+MAX_HEAD_DIM, MAX_GROUP = 256, 64
+
+
 @dataclass(frozen=True)
 class CpuKernels:
     #: (q [n, n_kv, g, d], k, v [n, n_kv, d], keys, values [slots, n_kv, cap, d], positions [n], scale) -> [n, n_kv,

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model_server.runners.base import Runner
-from model_server.runners.cpu_kernels import CpuKernels
+from model_server.runners.cpu_kernels import MAX_GROUP, MAX_HEAD_DIM, CpuKernels
 from model_server.runners.cpu_kernels import cpu_kernels as built_kernels
 from model_server.runners.packed import gated_product, linear_plus
 
@@ -185,8 +185,9 @@ class DecoderRunner(Runner):
         math = attention == "eager"
         self._kernel = functools.partial(sdpa_kernel, SDPBackend.MATH) if math else contextlib.nullcontext
         self.kernels: CpuKernels | None = built_kernels() if cpu_kernels and self.device.type == "cpu" else None
-        # SDPA's math kernel, where asked for, stays the decode path too
-        self._decode_kernel = self.kernels.decode_attention if self.kernels and not math else None
+        # SDPA's math kernel, where asked for, stays the decode path too; so do heads beyond the kernel's bounds
+        fits = self.head_dim <= MAX_HEAD_DIM and self.n_heads // self.n_kv <= MAX_GROUP
+        self._decode_kernel = self.kernels.decode_attention if self.kernels and fits and not math else None
         self.scale = self.head_dim**-0.5  # SDPA's default, which the family's attention uses
         n_layers = len(self.decoder.layers)
         self.keys: list[torch.Tensor] = [self._empty(0, 0)] * n_layers
