@@ -246,8 +246,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// q [n, n_kv, g, d]; k, v [n, n_kv, d] (the rows' new K and V, rows may be strided); keys, values [slots >= n, n_kv, cap, d], written
-// at `positions` [n] (int64); returns [n, n_kv, g, d].
+// q [n, n_kv, g, d]; k, v [n, n_kv, d] (the rows' new K and V, rows may be strided); keys, values
+// [slots >= n, n_kv, cap, d], written at `positions` [n] (int64); returns [n, n_kv, g, d].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& keys,
                             at::Tensor& values, const at::Tensor& positions, double scale) {
   TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && k.dim() == 3, "decode_attention: q 4-d, keys 4-d, k 3-d");
