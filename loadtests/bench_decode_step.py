@@ -8,8 +8,8 @@
    once for oneDNN (`model_server.runners.packed.PackedLinear`); best of `--repeats` rounds, the two alternating.
 2. the decode step: the runner's `forward` for `rows` running sequences of `--context` cached positions each,
    built through the serving path (`build_method`) per variant: CPU `eager` vs `packed` projections (both with
-   torch's ops around them) vs `kernels` (packed, decode attention and RMSNorm in `runners/cpu_kernels`: the
-   default), CUDA
+   torch's ops around them) vs `kernels` (packed, decode attention, RMSNorm and rotary in `runners/cpu_kernels`:
+   the default), CUDA
    `eager` vs `graphs` (replayed from CUDA graphs). Median step time over `--steps` steps after a warm-up, the
    variants alternating twice per batch size (each one's best counts).
 Prints a table and writes JSON (results/decode-step-<tag>.json).
@@ -44,7 +44,7 @@ STEP_VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "cpu": {
         "eager": {"linear": "eager", "kernels": "torch"},
         "packed": {"linear": "packed", "kernels": "torch"},
-        "kernels": {"linear": "packed"},  # and decode attention and RMSNorm in genembed's (runners/cpu_kernels)
+        "kernels": {"linear": "packed"},  # and decode attention, RMSNorm and rotary in runners/cpu_kernels
     },
     "cuda": {"eager": {"cuda_graphs": False}, "graphs": {"cuda_graphs": True}},
 }

@@ -126,8 +126,8 @@ def test_client_cancellation_through_embed(tiny_dir):
 
 
 def test_attention_kernels_serve_the_same_vector(tiny_dir):
-    """genembed's CPU kernels (decode attention and RMSNorm, `runners/cpu_kernels`), torch's SDPA and its math
-    kernel: the same vector."""
+    """genembed's CPU kernels (decode attention, RMSNorm and rotary, `runners/cpu_kernels`), torch's SDPA and its
+    math kernel: the same vector."""
     ids = _ids(9, 11)
     vectors = []
     for attention, kernels in (("auto", "auto"), ("sdpa", "torch"), ("eager", "torch")):

@@ -38,7 +38,7 @@ def fast_runner(loaded: LoadedModel, max_seqs: int) -> DecoderRunner | None:
     if family not in FAMILIES:
         return None
     graphs = spec.cuda_graphs and loaded.device.type == "cuda"
-    compiled = spec.kernels == "auto" and loaded.device.type == "cpu"
+    compiled = spec.kernels == "auto"  # the runner uses them on the CPU only
     runner = DecoderRunner(
         loaded.model, max_seqs, attention=spec.attn_implementation, cuda_graphs=graphs, cpu_kernels=compiled
     )

@@ -260,19 +260,24 @@ class DecoderRunner(Runner):
             groups.append(PrefillGroup(members=members_t, rows=torch.where(valid, rows, 0), valid=valid))
         return groups
 
-    def _decode_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
-        """[n, 1, 1, span]: which of its slot's first `span` positions each decode row sees (built once a step)."""
+    def _decode_mask(self, positions: torch.Tensor, span: int) -> torch.Tensor | None:
+        """[n, 1, 1, span]: which of its slot's first `span` positions each decode row sees (built once a step);
+        None where the decode kernel attends (it reads the positions themselves)."""
+        if self._decode_kernel is not None:
+            return None
         return (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
 
-    def _attend_decode(self, layer: int, q, k, v, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def _attend_decode(
+        self, layer: int, q, k, v, positions: torch.Tensor, visible: torch.Tensor | None
+    ) -> torch.Tensor:
         """Rows 0..n-1 (one new token each) attend over their slot's cached positions (`visible`)."""
-        n, span = len(positions), visible.shape[-1]
+        n = len(positions)
         keys, values = self.keys[layer], self.values[layer]
         # Grouped-query attention without repeating K/V: a kv head's query heads form the query axis.
         grouped = q.view(n, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
         if self._decode_kernel is not None:  # it writes the new K and V too
             return self._decode_kernel(grouped, k, v, keys, values, positions, self.scale).view(n, -1)
-        rows = torch.arange(n, device=self.device)
+        rows, span = torch.arange(n, device=self.device), visible.shape[-1]
         keys[rows, :, positions] = k
         values[rows, :, positions] = v
         with self._kernel():
