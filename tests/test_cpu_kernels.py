@@ -1,7 +1,7 @@
 """genembed's CPU kernels (`model_server/runners/cpu_kernels.cpp`), compiled here as the worker compiles them: decode
 attention against SDPA over the same pool, RMSNorm against the family's module, both inside the runner's passes,
-and the fallback where they cannot build. (The fidelity tests run on them too: the specs' default `kernels = auto`
-uses them on the CPU.)"""
+the GEMM against an fp64 product, and the fallback where they cannot build. (The fidelity tests run on them too:
+the specs' default `kernels = auto` uses them on the CPU.)"""
 
 from __future__ import annotations
 
@@ -219,9 +219,71 @@ def test_rope_rounds_as_the_family_does(kernels, dtype):
         kernels.rope(q, cos[0, :5], sin[0, :5])
 
 
+def _product(x, weight, bias):
+    return x.double() @ weight.double().T + (0 if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 37, 70), (6, 16, 8), (7, 100, 576), (49, 33, 64), (130, 1536, 96)])
+def test_linear_equals_the_product(kernels, dtype, m, n, k):
+    """Row counts around the 6-row tiles and the 48-row blocks, outputs not a multiple of a panel, rows apart."""
+    generator = torch.Generator().manual_seed(m * n)
+    weight = torch.randn(n, k, generator=generator).to(dtype)
+    bias = torch.randn(n, generator=generator)
+    x = torch.randn(m, k + 3, generator=generator).to(dtype)[:, :k]  # each row 3 elements after the last
+    packed = kernels.pack_linear(weight)
+    for b in (None, bias):
+        got = kernels.linear(x, packed, n, b, "none", None, "")
+        want = _product(x, weight, b)
+        assert got.dtype == dtype and got.shape == (m, n)
+        if dtype == torch.float32:
+            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        else:  # exact products and fp32 sums, rounded once: within a bf16 step (1/128 relative) of the exact one
+            assert ((got.double() - want).abs() <= want.abs() / 128 + 1e-4 * want.abs().max()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_epilogues(kernels, dtype):
+    """SiLU, then a residual added or a gate multiplied, in fp32 before the one rounding."""
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(40, 24, generator=generator).to(dtype), torch.randn(40, generator=generator)
+    x, other = torch.randn(9, 24, generator=generator).to(dtype), torch.randn(9, 40, generator=generator).to(dtype)
+    packed, product = kernels.pack_linear(weight), _product(x, weight, bias)
+    cases = {
+        ("swish", ""): F.silu(product),
+        ("none", "add"): product + other.double(),
+        ("none", "mul"): product * other.double(),
+        ("swish", "mul"): F.silu(product) * other.double(),
+    }
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for (activation, how), want in cases.items():
+        got = kernels.linear(x, packed, 40, bias, activation, other if how else None, how)
+        assert (got.double() - want).abs().max() <= tolerance * want.abs().max(), (activation, how)
+
+
+def test_linear_refuses_what_does_not_fit(kernels):
+    weight = torch.randn(40, 24)
+    packed, x = kernels.pack_linear(weight), torch.randn(3, 24)
+    with pytest.raises(RuntimeError, match="must come from pack_linear"):
+        kernels.linear(x, weight, 40, None, "none", None, "")
+    with pytest.raises(RuntimeError, match="must come from pack_linear"):
+        kernels.linear(torch.randn(3, 25), packed, 40, None, "none", None, "")
+    with pytest.raises(RuntimeError, match="in the weight's dtype"):
+        kernels.linear(x.bfloat16(), packed, 40, None, "none", None, "")
+    with pytest.raises(RuntimeError, match="activation none or swish"):
+        kernels.linear(x, packed, 40, None, "gelu", None, "")
+    with pytest.raises(RuntimeError, match="goes with"):
+        kernels.linear(x, packed, 40, None, "none", None, "add")
+    with pytest.raises(RuntimeError, match="bias must be"):
+        kernels.linear(x, packed, 40, torch.randn(40).double(), "none", None, "")
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        kernels.pack_linear(weight.double())
+
+
 def test_the_avx2_build_computes_alike():
     """The AVX2 build (CPUs without AVX-512, such as the AVX2-only EPYC) on this machine, with torch told to run
-    at AVX2: its decode attention against SDPA and its rope against the family's, in a process of their own."""
+    at AVX2: its decode attention against SDPA, its rope against the family's and its GEMM (which the projections
+    use there) against the product, in a process of their own."""
     import os
     import subprocess
     import sys
@@ -243,6 +305,14 @@ x = torch.randn(5, 4, 64, generator=g).bfloat16()
 cos, sin = torch.randn(5, 64, generator=g).bfloat16(), torch.randn(5, 64, generator=g).bfloat16()
 rotated = torch.cat((-x[..., 32:], x[..., :32]), -1)
 assert torch.equal(kernels.rope(x, cos, sin), x * cos[:, None] + rotated * sin[:, None])
+from model_server.runners.packed import own_gemm
+from model_server.specs import load_spec
+assert own_gemm(load_spec("smollm2-gircse")) is kernels
+weight, x = torch.randn(70, 48, generator=g), torch.randn(13, 48, generator=g)
+want = x.double() @ weight.double().T
+got = kernels.linear(x, kernels.pack_linear(weight), 70, None, "none", None, "")
+assert kernels.pack_linear(weight).shape == (5, 48, 16)  # panels of 16 outputs at AVX2
+assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 print("ok")
 """
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}

@@ -1,5 +1,6 @@
-"""The engine's step kernels: oneDNN-packed projections against torch's own, and the padded decode step that
-CUDA graphs replay (run here without capture: the padding, buckets and masks are the same code)."""
+"""The engine's step kernels: packed projections (oneDNN's, and genembed's own GEMM that takes its place on AVX2-only
+CPUs) against torch's own, and the padded decode step that CUDA graphs replay (run here without capture: the
+padding, buckets and masks are the same code)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 
 from common.protocol import EmbedItem
 from model_server.runners import packed as packed_module
+from model_server.runners.cpu_kernels import cpu_kernels
 from model_server.runners.fast import GRAPH_BUCKETS, DecodeGraphs, graph_bucket
-from model_server.runners.packed import PackedLinear, gemm_dtype, pack_linears
+from model_server.runners.packed import PackedLinear, gemm_dtype, own_gemm, pack_linears
 from model_server.settings import WorkerSettings
 from model_server.specs import load_spec
 from tests.models import cosine, embed_all, gircse_spec, make_tiny_llama, reference_gircse, start_worker
@@ -24,12 +26,45 @@ TEXTS = [
 ]
 
 
+#: the GEMMs a projection may be packed for: oneDNN's, and genembed's own (`own_gemm`), each tested on any CPU
+GEMMS = ["onednn", "genembed"]
+
+
+def _gemm(name: str):
+    if name == "onednn":
+        return None
+    built = cpu_kernels()
+    assert built is not None, "genembed's kernels must build on the CI machines"
+    return built
+
+
+@pytest.fixture
+def cpu_runs_at(monkeypatch):
+    """Make `own_gemm` see torch's CPU capability as the given one (the kernels themselves build at the real one,
+    first)."""
+    _gemm("genembed")
+
+    def at(capability: str) -> None:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+
+    return at
+
+
+@pytest.mark.parametrize(
+    ("capability", "kernels", "own"), [("AVX2", "auto", True), ("AVX2", "torch", False), ("AVX512", "auto", False)]
+)
+def test_genembeds_gemm_where_torch_runs_at_avx2(cpu_runs_at, capability, kernels, own):
+    cpu_runs_at(capability)
+    assert (own_gemm(load_spec("smollm2-gircse", kernels=kernels)) is not None) == own
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_linear(dtype, tolerance, bias):
+def test_packed_linear_equals_linear(dtype, tolerance, bias, gemm):
     torch.manual_seed(0)
     linear = torch.nn.Linear(576, 1536, bias=bias).to(dtype)
-    packed = PackedLinear.of(linear)
+    packed = PackedLinear.of(linear, _gemm(gemm))
     with torch.inference_mode():
         for shape in ((1, 576), (16, 576), (3, 7, 576)):
             x = torch.randn(shape, dtype=dtype)
@@ -75,13 +110,14 @@ def test_pack_linears_swaps_every_projection_and_the_head_once(tmp_path):
     assert model.get_input_embeddings().weight is embedding  # the tied embedding matrix stays
 
 
-def test_packed_soft_token_mix_equals_the_matmul(tmp_path):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_packed_soft_token_mix_equals_the_matmul(tmp_path, gemm):
     from transformers import AutoModelForCausalLM
 
     from model_server.methods.gircse import soft_tokens
 
     model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path)).eval()
-    mix = PackedLinear(model.get_input_embeddings().weight.t().contiguous())
+    mix = PackedLinear(model.get_input_embeddings().weight.t().contiguous(), gemm=_gemm(gemm))
     with torch.inference_mode():
         hidden = torch.randn(5, model.config.hidden_size)
         want = soft_tokens(model, hidden, 1.0)
@@ -102,18 +138,27 @@ def test_worker_setting_reaches_the_spec(monkeypatch):
 
 @pytest.fixture(scope="module")
 def workers32():
-    workers = {
-        linear: start_worker(load_spec("smollm2-gircse", dtype="float32", linear=linear))
-        for linear in ("packed", "eager")
-    }
+    """Packed for oneDNN's GEMM, for genembed's (the worker told the CPU runs at AVX2), and eager."""
+    assert cpu_kernels() is not None  # built at this CPU's own capability before any is pretended
+    workers = {}
+    for name, linear, capability in (
+        ("onednn", "packed", "AVX512"),
+        ("genembed", "packed", "AVX2"),
+        ("eager", "eager", "AVX2"),
+    ):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
+            workers[name] = start_worker(load_spec("smollm2-gircse", dtype="float32", linear=linear))
     yield workers
     for worker in workers.values():
         worker.stop()
 
 
-def test_gircse_float32_packed_equals_eager(workers32):
-    packed, eager = workers32["packed"], workers32["eager"]
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_gircse_float32_packed_equals_eager(workers32, gemm):
+    packed, eager = workers32[gemm], workers32["eager"]
     assert type(packed.loaded.model.lm_head) is PackedLinear
+    assert (packed.loaded.model.lm_head.gemm is not None) == (gemm == "genembed")
     assert type(eager.loaded.model.lm_head) is torch.nn.Linear
     assert packed.method.mix is None and eager.method.mix is None  # fp32 keeps the matmul for probs @ E
     items = [EmbedItem(text=t, input_type="query", steps=k) for t in TEXTS for k in (0, 1, 5)]
@@ -231,18 +276,25 @@ def test_rotary_equals_the_familys_own(dtype, tolerance):
 
 @pytest.mark.parametrize(
     ("dtype", "tolerance", "gemms"),
-    [(torch.float32, 1e-5, "native"), (torch.bfloat16, 2e-2, "native"), (torch.bfloat16, 2e-2, "fp32")],
+    [
+        (torch.float32, 1e-5, "native"),
+        (torch.bfloat16, 2e-2, "native"),
+        (torch.bfloat16, 2e-2, "fp32"),
+        (torch.float32, 1e-5, "genembed"),
+        (torch.bfloat16, 2e-2, "genembed"),
+    ],
 )
 def test_epilogues_equal_the_plain_ops(dtype, tolerance, gemms, request):
     from model_server.runners.packed import gated_product, linear_plus
 
     if gemms == "fp32":
         request.getfixturevalue("fp32_gemms")
-    elif dtype == torch.bfloat16 and not BF16_PACKS:
+    elif gemms == "native" and dtype == torch.bfloat16 and not BF16_PACKS:
         pytest.skip("this CPU has no bf16 GEMM to pack for (the fp32 case covers it)")
     torch.manual_seed(0)
     gate, up, down = (torch.nn.Linear(*shape).to(dtype) for shape in ((48, 96), (48, 96), (96, 48)))
-    packed = [PackedLinear.of(linear) for linear in (gate, up, down)]
+    gemm = _gemm("genembed" if gemms == "genembed" else "onednn")
+    packed = [PackedLinear.of(linear, gemm) for linear in (gate, up, down)]
     x, residual = torch.randn(16, 48, dtype=dtype), torch.randn(16, 48, dtype=dtype)
     act = torch.nn.SiLU()
     with torch.inference_mode():

@@ -10,6 +10,11 @@
 //
 // rope: rotary embedding of q or k straight from the fused projection's output, rounded as the family's
 // `x * cos + rotate_half(x) * sin` rounds.
+//
+// linear: x [m, k] times a weight laid out once by pack_linear, in panels of kPanel output features stored k-major
+// (one load per k brings a panel's row), so a tile of up to kTileRows rows of x times one panel sums in registers.
+// Products and sums in fp32 (bf16 weights widened as they load: a bf16 GEMM's exact products and fp32 sums); bias,
+// SiLU and a residual add or gate multiply at the store, in fp32, rounded once to x's dtype.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -212,6 +218,156 @@ void rope_rows(const T* x, int64_t x_row, const T* cos, const T* sin, T* out, in
   });
 }
 
+constexpr int64_t kPanel = 2 * Vectorized<float>::size(), kTileRows = 6;
+
+// A panel's row (kPanel weights) as two fp32 vectors.
+template <typename W>
+inline void panel_row(const W* p, Vectorized<float>& lo, Vectorized<float>& hi) {
+  lo = widen<W, float>(p, Vectorized<float>::size());
+  hi = widen<W, float>(p + Vectorized<float>::size(), Vectorized<float>::size());
+}
+
+// R rows of x (fp32, `ldx` apart) times one panel [k, kPanel], summed over k into `tile` [R, kPanel].
+template <int R, typename W>
+void tile_product(const float* x, int64_t ldx, const W* panel, int64_t k, float* tile) {
+  using Vec = Vectorized<float>;
+  Vec acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
+  for (int64_t j = 0; j < k; ++j) {
+    Vec lo, hi;
+    panel_row(panel + j * kPanel, lo, hi);
+    for (int r = 0; r < R; ++r) {
+      const Vec a(x[r * ldx + j]);
+      acc[r][0] = at::vec::fmadd(a, lo, acc[r][0]);
+      acc[r][1] = at::vec::fmadd(a, hi, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    acc[r][0].store(tile + r * kPanel);
+    acc[r][1].store(tile + r * kPanel + Vec::size());
+  }
+}
+
+template <typename W>
+void tile_rows(int64_t rows, const float* x, int64_t ldx, const W* panel, int64_t k, float* tile) {
+  switch (rows) {
+    case 6: return tile_product<6>(x, ldx, panel, k, tile);
+    case 5: return tile_product<5>(x, ldx, panel, k, tile);
+    case 4: return tile_product<4>(x, ldx, panel, k, tile);
+    case 3: return tile_product<3>(x, ldx, panel, k, tile);
+    case 2: return tile_product<2>(x, ldx, panel, k, tile);
+    default: return tile_product<1>(x, ldx, panel, k, tile);
+  }
+}
+
+enum class Combine { kNone, kAdd, kMul };
+
+// What follows the product: bias [n] (fp32), SiLU, then `other` [m, n] added or multiplied; rounded once.
+template <typename T>
+struct Epilogue {
+  const float* bias;
+  bool silu;
+  Combine combine;
+  const T* other;
+  int64_t other_row;
+  T* out;
+  int64_t out_row;
+
+  // `rows` rows of a tile's `cols` columns (of kPanel) at output row `i`, column `col`.
+  void store(const float* tile, int64_t i, int64_t rows, int64_t col, int64_t cols) const {
+    using Vec = Vectorized<float>;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; c += Vec::size()) {
+        const int64_t m = std::min<int64_t>(Vec::size(), cols - c);
+        Vec v = Vec::loadu(tile + r * kPanel + c, m);
+        if (bias) v = v + Vec::loadu(bias + col + c, m);
+        if (silu) v = v / (Vec(1.f) + v.neg().exp());
+        if (combine != Combine::kNone) {
+          const Vec o = widen<T, float>(other + (i + r) * other_row + col + c, m);
+          v = combine == Combine::kAdd ? v + o : v * o;
+        }
+        narrow_store<T, float>(v, out + (i + r) * out_row + col + c, m);
+      }
+    }
+  }
+};
+
+template <typename T>
+void gemm(const float* x, int64_t ldx, const T* packed, int64_t m, int64_t k, int64_t n, const Epilogue<T>& epi) {
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  // Rows in blocks of at most 48 (a block of x stays in L2 while the panels pass), equal in size so that the
+  // threads' contiguous shares of (block, panel) tasks hold equal work.
+  const int64_t blocks = (m + 47) / 48;
+  const int64_t block = ((m + blocks - 1) / blocks + kTileRows - 1) / kTileRows * kTileRows;
+  at::parallel_for(0, blocks * panels, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float tile[kTileRows * kPanel];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / panels, p = task % panels, last = std::min(m, (b + 1) * block);
+      const int64_t cols = std::min(kPanel, n - p * kPanel);
+      for (int64_t i = b * block; i < last; i += kTileRows) {
+        const int64_t rows = std::min(kTileRows, last - i);
+        tile_rows<T>(rows, x + i * ldx, ldx, packed + p * k * kPanel, k, tile);
+        epi.store(tile, i, rows, p * kPanel, cols);
+      }
+    }
+  });
+}
+
+// weight [n, k] (fp32 or bf16) -> [panels, k, kPanel] in its dtype, the last panel padded with zeros.
+at::Tensor pack_linear(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "pack_linear: the weight must be [out, in]");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+              "pack_linear: fp32 or bf16 weights");
+  const int64_t n = weight.size(0), k = weight.size(1), panels = (n + kPanel - 1) / kPanel;
+  auto padded = at::zeros({panels * kPanel, k}, weight.options());
+  padded.narrow(0, 0, n).copy_(weight);
+  return padded.view({panels, kPanel, k}).transpose(1, 2).contiguous();
+}
+
+// x [m, k] (rows may be apart) times a pack_linear weight of n outputs; bias [n] fp32 or none; activation "none" or
+// "swish" (SiLU); then `other` [m, n] in x's dtype combined by `how` ("add", "mul"; "" for none).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, const std::optional<at::Tensor>& bias,
+                  c10::string_view activation, const std::optional<at::Tensor>& other, c10::string_view how) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "linear: x must be [m, k] with contiguous rows");
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(1) == x.size(1) &&
+                  packed.size(2) == kPanel && packed.size(0) * kPanel >= n && n > (packed.size(0) - 1) * kPanel,
+              "linear: the weight must come from pack_linear, with x's k and n outputs");
+  TORCH_CHECK(packed.scalar_type() == x.scalar_type(), "linear: x in the weight's dtype");
+  TORCH_CHECK(activation == "none" || activation == "swish", "linear: activation none or swish");
+  TORCH_CHECK(how.empty() || how == "add" || how == "mul", "linear: how is add, mul or empty");
+  TORCH_CHECK(how.empty() == !other.has_value(), "linear: `other` goes with `how`");
+  const int64_t m = x.size(0), k = x.size(1);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat && bias->is_contiguous(),
+                "linear: the bias must be [n] fp32");
+  }
+  if (other) {
+    TORCH_CHECK(other->dim() == 2 && other->size(0) == m && other->size(1) == n && other->stride(1) == 1 &&
+                    other->scalar_type() == x.scalar_type(),
+                "linear: `other` must be [m, n] in x's dtype with contiguous rows");
+  }
+  const auto wide = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat).contiguous();
+  auto out = at::empty({m, n}, x.options());
+  const Combine combine = how.empty() ? Combine::kNone : how == "add" ? Combine::kAdd : Combine::kMul;
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const Epilogue<T> epi{bias ? bias->data_ptr<float>() : nullptr,
+                          activation == "swish",
+                          combine,
+                          other ? other->data_ptr<T>() : nullptr,
+                          other ? other->stride(0) : 0,
+                          out.data_ptr<T>(),
+                          n};
+    gemm<T>(wide.data_ptr<float>(), wide.stride(0), packed.data_ptr<T>(), m, k, n, epi);
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(float{});
+  } else {
+    run(at::BFloat16{});
+  }
+  return out;
+}
+
 // x [tokens, heads, d] (a row's heads contiguous, rows may be apart: a view of the fused projection), cos and sin
 // [tokens, d] in x's dtype; returns x with rotary embedding applied, contiguous.
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -283,10 +439,14 @@ TORCH_LIBRARY(genembed, m) {
       "float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("pack_linear(Tensor weight) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, int n, Tensor? bias, str activation, Tensor? other, str how) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(genembed, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
+  m.impl("pack_linear", &pack_linear);
+  m.impl("linear", &linear);
 }

@@ -1,5 +1,5 @@
-"""The fast runner's CPU kernels of our own (`cpu_kernels.cpp`): decode attention, RMSNorm and rotary embedding,
-compiled on first use.
+"""The fast runner's CPU kernels of our own (`cpu_kernels.cpp`): decode attention, RMSNorm, rotary embedding and
+(on CPUs without AVX-512) the projections' GEMM, compiled on first use.
 
 Why: a decode step on the CPU is many small operations on a few rows, and torch's eager ops pay a fixed cost each.
 - Decode attention is, per running sequence, one new query row against that sequence's cached K and V. torch's
@@ -14,6 +14,12 @@ Why: a decode step on the CPU is many small operations on a few rows, and torch'
 - Rotary embedding as three eager passes (multiply, two in-place multiply-adds) over q and k took ~8 % of a
   pooled prefill; the kernel reads q or k from the fused projection's output once and rounds as the family's
   `x * cos + rotate_half(x) * sin` does.
+- The GEMM (`linear` over a weight laid out once by `pack_linear`): on an AVX2-only CPU, oneDNN's packed fp32
+  GEMM ran decode's row counts at a third to two thirds of the arithmetic the cores have (16 rows, 2-core AMD EPYC
+  Zen 3: 84 GFLOP/s of ~150) and one row at 12 GB/s of the memory's 30, and it cannot pack bf16 there at all (it
+  widens to fp32 weights). A plain register-tiled kernel (6 rows × 16 outputs a tile) over panels stored k-major
+  ran 2-2.7x oneDNN at 1 row, 1.2-1.6x at 16, level or better up to prefill's thousands, and keeps bf16 weights
+  bf16. Where oneDNN has AVX-512 or AMX it stays (`packed.own_gemm`).
 
 They build with torch's own extension loader (ninja and a C++ compiler, about 7 s once; torch keeps the library
 under `TORCH_EXTENSIONS_DIR`) over ATen's vector types at the width torch itself runs here (AVX2 or AVX-512),
@@ -55,6 +61,11 @@ class CpuKernels:
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     #: (x [tokens, heads, d], cos, sin [tokens, d]) -> x with rotary embedding, contiguous
     rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    #: (weight [out, in], fp32 or bf16) -> the layout `linear` reads
+    pack_linear: Callable[[torch.Tensor], torch.Tensor]
+    #: (x [m, in], packed, out, bias [out] fp32 | None, "none" | "swish", other [m, out] | None, "" | "add" | "mul")
+    #: -> [m, out]: x @ weight.T + bias, the activation, then combined with `other`, rounded once to x's dtype
+    linear: Callable[..., torch.Tensor]
 
 
 @functools.cache
@@ -81,4 +92,10 @@ def cpu_kernels() -> CpuKernels | None:
         log.warning("the runner keeps torch's ops: building %s failed (%s)", SOURCE.name, error)
         return None
     ops = torch.ops.genembed
-    return CpuKernels(decode_attention=ops.decode_attention, rms_norm=ops.rms_norm, rope=ops.rope)
+    return CpuKernels(
+        decode_attention=ops.decode_attention,
+        rms_norm=ops.rms_norm,
+        rope=ops.rope,
+        pack_linear=ops.pack_linear,
+        linear=ops.linear,
+    )

@@ -11,6 +11,10 @@ fp32 1.3-1.6x on the projections at 16 rows, but 0.5-0.8x at 1 row (a step: 0.92
 packed, 7.7 eager; bf16 2.6, 2.8, 8.7; load ~5), but compiles for ~20 s per shape and needs fixed row counts,
 which the engine's packed prefills do not have.
 
+On a CPU whose torch runs at AVX2 (no AVX-512), genembed's own GEMM (`cpu_kernels.linear`) takes oneDNN's place:
+there oneDNN's packed fp32 GEMM uses a third to two thirds of the cores' arithmetic at decode's row counts and
+cannot pack bf16 (`own_gemm`).
+
 Only for serving: a packed projection has no autograd, so a model being trained (ICR) is never packed. The
 swap is in place and drops the plain weight (no second copy), except where another module shares it (the LM
 head tied to the input embeddings keeps the embedding matrix and adds its packed copy).
@@ -24,6 +28,8 @@ import logging
 import torch
 
 from model_server.loading import LoadedModel
+from model_server.runners.cpu_kernels import CpuKernels, cpu_kernels
+from model_server.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +59,64 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-class PackedLinear(torch.nn.Module):
-    """`x @ weight.T + bias` with the weight [out, in] reordered once into oneDNN's layout (inference only)."""
+def own_gemm(spec: ModelSpec) -> CpuKernels | None:
+    """genembed's GEMM instead of oneDNN's where torch runs at AVX2 (no AVX-512) and the spec does not keep torch's
+    ops (`kernels`); None elsewhere, or where the kernels cannot build. On the 2-core AMD EPYC Zen 3 (AVX2 only),
+    against oneDNN's packed GEMM, fp32: 2.0-2.3x at 1 row, 1.3-1.6x at 16, 1.0-1.5x at 32-3328 rows (the LM head
+    0.9-1.2x); bf16 weights stay bf16 (oneDNN widens them there). With AVX-512 or AMX, oneDNN's kernels use what
+    ours do not (wider tiles, AMX's bf16 tiles), so it stays; ours was not measured against it there."""
+    if spec.kernels == "torch" or torch.backends.cpu.get_cpu_capability() != "AVX2":
+        return None
+    return cpu_kernels()
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+
+class PackedLinear(torch.nn.Module):
+    """`x @ weight.T + bias` with the weight [out, in] laid out once for a GEMM (inference only): oneDNN's blocked
+    layout, or the panels of genembed's own GEMM where `gemm` is given (`own_gemm`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, gemm: CpuKernels | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.dtype, self.gemm_dtype = weight.dtype, gemm_dtype(weight.dtype)  # what it takes and returns; multiplies in
+        self.gemm = gemm
+        # what it takes and returns; what it multiplies in (genembed's GEMM takes bf16 weights as they are)
+        self.dtype = weight.dtype
+        self.gemm_dtype = self.dtype if gemm is not None else gemm_dtype(self.dtype)
         self.widens = self.gemm_dtype != self.dtype  # checked per call: a `.to` of the same dtype costs 1.4 µs
-        # An opaque oneDNN tensor: an attribute, not a parameter or buffer (it has no storage to save or move).
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.gemm_dtype), None)
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(self.gemm_dtype), requires_grad=False)
+        if gemm is not None:
+            self.packed = gemm.pack_linear(weight.detach())
+            bias_dtype = torch.float32  # the GEMM adds it in fp32
+        else:  # an opaque oneDNN tensor: an attribute, not a parameter or buffer (no storage to save or move)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.gemm_dtype), None)
+            bias_dtype = self.gemm_dtype
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(bias_dtype), requires_grad=False)
 
     @classmethod
-    def of(cls, linear: torch.nn.Linear) -> PackedLinear:
-        return cls(linear.weight, linear.bias)
+    def of(cls, linear: torch.nn.Linear, gemm: CpuKernels | None = None) -> PackedLinear:
+        return cls(linear.weight, linear.bias, gemm)
 
     def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        """`activation`: one oneDNN applies to the product while it is in cache ("swish" is SiLU)."""
+        """`activation`: one the GEMM applies to the product while it is in cache ("swish" is SiLU)."""
+        if self.gemm is not None:
+            return self._own(x, activation, None, "")
         if self.widens:
             x = x.to(self.gemm_dtype)
         out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, activation, [], "")
         return out.to(self.dtype) if self.widens else out
 
+    def _own(self, x: torch.Tensor, activation: str, other: torch.Tensor | None, how: str) -> torch.Tensor:
+        """Through genembed's GEMM, which takes rows [m, in]: leading dimensions (a padded batch's) flattened."""
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        if other is not None:
+            other = other.reshape(-1, self.out_features)
+        out = self.gemm.linear(rows, self.packed, self.out_features, self.bias, activation, other, how)
+        return out.view(*x.shape[:-1], self.out_features)
+
     def combined(self, x: torch.Tensor, other: torch.Tensor, how: str) -> torch.Tensor:
         """The product combined with `other` ("add", "mul") in the GEMM's epilogue: no pass of its own."""
+        if self.gemm is not None:
+            return self._own(x, "none", other, how)
         if self.widens:
             x, other = x.to(self.gemm_dtype), other.to(self.gemm_dtype)
         out = torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, how)
@@ -100,9 +139,9 @@ def gated_product(gate: torch.nn.Module, up: torch.nn.Module, act: torch.nn.Modu
     return act(gate(x)).mul_(up(x))
 
 
-def pack_linears(model: torch.nn.Module) -> int:
-    """Swap every `nn.Linear` in `model` (a causal LM: its projections, MLPs and LM head) for a `PackedLinear`;
-    returns how many. Idempotent: a second call finds nothing left to pack."""
+def pack_linears(model: torch.nn.Module, gemm: CpuKernels | None = None) -> int:
+    """Swap every `nn.Linear` in `model` (a causal LM: its projections, MLPs and LM head) for a `PackedLinear`
+    (for genembed's GEMM where `gemm` is given); returns how many. Idempotent: a second call finds nothing left."""
     swaps = [
         (parent, name, child)
         for parent in model.modules()
@@ -110,7 +149,7 @@ def pack_linears(model: torch.nn.Module) -> int:
         if type(child) is torch.nn.Linear
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear.of(child))
+        setattr(parent, name, PackedLinear.of(child, gemm))
     return len(swaps)
 
 
@@ -124,7 +163,10 @@ def pack_for_serving(loaded: LoadedModel) -> bool:
         if choice == "packed":
             log.warning("packed projections need a CPU with oneDNN and fp32/bf16 weights: eager instead")
         return False
-    if gemm_dtype(loaded.dtype) != loaded.dtype:
+    gemm = own_gemm(loaded.spec)
+    if gemm is not None:
+        log.info("projections packed for genembed's GEMM (an AVX2 CPU: oneDNN's runs slower here)")
+    elif gemm_dtype(loaded.dtype) != loaded.dtype:
         log.info("%s weights packed for fp32 GEMMs: this CPU has no %s GEMM", loaded.dtype, loaded.dtype)
-    pack_linears(loaded.model)
+    pack_linears(loaded.model, gemm)
     return True
