@@ -14,7 +14,8 @@ vector under load and the same input embedded alone. Writes a table, JSON and a 
 
 Variants (`--variants`, each its own worker and model copy, run alternately on every load, `--rounds` times
 each, the best round counting, so their ratio comes from one run): `fast` is the worker's defaults (CPU:
-projections packed for oneDNN; CUDA: decode steps replayed from CUDA graphs), `eager` turns both off (torch's
+projections packed for a GEMM, oneDNN's or genembed's own on AVX2-only CPUs; CUDA: decode steps replayed from CUDA
+graphs), `eager` turns both off (torch's
 F.linear, every kernel launched from Python). The lock-step baseline runs on a copy of the first variant's model,
 packed alike (`--no-lockstep` leaves it out).
 """
@@ -37,6 +38,7 @@ from transformers import DynamicCache
 from model_server.engine import EngineLimits
 from model_server.hf_compat import cache_kwarg
 from model_server.loading import LoadedModel, load_model
+from model_server.runners.cpu_kernels import cpu_kernels
 from model_server.runners.packed import PackedLinear, pack_for_serving, packing_available
 from model_server.sequence import Input
 from model_server.serving import EmbeddingWorker
@@ -79,15 +81,18 @@ def make_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
 
 
 def gemm_flops(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
-    """The fastest of an n³ GEMM as `a @ b` and, where the engine packs its weights, as oneDNN's packed linear: on
-    the 2-core AMD EPYC `a @ b` (MKL) measured 228 GFLOP/s while the engine's packed GEMMs ran faster, which put
-    the engine at 150 % of a "limit"."""
+    """The fastest of an n³ GEMM as `a @ b` and, where the engine packs its weights, as oneDNN's packed linear and
+    genembed's own GEMM (`own_gemm`): on the 2-core AMD EPYC `a @ b` (MKL) measured 228 GFLOP/s while the engine's
+    packed GEMMs ran faster, which put the engine at 150 % of a "limit"."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     products = [lambda: a @ b]
     if packing_available(device, dtype):
         packed = PackedLinear(b, None)
         products.append(lambda: packed(a))
+        if (kernels := cpu_kernels()) is not None:
+            own = PackedLinear(b, None, gemm=kernels)
+            products.append(lambda: own(a))
     best = float("inf")
     with torch.inference_mode():
         for product in products:

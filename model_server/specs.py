@@ -120,7 +120,8 @@ class ModelSpec(BaseModel):
     kernels: Literal["auto", "torch"] = Field(
         default="auto",
         description="decoder runner on CPU: auto runs decode attention, RMSNorm and rotary in genembed's kernels "
-        "(runners/cpu_kernels; built on first use, torch's ops where they cannot build), torch only torch's ops",
+        "(runners/cpu_kernels; built on first use, torch's ops where they cannot build), and packed projections in "
+        "its GEMM where torch runs at AVX2; torch only torch's ops and oneDNN",
     )
 
     @model_validator(mode="before")

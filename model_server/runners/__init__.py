@@ -2,7 +2,8 @@
 
 `fast.DecoderRunner` (llama, mistral, qwen2, qwen3: packed prefills over a slot KV pool, CUDA-graph decode steps)
 and `hf.HFRunner` (any other family: the model's own forward, a cache per sequence); `packed` packs linear layers
-for oneDNN on the CPU, `cpu_kernels` compiles decode attention, RMSNorm and rotary for it. `build_runner` picks
+for a CPU GEMM (oneDNN's, or genembed's own on AVX2-only CPUs), `cpu_kernels` compiles decode attention, RMSNorm,
+rotary and that GEMM. `build_runner` picks
 one for a loaded model.
 """
 

@@ -19,7 +19,7 @@ bucket (1, 2, 4, 8, 16, ...) and attend over the pool's whole capacity under a m
 addresses stay fixed while the batch changes; the kernels of all layers launch as one graph instead of one
 Python call each. Steps with new prompts, and every step on the CPU, run eagerly. On the CPU, decode attention,
 RMSNorm and rotary run in genembed's own compiled kernels (`cpu_kernels`) where they build, unless the spec asks
-for torch's.
+for torch's; on AVX2-only CPUs so do the packed projections' GEMMs (`packed.own_gemm`).
 """
 
 from __future__ import annotations
