@@ -5,12 +5,14 @@
 
 1. projections (CPU): each of the model's linear shapes (q, k/v, o, gate/up, down, the LM head) and gircse's
    soft-token mix `probs @ E` at decode's row counts, eager (`F.linear`, the matmul) against the weight packed
-   once for oneDNN (`model_server.runners.packed.PackedLinear`); best of `--repeats` rounds, the two alternating.
+   once for oneDNN (`model_server.runners.packed.PackedLinear`) and for genembed's own GEMM (`cpu_kernels.linear`,
+   which packed projections use where torch runs at AVX2; where the kernels build); best of `--repeats` rounds,
+   the variants alternating.
 2. the decode step: the runner's `forward` for `rows` running sequences of `--context` cached positions each,
-   built through the serving path (`build_method`) per variant: CPU `eager` vs `packed` projections (both with
-   torch's ops around them) vs `kernels` (packed, decode attention, RMSNorm and rotary in `runners/cpu_kernels`:
-   the default), CUDA
-   `eager` vs `graphs` (replayed from CUDA graphs). Median step time over `--steps` steps after a warm-up, the
+   built through the serving path (`build_method`) per variant: CPU `eager` vs `packed` projections (oneDNN's;
+   both with torch's ops around them) vs `kernels` (packed, decode attention, RMSNorm and rotary in
+   `runners/cpu_kernels`, and its GEMM where torch runs at AVX2: the default), CUDA `eager` vs `graphs` (replayed
+   from CUDA graphs). Median step time over `--steps` steps after a warm-up, the
    variants alternating twice per batch size (each one's best counts).
 Prints a table and writes JSON (results/decode-step-<tag>.json).
 """
@@ -35,6 +37,7 @@ from loadtests.bench_engine import _machine, _sync  # noqa: E402
 from model_server.loading import load_model  # noqa: E402
 from model_server.methods import build_method  # noqa: E402
 from model_server.runners import Prefill  # noqa: E402
+from model_server.runners.cpu_kernels import cpu_kernels  # noqa: E402
 from model_server.runners.packed import PackedLinear  # noqa: E402
 from model_server.specs import load_spec  # noqa: E402
 
@@ -44,7 +47,8 @@ STEP_VARIANTS: dict[str, dict[str, dict[str, object]]] = {
     "cpu": {
         "eager": {"linear": "eager", "kernels": "torch"},
         "packed": {"linear": "packed", "kernels": "torch"},
-        "kernels": {"linear": "packed"},  # and decode attention, RMSNorm and rotary in runners/cpu_kernels
+        # and decode attention, RMSNorm and rotary in runners/cpu_kernels (and its GEMM where torch runs at AVX2)
+        "kernels": {"linear": "packed"},
     },
     "cuda": {"eager": {"cuda_graphs": False}, "graphs": {"cuda_graphs": True}},
 }
@@ -58,8 +62,9 @@ class LinearRow:
     out_features: int
     rows: int
     eager_us: float
-    packed_us: float
-    speedup: float
+    packed_us: float  # oneDNN's
+    speedup: float  # eager ÷ oneDNN's
+    own_us: float | None = None  # genembed's GEMM, where the kernels build
 
 
 @dataclass
@@ -101,20 +106,25 @@ def projections(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, Callabl
 @torch.inference_mode()
 def bench_linears(model_name: str, dtype: str, rows_list: list[int], repeats: int) -> list[LinearRow]:
     loaded = load_model(load_spec(model_name, dtype=dtype, device="cpu", linear="eager"))
+    kernels = cpu_kernels()
     out = []
     for name, (weight, eager_call) in projections(loaded.model).items():
-        packed = PackedLinear(weight)
+        calls_of = {"eager": eager_call, "packed": PackedLinear(weight)}
+        if kernels is not None:
+            calls_of["own"] = PackedLinear(weight, gemm=kernels)
         n_out, n_in = weight.shape
         calls = 3 if max(n_out, n_in) > 10_000 else 30
         for rows in rows_list:
             x = torch.randn(rows, n_in, dtype=loaded.dtype)
-            times: dict[str, list[float]] = {"eager": [], "packed": []}
+            times: dict[str, list[float]] = {variant: [] for variant in calls_of}
             for _ in range(repeats):
-                times["eager"].append(_best_us(lambda x=x, f=eager_call: f(x), calls))
-                times["packed"].append(_best_us(lambda x=x, m=packed: m(x), calls))
-            eager, fast = min(times["eager"]), min(times["packed"])
-            out.append(LinearRow(dtype, name, n_in, n_out, rows, eager, fast, eager / fast))
-            print(f"  {dtype} {name:18} {rows:3} rows: eager {eager:9.1f} µs, packed {fast:9.1f} µs", flush=True)
+                for variant, call in calls_of.items():
+                    times[variant].append(_best_us(lambda x=x, f=call: f(x), calls))
+            best = {variant: min(values) for variant, values in times.items()}
+            eager, fast, own = best["eager"], best["packed"], best.get("own")
+            out.append(LinearRow(dtype, name, n_in, n_out, rows, eager, fast, eager / fast, own))
+            mine = "" if own is None else f", genembed's {own:9.1f} µs"
+            print(f"  {dtype} {name:18} {rows:3} rows: eager {eager:9.1f} µs, oneDNN {fast:9.1f} µs{mine}", flush=True)
     return out
 
 
@@ -188,12 +198,15 @@ def main() -> None:
             linears += bench_linears(args.model, dtype, args.rows, args.repeats)
         step_rows += bench_steps(args.model, args.device, dtype, args.rows, args.context, args.steps)
     if linears:
-        print(f"\n{'dtype':9} {'projection':18} {'in→out':>12} {'rows':>4} {'eager µs':>10} {'packed µs':>10} {'x':>6}")
+        print(
+            f"\n{'dtype':9} {'projection':18} {'in→out':>12} {'rows':>4} {'eager µs':>10} {'oneDNN µs':>10} {'x':>6} "
+            f"{'genembed µs':>11} {'÷ oneDNN':>8}"
+        )
         for r in linears:
             shape = f"{r.in_features}→{r.out_features}"
             print(
                 f"{r.dtype:9} {r.name:18} {shape:>12} {r.rows:4} {r.eager_us:10.1f} {r.packed_us:10.1f} "
-                f"{r.speedup:5.2f}x"
+                f"{r.speedup:5.2f}x " + ("" if r.own_us is None else f"{r.own_us:11.1f} {r.packed_us / r.own_us:7.2f}x")
             )
     print(f"\n{'dtype':9} {'variant':8} {'rows':>4} {'ms/step':>8} {'tokens/s':>9} {'vs eager':>9}")
     for r in step_rows:
