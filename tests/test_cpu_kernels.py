@@ -261,6 +261,12 @@ def test_linear_epilogues(kernels, dtype):
         assert (got.double() - want).abs().max() <= tolerance * want.abs().max(), (activation, how)
 
 
+def test_linear_of_no_rows(kernels):
+    packed = kernels.pack_linear(torch.randn(40, 24))
+    got = kernels.linear(torch.empty(0, 24), packed, 40, torch.randn(40), "swish", None, "")
+    assert got.shape == (0, 40)
+
+
 def test_linear_refuses_what_does_not_fit(kernels):
     weight = torch.randn(40, 24)
     packed, x = kernels.pack_linear(weight), torch.randn(3, 24)

@@ -346,8 +346,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, cons
                     other->scalar_type() == x.scalar_type(),
                 "linear: `other` must be [m, n] in x's dtype with contiguous rows");
   }
-  const auto wide = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat).contiguous();
   auto out = at::empty({m, n}, x.options());
+  if (m == 0) return out;  // no row blocks to share (and none to size them by)
+  const auto wide = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat).contiguous();
   const Combine combine = how.empty() ? Combine::kNone : how == "add" ? Combine::kAdd : Combine::kMul;
   auto run = [&](auto zero) {
     using T = decltype(zero);

@@ -16,9 +16,9 @@ Why: a decode step on the CPU is many small operations on a few rows, and torch'
   `x * cos + rotate_half(x) * sin` does.
 - The GEMM (`linear` over a weight laid out once by `pack_linear`): on an AVX2-only CPU, oneDNN's packed fp32
   GEMM ran decode's row counts at a third to two thirds of the arithmetic the cores have (16 rows, 2-core AMD EPYC
-  Zen 3: 84 GFLOP/s of ~150) and one row at 12 GB/s of the memory's 30, and it cannot pack bf16 there at all (it
-  widens to fp32 weights). A plain register-tiled kernel (6 rows × 16 outputs a tile) over panels stored k-major
-  ran 2-2.7x oneDNN at 1 row, 1.2-1.6x at 16, level or better up to prefill's thousands, and keeps bf16 weights
+  Zen 3: 84 GFLOP/s of ~150), and it cannot pack bf16 there at all (it widens to fp32 weights). A plain
+  register-tiled kernel (6 rows × 16 outputs a tile) over panels stored k-major ran 2-2.7x oneDNN at 1 row (weights
+  in cache), 1.2-1.6x at 16, 0.94-1.15x at prefill's hundreds to thousands, and keeps bf16 weights
   bf16. Where oneDNN has AVX-512 or AMX it stays (`packed.own_gemm`).
 
 They build with torch's own extension loader (ninja and a C++ compiler, about 7 s once; torch keeps the library

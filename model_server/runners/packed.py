@@ -62,7 +62,7 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
 def own_gemm(spec: ModelSpec) -> CpuKernels | None:
     """genembed's GEMM instead of oneDNN's where torch runs at AVX2 (no AVX-512) and the spec does not keep torch's
     ops (`kernels`); None elsewhere, or where the kernels cannot build. On the 2-core AMD EPYC Zen 3 (AVX2 only),
-    against oneDNN's packed GEMM, fp32: 2.0-2.3x at 1 row, 1.3-1.6x at 16, 1.0-1.5x at 32-3328 rows (the LM head
+    against oneDNN's packed GEMM, fp32: 2.0-2.3x at 1 row, 1.3-1.6x at 16, 0.99-1.5x at 32-3328 rows (the LM head
     0.9-1.2x); bf16 weights stay bf16 (oneDNN widens them there). With AVX-512 or AMX, oneDNN's kernels use what
     ours do not (wider tiles, AMX's bf16 tiles), so it stays; ours was not measured against it there."""
     if spec.kernels == "torch" or torch.backends.cpu.get_cpu_capability() != "AVX2":
