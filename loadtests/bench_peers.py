@@ -542,15 +542,15 @@ def plot(report: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def plan(spec_dir: Path, smollm2: Path, peers: set[str], dtype: str) -> list[Server]:
+def plan(spec_dir: Path, smollm2: Path, peers: set[str], dtype: str, vllm_works: tuple[str, ...]) -> list[Server]:
     """genembed, then each peer, at their defaults; then all of them again at their best settings."""
     order: list[Server] = []
     for setting in ("default", "best"):
-        works = ("pooled", "generation") if "vllm" in peers else ()
+        works = vllm_works if "vllm" in peers else ()
         works += ("minilm",) if "infinity" in peers else ()
         order.append(genembed_server(spec_dir, setting, works))
         if "vllm" in peers:
-            order += [vllm_server(smollm2, setting, work, dtype) for work in ("pooled", "generation")]
+            order += [vllm_server(smollm2, setting, work, dtype) for work in vllm_works]
         if "infinity" in peers:
             order.append(infinity_server(setting))
     return order
@@ -561,6 +561,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer inputs: a smoke test, not a report")
     parser.add_argument("--out", type=Path, default=RESULTS / "peers-cpu", help="output prefix (.json, .png)")
     parser.add_argument("--peers", nargs="+", choices=["vllm", "infinity"], default=["vllm", "infinity"])
+    parser.add_argument(
+        "--vllm-works",
+        nargs="+",
+        choices=["pooled", "generation"],
+        default=["pooled", "generation"],
+        help="which work genembed and vLLM are measured on (one alone: a shorter run)",
+    )
     parser.add_argument("--skip-judge", action="store_true", help="leave out the /v1/refine-query judge check")
     parser.add_argument("--ready-timeout", type=float, default=420, help="seconds for one server to start")
     parser.add_argument(
@@ -592,7 +599,7 @@ def main() -> None:
     for name, text in specs(args.dtype).items():
         (spec_dir / f"{name}.toml").write_text(text)
     print(f"logs in {logs}; peers {sorted(peers)}; load {load_start}")
-    for server in plan(spec_dir, smollm2, peers, args.dtype):
+    for server in plan(spec_dir, smollm2, peers, args.dtype, tuple(args.vllm_works)):
         print(f"{time.strftime('%H:%M:%S')} starting {server.label} for {', '.join(server.works)}", flush=True)
         try:
             with started(server, logs, args.ready_timeout) as (url, root, ready_s):

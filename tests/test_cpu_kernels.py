@@ -5,6 +5,7 @@ the specs' default `kernels = auto` uses them on the CPU.)"""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -71,6 +72,47 @@ def test_kernel_attends_and_writes_as_sdpa_does(kernel, dtype, tolerance, n_kv, 
     assert (got.double() - want).abs().max().item() <= sdpa_error + tolerance * scale
 
 
+@pytest.mark.parametrize(("dtype", "tolerance"), TOLERANCES)
+@pytest.mark.parametrize(("n_kv", "group", "d"), [(2, 2, 16), (3, 3, 64), (1, 1, 128)])
+def test_prompts_attend_to_themselves_as_sdpa_does(kernels, dtype, tolerance, n_kv, group, d):
+    lengths, padding = [5, 1, 13, 8], 3
+    rows = sum(lengths) + padding
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(rows, n_kv, group, d, generator=generator).to(dtype)
+    # K and V as the runner has them: a row's heads contiguous; K rotated (its own rows), V a slice of the fused qkv
+    k = torch.randn(rows, n_kv, d, generator=generator).to(dtype)
+    v = torch.randn(rows, 3 * n_kv * d, generator=generator).to(dtype)[:, 2 * n_kv * d :].view(rows, n_kv, d)
+    starts = torch.tensor([0, *itertools.accumulate(lengths)])
+
+    got = kernels.prefill_attention(q, k, v, starts, d**-0.5)
+
+    assert got.dtype == dtype and got.shape == q.shape
+    assert torch.equal(got[sum(lengths) :], torch.zeros_like(got[sum(lengths) :]))  # padding rows
+    for first, last in itertools.pairwise(starts.tolist()):
+        # [kv, n, d] per prompt; each kv head's query heads as a batch of their own
+        qp, kp, vp = q[first:last].permute(1, 2, 0, 3), k[first:last].transpose(0, 1), v[first:last].transpose(0, 1)
+        want = F.scaled_dot_product_attention(qp.double(), kp[:, None].double(), vp[:, None].double(), is_causal=True)
+        sdpa = F.scaled_dot_product_attention(qp, kp[:, None], vp[:, None], is_causal=True)
+        mine = got[first:last].permute(1, 2, 0, 3).double()
+        scale = want.abs().max().item()
+        assert (mine - want).abs().max().item() <= tolerance * scale
+        assert (mine - want).abs().max().item() <= (sdpa.double() - want).abs().max().item() + tolerance * scale
+
+
+def test_prefill_attention_refuses_what_does_not_fit(kernels):
+    q, k = torch.randn(6, 2, 2, 16), torch.randn(6, 2, 16)
+    with pytest.raises(RuntimeError, match="from 0 to at most the rows"):
+        kernels.prefill_attention(q, k, k, torch.tensor([0, 4, 7]), 0.25)
+    with pytest.raises(RuntimeError, match="an empty prompt"):
+        kernels.prefill_attention(q, k, k, torch.tensor([0, 4, 4]), 0.25)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.prefill_attention(q, k, k, torch.tensor([0, 4], dtype=torch.int32), 0.25)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernels.prefill_attention(q, k.double(), k, torch.tensor([0, 4]), 0.25)
+    with pytest.raises(RuntimeError, match=r"\[rows, n_kv, d\]"):
+        kernels.prefill_attention(q, k[:5], k[:5], torch.tensor([0, 4]), 0.25)
+
+
 def test_heads_beyond_the_kernels_bounds_attend_through_sdpa(tmp_path, kernels):
     model = AutoModelForCausalLM.from_pretrained(
         make_tiny_llama(tmp_path / "wide", hidden_size=1024, num_attention_heads=2, num_key_value_heads=1)
@@ -107,14 +149,15 @@ def test_kernel_refuses_what_does_not_fit(kernel):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_runner_passes_alike_on_the_kernels_and_on_torch(tmp_path, kernels, dtype):
-    """Prompts of different lengths prefill, then decode steps while a sequence joins and one leaves, on both
-    paths: the same states."""
+    """Prompts of different lengths encode, prefill, then decode steps while a sequence joins and one leaves, on
+    both paths: the same states."""
     directory = make_tiny_llama(tmp_path / "tiny")
     runners = {
         on: DecoderRunner(AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval(), 8, cpu_kernels=on)
         for on in (True, False)
     }
-    assert runners[True]._decode_kernel is not None and runners[False].kernels is None
+    assert runners[True]._decode_kernel is not None and runners[True]._prefill_kernel is not None
+    assert runners[False].kernels is None
     generator = torch.Generator().manual_seed(0)
 
     def rows(n):
@@ -124,7 +167,9 @@ def test_runner_passes_alike_on_the_kernels_and_on_torch(tmp_path, kernels, dtyp
     # (decode rows, a joining prompt) per pass, or a sequence leaving
     plan = [(rows(3), []), (rows(3), [Prefill(3, rows(7), 32)]), (rows(4), []), 1, (rows(3), []), (rows(3), [])]
     outputs = {on: [] for on in runners}
+    encoded = [rows(n) for n in (9, 2, 6)]
     for on, runner in runners.items():
+        outputs[on] += runner.encode(encoded)  # prompts that keep no KV, in a pass of their own
         outputs[on] += runner.forward(None, first)[1]
         for step in plan:
             if isinstance(step, int):

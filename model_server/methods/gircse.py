@@ -63,10 +63,13 @@ class GircseMethod(DecoderMethod[Refinement]):
         self.temperature = loaded.spec.soft_token_temperature
         # The running sum is fp32 at least (fp64 when the model is, for exactness tests).
         self.sum_dtype = torch.promote_types(loaded.dtype, torch.float32)
-        # In bf16, where the projections are packed, `probs @ E` is too: a linear layer V -> H over E's transpose
-        # (a copy). Measured at 1 thread: bf16 1.2-1.7x; fp32 0.78-1.02x, so fp32 keeps the matmul.
-        bf16 = self.runner.packed and loaded.dtype == torch.bfloat16
-        self.mix = PackedLinear(self.embeddings.weight.t().contiguous(), gemm=own_gemm(loaded.spec)) if bf16 else None
+        # Where the projections are packed, `probs @ E` is too, as a linear layer V -> H over E's transpose (a copy
+        # of E: 113 MB for SmolLM2 in fp32), where that measured faster than the matmul: bf16 on oneDNN, 1.2-1.7x
+        # at 1 thread; anything on genembed's GEMM, fp32 2.1x / 2.2x / 1.3x at 1 / 16 / 64 rows (2-core AVX2 EPYC).
+        # oneDNN's fp32 ran it at 0.78-1.02x, so there fp32 keeps the matmul.
+        gemm = own_gemm(loaded.spec)
+        packs = self.runner.packed and (loaded.dtype == torch.bfloat16 or gemm is not None)
+        self.mix = PackedLinear(self.embeddings.weight.t().contiguous(), gemm=gemm) if packs else None
 
     @torch.inference_mode()
     def _pass(self, join: list[Joining]) -> dict[SeqId, Embedded]:

@@ -5,6 +5,9 @@
 // that head's cached K and V once for all the query heads that share it (grouped-query attention), with scores,
 // softmax and the weighted sum in fp32 (fp64 for fp64 models); only the output is rounded to the model's dtype.
 //
+// prefill_attention: new prompts, packed end to end, attend causally to themselves, as decode_attention does but
+// over K and V read where the fused projection left them (no padding, no copies, no K/V repeated per query head).
+//
 // rms_norm: the Llama family's RMSNorm in one pass per row, rounded where the family's module rounds: x / rms(x) in
 // fp32 (fp64 for fp64 models) rounded to x's dtype, then times the weight in that dtype.
 //
@@ -74,18 +77,17 @@ inline Vectorized<A> rounded(const Vectorized<A>& a) {
 
 constexpr int64_t kMaxHeadDim = 256, kMaxHeads = 64;
 
-// One (row, kv head): write the row's K and V at `pos`, attend its `g` query heads over positions 0..pos. D is the
-// head_dim where it is known at compile time (64, 128: the chunk loops unroll into registers), else 0.
+// One (row, kv head): its `g` query heads attend over `span` positions of keys and values, `k_step` and `v_step`
+// elements apart (a slot's cache: head_dim; a prompt's packed rows: their tensors' rows). D is the head_dim where it is
+// known at compile time (64, 128: the chunk loops unroll into registers), else 0.
 template <typename T, int64_t D>
-void attend_one(const T* q, const T* k_new, const T* v_new, T* keys, T* values, T* out, int64_t pos, int64_t g,
-                int64_t d_runtime, double scale, std::vector<at::opmath_type<T>>& scores) {
+void attend_one(const T* q, const T* keys, const T* values, int64_t k_step, int64_t v_step, T* out, int64_t span,
+                int64_t g, int64_t d_runtime, double scale, std::vector<at::opmath_type<T>>& scores) {
   using A = at::opmath_type<T>;
   using Vec = Vectorized<A>;
   constexpr int64_t width = Vec::size();
-  const int64_t d = D ? D : d_runtime, chunks = (d + width - 1) / width, span = pos + 1;
+  const int64_t d = D ? D : d_runtime, chunks = (d + width - 1) / width;
   auto count = [=](int64_t c) { return std::min(width, d - c * width); };
-  std::copy_n(k_new, d, keys + pos * d);
-  std::copy_n(v_new, d, values + pos * d);
   scores.resize(g * span);
   A* s = scores.data();
   const A sc = static_cast<A>(scale);
@@ -93,7 +95,7 @@ void attend_one(const T* q, const T* k_new, const T* v_new, T* keys, T* values, 
   for (int64_t r = 0; r < g; ++r) {  // a query head's scores: its chunks stay in registers over the keys
     for (int64_t c = 0; c < chunks; ++c) query[c] = widen<T, A>(q + r * d + c * width, count(c));
     for (int64_t j = 0; j < span; ++j) {
-      const T* kj = keys + j * d;
+      const T* kj = keys + j * k_step;
       Vec dot = query[0] * widen<T, A>(kj, count(0));
       for (int64_t c = 1; c < chunks; ++c) dot = at::vec::fmadd(query[c], widen<T, A>(kj + c * width, count(c)), dot);
       s[r * span + j] = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, dot) * sc;
@@ -114,12 +116,12 @@ void attend_one(const T* q, const T* k_new, const T* v_new, T* keys, T* values, 
       Vec a0(0), a1(0), a2(0), a3(0);
       int64_t j = 0;
       for (; j + 4 <= span; j += 4) {
-        a0 = at::vec::fmadd(Vec(p[j]), widen<T, A>(vc + j * d, m), a0);
-        a1 = at::vec::fmadd(Vec(p[j + 1]), widen<T, A>(vc + (j + 1) * d, m), a1);
-        a2 = at::vec::fmadd(Vec(p[j + 2]), widen<T, A>(vc + (j + 2) * d, m), a2);
-        a3 = at::vec::fmadd(Vec(p[j + 3]), widen<T, A>(vc + (j + 3) * d, m), a3);
+        a0 = at::vec::fmadd(Vec(p[j]), widen<T, A>(vc + j * v_step, m), a0);
+        a1 = at::vec::fmadd(Vec(p[j + 1]), widen<T, A>(vc + (j + 1) * v_step, m), a1);
+        a2 = at::vec::fmadd(Vec(p[j + 2]), widen<T, A>(vc + (j + 2) * v_step, m), a2);
+        a3 = at::vec::fmadd(Vec(p[j + 3]), widen<T, A>(vc + (j + 3) * v_step, m), a3);
       }
-      for (; j < span; ++j) a0 = at::vec::fmadd(Vec(p[j]), widen<T, A>(vc + j * d, m), a0);
+      for (; j < span; ++j) a0 = at::vec::fmadd(Vec(p[j]), widen<T, A>(vc + j * v_step, m), a0);
       narrow_store<T, A>(((a0 + a1) + (a2 + a3)) * Vec(inv[r]), out + r * d + c * width, m);
     }
   }
@@ -157,8 +159,11 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / n_kv, h = task % n_kv;
       if (task + 1 < end) prefetch(keys_p, values_p, task + 1, cap, d, pos[(task + 1) / n_kv] + 1);
-      one(qp + task * g * d, kp + i * k_row + h * d, vp + i * v_row + h * d, keys_p + task * cap * d,
-          values_p + task * cap * d, op + task * g * d, pos[i], g, d, scale, scores);
+      T* slot_keys = keys_p + task * cap * d;
+      T* slot_values = values_p + task * cap * d;
+      std::copy_n(kp + i * k_row + h * d, d, slot_keys + pos[i] * d);  // the row's new K and V at its position
+      std::copy_n(vp + i * v_row + h * d, d, slot_values + pos[i] * d);
+      one(qp + task * g * d, slot_keys, slot_values, d, d, op + task * g * d, pos[i] + 1, g, d, scale, scores);
     }
   });
 }
@@ -214,6 +219,31 @@ void rope_rows(const T* x, int64_t x_row, const T* cos, const T* sin, T* out, in
         narrow_store<T, A>(lo, o + at, m);
         narrow_store<T, A>(hi, o + half + at, m);
       }
+    }
+  });
+}
+
+// Prompts packed end to end (prompt p on rows starts[p]..starts[p+1]-1) attend causally to themselves: a (row, kv
+// head) task reads its prompt's K and V where the fused projection left them. Rows past the last prompt (padding)
+// are zeros.
+template <typename T>
+void attend_prompts(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* starts,
+                    int64_t prompts, double scale, at::Tensor& out) {
+  const int64_t rows = starts[prompts], n_kv = q.size(1), g = q.size(2), d = q.size(3);
+  const int64_t k_row = k.stride(0), v_row = v.stride(0);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  std::fill(op + rows * n_kv * g * d, op + out.numel(), T(0));
+  auto one = d == 64 ? attend_one<T, 64> : d == 128 ? attend_one<T, 128> : attend_one<T, 0>;
+  at::parallel_for(0, rows * n_kv, 1, [=](int64_t begin, int64_t end) {
+    std::vector<at::opmath_type<T>> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / n_kv, h = task % n_kv;
+      const int64_t first = *(std::upper_bound(starts, starts + prompts + 1, i) - 1);  // the row's prompt starts here
+      one(qp + task * g * d, kp + first * k_row + h * d, vp + first * v_row + h * d, k_row, v_row,
+          op + task * g * d, i - first + 1, g, d, scale, scores);
     }
   });
 }
@@ -432,12 +462,40 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// q [rows, n_kv, g, d]; k, v [rows, n_kv, d] (a row's heads contiguous, rows may be apart); starts [prompts + 1]
+// int64 on the host, rising from 0 to at most rows; returns [rows, n_kv, g, d].
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& starts,
+                             double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "prefill_attention: q must be contiguous [rows, n_kv, g, d]");
+  const int64_t rows = q.size(0), n_kv = q.size(1), d = q.size(3);
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.size(0) == rows && k.size(1) == n_kv && k.size(2) == d,
+              "prefill_attention: k and v must be [rows, n_kv, d]");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == d && v.stride(2) == 1 && v.stride(1) == d,
+              "prefill_attention: a row's K and V heads must be contiguous");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "prefill_attention: one dtype for q, k and v");
+  TORCH_CHECK(d <= kMaxHeadDim && q.size(2) <= kMaxHeads,
+              "prefill_attention: head_dim <= 256, <= 64 query heads a kv head");
+  TORCH_CHECK(starts.dim() == 1 && starts.numel() >= 1 && starts.scalar_type() == at::kLong && starts.is_cpu() &&
+                  starts.is_contiguous(),
+              "prefill_attention: starts must be int64 [prompts + 1] on the host");
+  const int64_t* s = starts.data_ptr<int64_t>();
+  const int64_t prompts = starts.numel() - 1;
+  TORCH_CHECK(s[0] == 0 && s[prompts] <= rows, "prefill_attention: starts must run from 0 to at most the rows");
+  for (int64_t p = 0; p < prompts; ++p) TORCH_CHECK(s[p] < s[p + 1], "prefill_attention: an empty prompt");
+  auto out = at::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "prefill_attention",
+                                  [&] { attend_prompts<scalar_t>(q, k, v, s, prompts, scale, out); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(genembed, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
       "float scale) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor starts, float scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("pack_linear(Tensor weight) -> Tensor");
@@ -446,6 +504,7 @@ TORCH_LIBRARY(genembed, m) {
 
 TORCH_LIBRARY_IMPL(genembed, CPU, m) {
   m.impl("decode_attention", &decode_attention);
+  m.impl("prefill_attention", &prefill_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
   m.impl("pack_linear", &pack_linear);

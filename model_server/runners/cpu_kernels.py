@@ -6,7 +6,10 @@ Why: a decode step on the CPU is many small operations on a few rows, and torch'
   CPU SDPA runs it through its flash kernel, built for long query blocks, whose per-(sequence, head) set-up costs
   far more than the arithmetic; on the 2-core machines a fifth to a third of a 16-row SmolLM2 step went there. The
   kernel reads each kv head's cached K and V once for all the query heads that share it, fetches the next task's
-  ahead, and also writes the rows' new K and V (two index writes a layer before).
+  ahead, and also writes the rows' new K and V (two index writes a layer before). New prompts attend the same way,
+  over their K and V where the fused projection left them: through SDPA, a pooled SmolLM2 prefill (64 prompts of
+  ~51 tokens, fp32) spent ~10 % of its time gathering prompts into padded batches, repeating K and V per query
+  head and in SDPA's set-up.
 - RMSNorm through torch is about ten ops (widen, square, mean, add, rsqrt, multiply, narrow, times the weight); in
   a decode step they took 12 % of it on the AMX Xeon. The kernel does a row in one pass. It rounds where the
   family's module rounds; only its sum of squares adds in another order than torch's, so a result may differ from
@@ -57,6 +60,9 @@ class CpuKernels:
     #: (q [n, n_kv, g, d], k, v [n, n_kv, d], keys, values [slots, n_kv, cap, d], positions [n], scale) -> [n, n_kv,
     #: g, d]; writes k and v into the pool at `positions` first
     decode_attention: Callable[..., torch.Tensor]
+    #: (q [rows, n_kv, g, d], k, v [rows, n_kv, d], starts [prompts + 1] int64 on the host, scale) -> [rows, n_kv, g,
+    #: d]: prompts packed end to end attend causally to themselves; rows past the last prompt are zeros
+    prefill_attention: Callable[..., torch.Tensor]
     #: (x [..., h], weight [h], eps) -> the family's RMSNorm of x
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     #: (x [tokens, heads, d], cos, sin [tokens, d]) -> x with rotary embedding, contiguous
@@ -94,6 +100,7 @@ def cpu_kernels() -> CpuKernels | None:
     ops = torch.ops.genembed
     return CpuKernels(
         decode_attention=ops.decode_attention,
+        prefill_attention=ops.prefill_attention,
         rms_norm=ops.rms_norm,
         rope=ops.rope,
         pack_linear=ops.pack_linear,

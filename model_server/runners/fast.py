@@ -157,6 +157,14 @@ class PrefillGroup:
     valid: torch.Tensor  # [n, width] real positions
 
 
+@dataclass
+class Prompts:
+    """A pass's new prompts, packed end to end after its decode rows."""
+
+    starts: torch.Tensor  # [prompts + 1] int64 on the host: where each begins among the prompt rows, then the end
+    groups: list[PrefillGroup]  # built where they are read: SDPA attends by group, and kept prompts fill slots by one
+
+
 class DecoderRunner(Runner):
     """Owns the KV pool: a preallocated K and V tensor per layer, a row per slot."""
 
@@ -188,6 +196,10 @@ class DecoderRunner(Runner):
         # SDPA's math kernel, where asked for, stays the decode path too; so do heads beyond the kernel's bounds
         fits = self.head_dim <= MAX_HEAD_DIM and self.n_heads // self.n_kv <= MAX_GROUP
         self._decode_kernel = self.kernels.decode_attention if self.kernels and fits and not math else None
+        self._prefill_kernel = self.kernels.prefill_attention if self.kernels and fits and not math else None
+        # whether a pass with prompts pads its rows to a bounded set of counts (`prefill_rows`): oneDNN keeps a
+        # kernel per shape; genembed's own GEMM keeps none (set where the layers are packed, `fast_runner`)
+        self.pads_rows = True
         self.scale = self.head_dim**-0.5  # SDPA's default, which the family's attention uses
         n_layers = len(self.decoder.layers)
         self.keys: list[torch.Tensor] = [self._empty(0, 0)] * n_layers
@@ -247,8 +259,14 @@ class DecoderRunner(Runner):
             return _rotate(q, cos, sin), _rotate(k, cos, sin), v
         return self.kernels.rope(q, cos, sin), self.kernels.rope(k, cos, sin), v
 
-    def _prefill_groups(self, lengths: list[int]) -> list[PrefillGroup]:
+    def _prompts(self, lengths: list[int], keep: bool) -> Prompts | None:
+        if not lengths:
+            return None
         starts = list(itertools.accumulate(lengths, initial=0))
+        gather = keep or self._prefill_kernel is None
+        return Prompts(torch.tensor(starts), self._prefill_groups(lengths, starts) if gather else [])
+
+    def _prefill_groups(self, lengths: list[int], starts: list[int]) -> list[PrefillGroup]:
         groups = []
         for members in group_by_length(lengths):
             width = max(lengths[i] for i in members)
@@ -284,11 +302,12 @@ class DecoderRunner(Runner):
             out = F.scaled_dot_product_attention(grouped, keys[:n, :, :span], values[:n, :, :span], attn_mask=visible)
         return out.reshape(n, -1)
 
-    def _attend_prefill(self, layer: int, q, k, v, first_slot: int | None, groups: list[PrefillGroup]) -> torch.Tensor:
+    def _attend_prefill(self, layer: int, q, k, v, first_slot: int | None, prompts: Prompts) -> torch.Tensor:
         """New prompts (packed end to end) attend causally to themselves and fill their slots (from `first_slot`;
         None: they keep no KV).
 
-        Prompts of similar length form a group that runs as one padded attention call; padding
+        genembed's kernel attends over the packed rows as they are. Through SDPA, prompts of similar length form a
+        group that runs as one padded attention call; padding
         exists only inside attention, whose cost is small beside the projections. The padding is on the right, so
         the causal mask alone is exact for every real position (it never sees the padding after it), and SDPA gets
         no mask tensor: on CUDA that lets it pick its flash kernel, which takes none (not measured here: no GPU). On
@@ -296,20 +315,33 @@ class DecoderRunner(Runner):
         of processes, 32 prompts of ~52 tokens and 8 of ~475, bf16). K and V are repeated per query head
         (`enable_gqa` needs torch 2.5).
         """
-        out = q.new_zeros(q.shape[0], self.n_heads * self.head_dim)  # padding rows (`prefill_rows`) stay 0
         group_size = self.n_heads // self.n_kv
-        for g in groups:
+        if self._prefill_kernel is not None:
+            if first_slot is not None:
+                for g in prompts.groups:
+                    self._fill_slots(
+                        layer, first_slot + g.members, k[g.rows].transpose(1, 2), v[g.rows].transpose(1, 2)
+                    )
+            grouped = q.view(len(q), self.n_kv, group_size, self.head_dim)  # a kv head's query heads together
+            return self._prefill_kernel(grouped, k, v, prompts.starts, self.scale).view(len(q), -1)
+        out = q.new_zeros(q.shape[0], self.n_heads * self.head_dim)  # padding rows (`prefill_rows`) stay 0
+        for g in prompts.groups:
             n, width = g.rows.shape
             kg, vg = k[g.rows].transpose(1, 2), v[g.rows].transpose(1, 2)  # [n, kv, width, d]
             if first_slot is not None:
-                self.keys[layer][first_slot + g.members, :, :width] = kg
-                self.values[layer][first_slot + g.members, :, :width] = vg
+                self._fill_slots(layer, first_slot + g.members, kg, vg)
             if group_size > 1:
                 kg, vg = kg.repeat_interleave(group_size, dim=1), vg.repeat_interleave(group_size, dim=1)
             with self._kernel():
                 attended = F.scaled_dot_product_attention(q[g.rows].transpose(1, 2), kg, vg, is_causal=True)
             out[g.rows[g.valid]] = attended.transpose(1, 2).reshape(n, width, -1)[g.valid]
         return out
+
+    def _fill_slots(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A group's K and V [n, kv, width, d] into its slots' first `width` positions."""
+        width = keys.shape[2]
+        self.keys[layer][slots, :, :width] = keys
+        self.values[layer][slots, :, :width] = values
 
     def _forward(
         self, decode_inputs: torch.Tensor | None, prompts: list[torch.Tensor], capacities: list[int]
@@ -327,10 +359,9 @@ class DecoderRunner(Runner):
             self._reserve(self.size + len(prompts), max(capacities))
         dec_positions = self.lengths.clone()
         positions = torch.cat([dec_positions, *(torch.arange(n, device=self.device) for n in lengths)])
-        groups = self._prefill_groups(lengths)
         hidden = torch.cat(([] if decode_inputs is None else [decode_inputs]) + prompts)
         visible = self._decode_mask(dec_positions, max(self.host_lengths) + 1) if n_dec else None
-        hidden = self._layers(hidden, positions, n_dec, visible, groups)
+        hidden = self._layers(hidden, positions, n_dec, visible, self._prompts(lengths, keep=True))
         self.lengths = torch.cat([dec_positions + 1, torch.tensor(lengths, dtype=torch.long, device=self.device)])
         self.host_lengths = [n + 1 for n in self.host_lengths] + lengths
         return (hidden[:n_dec] if n_dec else None), list(hidden[n_dec:].split(lengths))
@@ -341,7 +372,7 @@ class DecoderRunner(Runner):
         (a pooled decoder, DEBATER) pays neither padding in its projections nor a cache it never reads."""
         lengths = [p.shape[0] for p in prompts]
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        hidden = self._layers(torch.cat(prompts), positions, 0, None, self._prefill_groups(lengths), keep=False)
+        hidden = self._layers(torch.cat(prompts), positions, 0, None, self._prompts(lengths, keep=False), keep=False)
         return list(hidden.split(lengths))
 
     def _layers(
@@ -350,13 +381,13 @@ class DecoderRunner(Runner):
         positions: torch.Tensor,
         n_dec: int,
         visible: torch.Tensor | None,
-        groups: list[PrefillGroup],
+        prompts: Prompts | None,
         keep: bool = True,
     ) -> torch.Tensor:
         """All layers and the final norm over packed rows: `n_dec` decode rows (attending under `visible`), then
-        the prompts of `groups`, which fill the slots after the running ones (unless not `keep`)."""
+        the `prompts`, which fill the slots after the running ones (unless not `keep`)."""
         rows = len(hidden)
-        if groups:  # a prefill: padded rows give oneDNN a bounded set of shapes (it keeps kernels per shape)
+        if prompts is not None and self.pads_rows:  # padded rows give oneDNN a bounded set of shapes
             extra = prefill_rows(rows) - rows
             hidden, positions = F.pad(hidden, (0, 0, 0, extra)), F.pad(positions, (0, extra))
         cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden[None], positions[None]))
@@ -367,8 +398,8 @@ class DecoderRunner(Runner):
             parts = []
             if n_dec:
                 parts.append(self._attend_decode(index, q[:n_dec], k[:n_dec], v[:n_dec], positions[:n_dec], visible))
-            if groups:
-                parts.append(self._attend_prefill(index, q[n_dec:], k[n_dec:], v[n_dec:], first_slot, groups))
+            if prompts is not None:
+                parts.append(self._attend_prefill(index, q[n_dec:], k[n_dec:], v[n_dec:], first_slot, prompts))
             hidden = linear_plus(attn.o_proj, torch.cat(parts) if len(parts) > 1 else parts[0], hidden)
             mlp, normed = layer.mlp, self._norm(layer.post_attention_layernorm, hidden)
             gated = gated_product(mlp.gate_proj, mlp.up_proj, mlp.act_fn, self.silu, normed)
@@ -437,7 +468,7 @@ class DecodeGraphs:
     def _body(self, graph: _Graph) -> torch.Tensor:
         runner = self.runner
         visible = runner._decode_mask(graph.positions, runner.keys[0].shape[2])
-        return runner._layers(graph.inputs, graph.positions, len(graph.inputs), visible, [])
+        return runner._layers(graph.inputs, graph.positions, len(graph.inputs), visible, None)
 
     def _capture(self, graph: _Graph) -> None:
         """Capture a bucket's step with the current step's inputs in its buffers. The warm-up runs execute
