@@ -119,9 +119,9 @@ class ModelSpec(BaseModel):
     cuda_graphs: bool = Field(default=True, description="gircse/o1 on CUDA: replay decode steps from captured graphs")
     kernels: Literal["auto", "torch"] = Field(
         default="auto",
-        description="decoder runner on CPU: auto runs decode attention, RMSNorm and rotary in genembed's kernels "
-        "(runners/cpu_kernels; built on first use, torch's ops where they cannot build), and packed projections in "
-        "its GEMM where torch runs at AVX2; torch only torch's ops and oneDNN",
+        description="decoder runner on CPU: auto runs attention (decode, prefill), RMSNorm and rotary in genembed's "
+        "kernels (runners/cpu_kernels; built on first use, torch's ops where they cannot build), and packed "
+        "projections in its GEMM where torch runs at AVX2; torch only torch's ops and oneDNN",
     )
 
     @model_validator(mode="before")
