@@ -8,8 +8,8 @@ Why: a decode step on the CPU is many small operations on a few rows, and torch'
   kernel reads each kv head's cached K and V once for all the query heads that share it, fetches the next task's
   ahead, and also writes the rows' new K and V (two index writes a layer before). New prompts attend the same way,
   over their K and V where the fused projection left them: through SDPA, a pooled SmolLM2 prefill (64 prompts of
-  ~51 tokens, fp32) spent ~10 % of its time gathering prompts into padded batches, repeating K and V per query
-  head and in SDPA's set-up.
+  ~51 tokens, fp32, 2-core AVX2 EPYC) spent 6.8 % of its time in SDPA and ~4 % gathering prompts into padded
+  batches and repeating K and V per query head; the kernel took 2.4 %.
 - RMSNorm through torch is about ten ops (widen, square, mean, add, rsqrt, multiply, narrow, times the weight); in
   a decode step they took 12 % of it on the AMX Xeon. The kernel does a row in one pass. It rounds where the
   family's module rounds; only its sum of squares adds in another order than torch's, so a result may differ from

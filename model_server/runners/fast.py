@@ -17,9 +17,9 @@ families run on `hf.HFRunner`.
 On CUDA a step that only decodes can replay a CUDA graph (`DecodeGraphs`): the step's rows are padded to a
 bucket (1, 2, 4, 8, 16, ...) and attend over the pool's whole capacity under a mask, so its shapes and
 addresses stay fixed while the batch changes; the kernels of all layers launch as one graph instead of one
-Python call each. Steps with new prompts, and every step on the CPU, run eagerly. On the CPU, decode attention,
-RMSNorm and rotary run in genembed's own compiled kernels (`cpu_kernels`) where they build, unless the spec asks
-for torch's; on AVX2-only CPUs so do the packed projections' GEMMs (`packed.own_gemm`).
+Python call each. Steps with new prompts, and every step on the CPU, run eagerly. On the CPU, attention (decode
+and prefill), RMSNorm and rotary run in genembed's own compiled kernels (`cpu_kernels`) where they build, unless
+the spec asks for torch's; on AVX2-only CPUs so do the packed projections' GEMMs (`packed.own_gemm`).
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ class Prompts:
     """A pass's new prompts, packed end to end after its decode rows."""
 
     starts: torch.Tensor  # [prompts + 1] int64 on the host: where each begins among the prompt rows, then the end
+    first_slot: int | None  # the slot of the first, the rest following; None: they keep no KV (`encode`)
     groups: list[PrefillGroup]  # built where they are read: SDPA attends by group, and kept prompts fill slots by one
 
 
@@ -259,12 +260,12 @@ class DecoderRunner(Runner):
             return _rotate(q, cos, sin), _rotate(k, cos, sin), v
         return self.kernels.rope(q, cos, sin), self.kernels.rope(k, cos, sin), v
 
-    def _prompts(self, lengths: list[int], keep: bool) -> Prompts | None:
+    def _prompts(self, lengths: list[int], first_slot: int | None) -> Prompts | None:
         if not lengths:
             return None
         starts = list(itertools.accumulate(lengths, initial=0))
-        gather = keep or self._prefill_kernel is None
-        return Prompts(torch.tensor(starts), self._prefill_groups(lengths, starts) if gather else [])
+        gather = first_slot is not None or self._prefill_kernel is None
+        return Prompts(torch.tensor(starts), first_slot, self._prefill_groups(lengths, starts) if gather else [])
 
     def _prefill_groups(self, lengths: list[int], starts: list[int]) -> list[PrefillGroup]:
         groups = []
@@ -302,9 +303,9 @@ class DecoderRunner(Runner):
             out = F.scaled_dot_product_attention(grouped, keys[:n, :, :span], values[:n, :, :span], attn_mask=visible)
         return out.reshape(n, -1)
 
-    def _attend_prefill(self, layer: int, q, k, v, first_slot: int | None, prompts: Prompts) -> torch.Tensor:
-        """New prompts (packed end to end) attend causally to themselves and fill their slots (from `first_slot`;
-        None: they keep no KV).
+    def _attend_prefill(self, layer: int, q, k, v, prompts: Prompts) -> torch.Tensor:
+        """New prompts (packed end to end) attend causally to themselves and fill their slots (unless they keep no
+        KV).
 
         genembed's kernel attends over the packed rows as they are. Through SDPA, prompts of similar length form a
         group that runs as one padded attention call; padding
@@ -315,7 +316,7 @@ class DecoderRunner(Runner):
         of processes, 32 prompts of ~52 tokens and 8 of ~475, bf16). K and V are repeated per query head
         (`enable_gqa` needs torch 2.5).
         """
-        group_size = self.n_heads // self.n_kv
+        group_size, first_slot = self.n_heads // self.n_kv, prompts.first_slot
         if self._prefill_kernel is not None:
             if first_slot is not None:
                 for g in prompts.groups:
@@ -361,7 +362,7 @@ class DecoderRunner(Runner):
         positions = torch.cat([dec_positions, *(torch.arange(n, device=self.device) for n in lengths)])
         hidden = torch.cat(([] if decode_inputs is None else [decode_inputs]) + prompts)
         visible = self._decode_mask(dec_positions, max(self.host_lengths) + 1) if n_dec else None
-        hidden = self._layers(hidden, positions, n_dec, visible, self._prompts(lengths, keep=True))
+        hidden = self._layers(hidden, positions, n_dec, visible, self._prompts(lengths, first_slot=n_dec))
         self.lengths = torch.cat([dec_positions + 1, torch.tensor(lengths, dtype=torch.long, device=self.device)])
         self.host_lengths = [n + 1 for n in self.host_lengths] + lengths
         return (hidden[:n_dec] if n_dec else None), list(hidden[n_dec:].split(lengths))
@@ -372,7 +373,7 @@ class DecoderRunner(Runner):
         (a pooled decoder, DEBATER) pays neither padding in its projections nor a cache it never reads."""
         lengths = [p.shape[0] for p in prompts]
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        hidden = self._layers(torch.cat(prompts), positions, 0, None, self._prompts(lengths, keep=False), keep=False)
+        hidden = self._layers(torch.cat(prompts), positions, 0, None, self._prompts(lengths, first_slot=None))
         return list(hidden.split(lengths))
 
     def _layers(
@@ -382,16 +383,14 @@ class DecoderRunner(Runner):
         n_dec: int,
         visible: torch.Tensor | None,
         prompts: Prompts | None,
-        keep: bool = True,
     ) -> torch.Tensor:
         """All layers and the final norm over packed rows: `n_dec` decode rows (attending under `visible`), then
-        the `prompts`, which fill the slots after the running ones (unless not `keep`)."""
+        the `prompts`, which fill the slots after the running ones (unless they keep no KV)."""
         rows = len(hidden)
         if prompts is not None and self.pads_rows:  # padded rows give oneDNN a bounded set of shapes
             extra = prefill_rows(rows) - rows
             hidden, positions = F.pad(hidden, (0, 0, 0, extra)), F.pad(positions, (0, extra))
         cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden[None], positions[None]))
-        first_slot = n_dec if keep else None
         for index, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             q, k, v = self._project(attn, self._norm(layer.input_layernorm, hidden), cos, sin)
@@ -399,7 +398,7 @@ class DecoderRunner(Runner):
             if n_dec:
                 parts.append(self._attend_decode(index, q[:n_dec], k[:n_dec], v[:n_dec], positions[:n_dec], visible))
             if prompts is not None:
-                parts.append(self._attend_prefill(index, q[n_dec:], k[n_dec:], v[n_dec:], first_slot, prompts))
+                parts.append(self._attend_prefill(index, q[n_dec:], k[n_dec:], v[n_dec:], prompts))
             hidden = linear_plus(attn.o_proj, torch.cat(parts) if len(parts) > 1 else parts[0], hidden)
             mlp, normed = layer.mlp, self._norm(layer.post_attention_layernorm, hidden)
             gated = gated_product(mlp.gate_proj, mlp.up_proj, mlp.act_fn, self.silu, normed)
