@@ -63,11 +63,12 @@ def running(
     timeout: float = 180,
     env: dict[str, str] | None = None,
     log_path: Path | None = None,
+    cwd: Path = REPO,
 ) -> Iterator[subprocess.Popen]:
-    """Run `cmd` until the block ends; its output goes to `log_path` (kept for failure reports)."""
+    """Run `cmd` in `cwd` until the block ends; its output goes to `log_path` (kept for failure reports)."""
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=REPO, start_new_session=True
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True
     )
     try:
         wait_http(ready_url, timeout, proc)
@@ -97,13 +98,14 @@ def genembed_exits(*args: str, env: dict[str, str] | None = None, timeout: float
 
 @contextlib.contextmanager
 def worker_process(
-    model: str, tmp_dir: Path, *extra: str, env: dict[str, str] | None = None
+    model: str, tmp_dir: Path, *extra: str, env: dict[str, str] | None = None, tree: Path = REPO
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A `genembed worker` on a free port; yields (base URL, process)."""
+    """A `genembed worker` (the one in checkout `tree`) on a free port; yields (base URL, process)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = genembed("worker", "--model", model, "--port", str(port), *extra)
-    with running(cmd, f"{url}/ready", env=env, log_path=tmp_dir / f"worker-{model.replace('/', '_')}-{port}.log") as p:
+    log_path = tmp_dir / f"worker-{model.replace('/', '_')}-{port}.log"
+    with running(cmd, f"{url}/ready", env=env, log_path=log_path, cwd=tree) as p:
         yield url, p
 
 

@@ -66,7 +66,15 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
     async def load() -> None:
         try:
             # asyncio's executor thread only waits: the load's torch code runs in a thread that ends with it
-            load_args = (EmbeddingWorker.load, spec, settings.limits(), metrics, settings.policy(), settings.turns())
+            load_args = (
+                EmbeddingWorker.load,
+                spec,
+                settings.limits(),
+                metrics,
+                settings.policy(),
+                settings.turns(),
+                settings.ingress_nice,
+            )
             worker = await asyncio.to_thread(in_a_thread_of_its_own, *load_args)
             state["worker"] = worker
             await worker.warmup()

@@ -22,7 +22,7 @@ from model_server.methods import build_method
 from model_server.metrics import WorkerMetrics
 from model_server.prompts import PreparedInput
 from model_server.specs import ModelSpec
-from model_server.threads import CpuTurns
+from model_server.threads import INGRESS_NICE, CpuTurns, ingress_executor
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,10 @@ class EmbeddingWorker:
         metrics: WorkerMetrics | None = None,
         policy: Policy | None = None,
         cpu_turns: CpuTurns | None = None,
+        ingress_nice: int = INGRESS_NICE,
     ) -> None:
         """`cpu_turns`: the turns this worker takes at CPUs it shares with other workers (only where the model runs
-        on the CPU)."""
+        on the CPU); `ingress_nice`: what the thread that tokenizes calls adds to the worker's niceness."""
         self.loaded = loaded
         self.metrics = metrics or WorkerMetrics()
         self.method = build_method(loaded, limits.max_running_seqs)
@@ -100,6 +101,8 @@ class EmbeddingWorker:
             limits.max_running_seqs, limits.max_batch_tokens, limits.max_kv_tokens, self.method.stateful
         )
         self._ahead: _Ahead | None = None
+        self._ingress = ingress_executor(ingress_nice)
+        self._ingress_turn = asyncio.Lock()
         self.calibration: list[list[float]] = []  # timed warm-up calls: see warmup()
         spec = loaded.spec
         self.metrics.info.labels(spec.id, spec.method, loaded.revision, str(loaded.dtype)).set(1)
@@ -112,8 +115,9 @@ class EmbeddingWorker:
         metrics: WorkerMetrics | None = None,
         policy: Policy | None = None,
         cpu_turns: CpuTurns | None = None,
+        ingress_nice: int = INGRESS_NICE,
     ) -> EmbeddingWorker:
-        worker = cls(load_model(spec), limits, metrics, policy, cpu_turns)
+        worker = cls(load_model(spec), limits, metrics, policy, cpu_turns, ingress_nice)
         worker.engine.start()
         return worker
 
@@ -153,10 +157,17 @@ class EmbeddingWorker:
         """Embed a call; per-item failures are results. `received`: when the call arrived (time.monotonic()), which
         its `deadline_s` counts from. Raises NotAdmitted, QueueFull, DeadlineExceeded, EngineStopped."""
         received = time.monotonic() if received is None else received
-        if request.priority == "online" and request.deadline_s is not None:
+        unseen = request.priority == "online" and request.deadline_s is not None
+        if unseen:
             self._refuse_unseen(request.deadline_s, received)
-        with tracing.span("prepare", attributes={"genembed.items": len(request.items)}):
-            results, prepared = await asyncio.to_thread(self._prepare, request.items)
+        # Calls are tokenized one at a time, in arrival order (`_ingress`), and asked again when their turn comes:
+        # the queue may have grown meanwhile, and a burst's calls beyond it are then refused without tokenization.
+        async with self._ingress_turn:
+            if unseen:
+                self._refuse_unseen(request.deadline_s, received)
+            with tracing.span("prepare", attributes={"genembed.items": len(request.items)}):
+                loop = asyncio.get_running_loop()
+                results, prepared = await loop.run_in_executor(self._ingress, self._prepare, request.items)
         # An input with n samples (o1 thoughts) runs as n sequences, combined below.
         runs = [dataclasses.replace(p, sample=i) for p in prepared if p is not None for i in range(p.samples)]
         # Admission and submission with no await between them: no other call is admitted in between.
@@ -331,3 +342,4 @@ class EmbeddingWorker:
 
     def stop(self) -> None:
         self.engine.stop()
+        self._ingress.shutdown(wait=False, cancel_futures=True)

@@ -11,7 +11,7 @@ from common.logs import LogFormat
 from model_server.admission import Policy
 from model_server.engine import EngineLimits
 from model_server.specs import DEFAULT_MODEL
-from model_server.threads import MAX_NICE, CpuTurns, OmpMode
+from model_server.threads import INGRESS_NICE, MAX_NICE, CpuTurns, OmpMode
 
 
 class WorkerSettings(BaseSettings):
@@ -42,6 +42,13 @@ class WorkerSettings(BaseSettings):
         le=MAX_NICE,
         description="added to the worker's CPU niceness before torch loads, for every thread of it (`genembed serve` "
         "gives its workers 5, so that on shared cores they never starve the gateway)",
+    )
+    ingress_nice: int = Field(
+        default=INGRESS_NICE,
+        ge=0,
+        le=MAX_NICE,
+        description="added to the worker's niceness for the one thread that tokenizes calls before admission, so that "
+        "a burst's tokenization yields the CPUs to the engine passes admission has priced",
     )
     cpu_turns: str | None = Field(
         default=None,

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import astuple, dataclass
@@ -38,6 +39,9 @@ MODES: dict[str, dict[str, str]] = {
 
 #: the largest niceness a worker may add (Linux's range ends at 19)
 MAX_NICE = 19
+
+#: what the ingress thread adds to the worker's niceness by default (`GENEMBED_WORKER_INGRESS_NICE`)
+INGRESS_NICE = 10
 
 #: the variables a log line reports (whoever set them: `auto`, the operator, the image)
 REPORTED = (
@@ -118,6 +122,21 @@ def in_a_thread_of_its_own(fn: Callable[..., T], *args: object) -> T:
     engine's thread the only one whose pool lives."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="genembed-load") as pool:
         return pool.submit(fn, *args).result()
+
+
+def ingress_executor(added_nice: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that prepares calls (tokenizes them) before admission, `added_nice` nicer than the worker (at
+    most MAX_NICE). Admission prices engine passes, not this work: on a CPU device a burst's tokenization in
+    asyncio's executor (several threads, at the engine's priority) ran beside the engine's first pass and made it
+    7-10x longer than priced, late for every call admitted meanwhile (CI's overload test: 504s for accepted calls).
+    One nicer thread yields the cores to the engine: a call waits for its tokens before admission, where its
+    deadline's clock already runs and the wait is seen, instead of slowing the passes admission promised."""
+
+    def lower() -> None:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, os.getpriority(os.PRIO_PROCESS, tid) + added_nice))
+
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="genembed-ingress", initializer=lower)
 
 
 class CpuTurns:

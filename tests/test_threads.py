@@ -1,5 +1,6 @@
 """The worker's threading setting (GENEMBED_WORKER_OMP) reaches the OpenMP runtime of a real worker process, and its
-niceness (GENEMBED_WORKER_NICE) and CPUs (GENEMBED_WORKER_CPUS) every thread of it."""
+niceness (GENEMBED_WORKER_NICE) and CPUs (GENEMBED_WORKER_CPUS) every thread of it; the thread that tokenizes calls
+runs nicer still (GENEMBED_WORKER_INGRESS_NICE)."""
 
 from __future__ import annotations
 
@@ -64,8 +65,21 @@ def test_a_bad_setting_stops_the_worker_before_it_loads(env: dict[str, str], mes
 def test_the_worker_runs_every_thread_at_the_niceness_it_was_given(tmp_path) -> None:
     with worker_process("minilm-l6", tmp_path, env={"GENEMBED_WORKER_NICE": "7"}) as (_, proc):
         niceness = thread_niceness(proc.pid)
-    assert len(niceness) > 1 and set(niceness) == {7}  # torch's, uvicorn's and the engine's threads alike
+    # torch's, uvicorn's and the engine's threads alike; the one that tokenizes calls before admission (the
+    # warm-up's calls started it) runs 10 nicer, so that the engine's passes go first
+    assert len(niceness) > 2 and sorted(set(niceness)) == [7, 17] and niceness.count(17) == 1
     assert ", nice 7" in next(tmp_path.glob("worker-*.log")).read_text()
+
+
+def test_the_ingress_thread_is_nicer_by_what_it_adds_up_to_the_limit() -> None:
+    def own_niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = own_niceness()
+    for added, expected in ((0, mine), (3, min(mine + 3, threads.MAX_NICE)), (threads.MAX_NICE, threads.MAX_NICE)):
+        with threads.ingress_executor(added) as pool:
+            assert pool.submit(own_niceness).result() == expected
+    assert own_niceness() == mine  # the caller's thread keeps its own
 
 
 def test_cpu_lists_are_read_as_linux_writes_them() -> None:
