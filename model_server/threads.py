@@ -128,7 +128,7 @@ def ingress_executor(added_nice: int) -> concurrent.futures.ThreadPoolExecutor:
     """The one thread that prepares calls (tokenizes them) before admission, `added_nice` nicer than the worker (at
     most MAX_NICE). Admission prices engine passes, not this work: on a CPU device a burst's tokenization in
     asyncio's executor (several threads, at the engine's priority) ran beside the engine's first pass and made it
-    7-10x longer than priced, late for every call admitted meanwhile (CI's overload test: 504s for accepted calls).
+    6-14x longer than priced, late for every call admitted meanwhile (CI's overload test: 504s for accepted calls).
     One nicer thread yields the cores to the engine: a call waits for its tokens before admission, where its
     deadline's clock already runs and the wait is seen, instead of slowing the passes admission promised."""
 
