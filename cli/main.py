@@ -64,7 +64,11 @@ def run_worker(args: argparse.Namespace) -> int:
     from model_server.settings import WorkerSettings
 
     flags = {k: v for k, v in vars(args).items() if k not in ("run", "command") and v is not None}
-    settings = WorkerSettings(**flags)
+    try:
+        settings = WorkerSettings(**flags)
+    except ValueError as exc:  # pydantic's ValidationError names the setting and what it allows
+        print(f"genembed worker: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("genembed.worker").info(threads.describe(settings.omp))
     server: uvicorn.Server | None = None

@@ -54,6 +54,7 @@ def test_the_worker_runs_the_threading_it_was_given(tmp_path, mode: str, spin_co
         ({"GENEMBED_WORKER_NICE": "-5"}, "GENEMBED_WORKER_NICE must be a whole number from 0 to 19, not '-5'"),
         ({"GENEMBED_WORKER_CPUS": "1-0"}, "GENEMBED_WORKER_CPUS must list CPUs like 0,1 or 2-3, not '1-0'"),
         ({"GENEMBED_WORKER_CPUS": "4096"}, "GENEMBED_WORKER_CPUS '4096' names CPUs this process may not use"),
+        ({"GENEMBED_WORKER_INGRESS_NICE": "20"}, "ingress_nice\n  Input should be less than or equal to 19"),
     ],
 )
 def test_a_bad_setting_stops_the_worker_before_it_loads(env: dict[str, str], message: str) -> None:
