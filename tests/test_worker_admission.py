@@ -4,6 +4,7 @@ one in-process worker (real minilm-l6 weights) for what a refusal costs it."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -518,5 +519,46 @@ def test_a_call_refused_at_overload_is_not_tokenized():
         worker.stop()
     assert refused.decision.outcome == "refused" and refused.decision.retry_after_s >= 1
     assert tokenized == []
+    unseen = {"outcome": "refused_unseen"}
+    assert worker.metrics.registry.get_sample_value("genembed_worker_admission_decisions_total", unseen) == 1
+
+
+def test_a_call_that_waited_for_its_turn_is_asked_again_and_refused_untokenized():
+    """Calls are tokenized one at a time, in arrival order: a call that arrives while a large one is being tokenized
+    passes the first check (the engine's queue is still empty), waits for its turn, and is checked again then; its
+    deadline has gone meanwhile, so it is refused without being tokenized."""
+    worker = EmbeddingWorker(load_model(load_spec("minilm-l6")), EngineLimits())
+    worker.engine.start()
+    prepare = worker.method.prompts.prepare
+    tokenized: list[str | None] = []
+    started = threading.Event()
+
+    def counted(item: EmbedItem):
+        tokenized.append(item.text)
+        started.set()
+        return prepare(item)
+
+    async def scenario() -> NotAdmitted:
+        await worker.warmup()
+        worker.method.prompts.prepare = counted
+        documents = [EmbedItem(text=f"document {i} about solar panels", input_type="document") for i in range(3000)]
+        backlog = asyncio.create_task(worker.embed(EmbedRequest(items=documents)))  # no deadline: accepted
+        await asyncio.to_thread(started.wait, 30)  # its tokenization has begun: it holds the turn
+        query = EmbedRequest(items=[EmbedItem(text="a query", input_type="query")], deadline_s=0.05)
+        try:
+            await worker.embed(query)
+        except NotAdmitted as refused:
+            return refused
+        finally:
+            await backlog
+            worker.method.prompts.prepare = prepare
+        raise AssertionError("a call whose deadline passed while it waited for its turn was accepted")
+
+    try:
+        refused = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert refused.decision.outcome == "refused" and refused.decision.holds_for_any
+    assert "a query" not in tokenized and len(tokenized) == 3000
     unseen = {"outcome": "refused_unseen"}
     assert worker.metrics.registry.get_sample_value("genembed_worker_admission_decisions_total", unseen) == 1
