@@ -34,7 +34,6 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.procs import REPO as HARNESS_REPO  # noqa: E402
 from harness.procs import worker_process  # noqa: E402
 from loadtests.bench_gateway import load_average, machine  # noqa: E402
 from tests.gateway_fixtures import gateway_process  # noqa: E402
@@ -52,7 +51,7 @@ class Variant:
     @classmethod
     def parse(cls, text: str) -> Variant:
         pairs = dict(part.split("=", 1) for part in text.split(",") if part)
-        tree = Path(pairs.pop("tree", HARNESS_REPO))
+        tree = Path(pairs.pop("tree", REPO))
         env = {f"GENEMBED_WORKER_{k.upper()}": v for k, v in pairs.items()}
         return cls(text, env, tree)
 
