@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,9 @@ class EmbeddingWorker:
         )
         self._ahead: _Ahead | None = None
         self._ingress = ingress_executor(ingress_nice)
-        self._ingress_turn = asyncio.Lock()
+        self._ingress_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         self.calibration: list[list[float]] = []  # timed warm-up calls: see warmup()
         spec = loaded.spec
         self.metrics.info.labels(spec.id, spec.method, loaded.revision, str(loaded.dtype)).set(1)
@@ -140,6 +143,15 @@ class EmbeddingWorker:
             max_thought_samples=spec.max_thought_samples if spec.facts.samples_thoughts else None,
         )
 
+    def _ingress_turn(self) -> asyncio.Lock:
+        """The turn at the ingress thread, one per event loop: an asyncio lock serves the loop it first waits in,
+        and in-process users (eval scripts, tests) drive a worker from one `asyncio.run` after another."""
+        loop = asyncio.get_running_loop()
+        turn = self._ingress_turns.get(loop)
+        if turn is None:
+            turn = self._ingress_turns[loop] = asyncio.Lock()
+        return turn
+
     def _prepare(self, items: list[EmbedItem]) -> tuple[list[ItemResult], list[PreparedInput | None]]:
         results, prepared = [], []
         for item in items:
@@ -162,7 +174,7 @@ class EmbeddingWorker:
             self._refuse_unseen(request.deadline_s, received)
         # Calls are tokenized one at a time, in arrival order (`_ingress`), and asked again when their turn comes:
         # the queue may have grown meanwhile, and a burst's calls beyond it are then refused without tokenization.
-        async with self._ingress_turn:
+        async with self._ingress_turn():
             if unseen:
                 self._refuse_unseen(request.deadline_s, received)
             with tracing.span("prepare", attributes={"genembed.items": len(request.items)}):

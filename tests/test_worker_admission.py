@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from common.protocol import EmbedItem, EmbedRequest
+from common.protocol import EmbedItem, EmbedRequest, EmbedResponse
 from model_server.admission import (
     EMPTY,
     TERMS,
@@ -566,3 +566,24 @@ def test_a_call_that_waited_for_its_turn_is_asked_again_and_refused_untokenized(
     assert "a query" not in tokenized and len(tokenized) == 3000
     unseen = {"outcome": "refused_unseen"}
     assert worker.metrics.registry.get_sample_value("genembed_worker_admission_decisions_total", unseen) == 1
+
+
+def test_concurrent_calls_from_one_event_loop_after_another_are_served():
+    """In-process users (eval scripts, tests) drive a worker from one `asyncio.run` after another: calls that wait
+    for their turn at the ingress thread in a second loop are served, not failed by the first loop's lock."""
+    worker = EmbeddingWorker(load_model(load_spec("minilm-l6")), EngineLimits())
+    worker.engine.start()
+    texts = [f"passage {i} about tides" for i in range(3)]
+
+    async def together() -> list[EmbedResponse]:
+        return await asyncio.gather(*(worker.embed(EmbedRequest([EmbedItem(text=t)])) for t in texts))
+
+    try:
+        rounds = [asyncio.run(together()) for _ in range(2)]
+    finally:
+        worker.stop()
+    for responses in rounds:
+        assert [r.vectors.shape for r in responses] == [(1, worker.loaded.dimension)] * 3
+    np.testing.assert_allclose(
+        np.concatenate([r.vectors for r in rounds[0]]), np.concatenate([r.vectors for r in rounds[1]]), atol=1e-6
+    )
