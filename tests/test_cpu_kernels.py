@@ -75,7 +75,7 @@ def test_kernel_attends_and_writes_as_sdpa_does(kernel, dtype, tolerance, n_kv, 
 @pytest.mark.parametrize(("dtype", "tolerance"), TOLERANCES)
 @pytest.mark.parametrize(("n_kv", "group", "d"), [(2, 2, 16), (3, 3, 64), (1, 1, 128)])
 def test_prompts_attend_to_themselves_as_sdpa_does(kernels, dtype, tolerance, n_kv, group, d):
-    lengths, padding = [5, 1, 13, 8], 3
+    lengths, padding = [5, 1, 13, 8, 150], 3  # 150: three blocks of rows, each seeing the keys before it
     rows = sum(lengths) + padding
     generator = torch.Generator().manual_seed(2)
     q = torch.randn(rows, n_kv, group, d, generator=generator).to(dtype)

@@ -6,7 +6,8 @@
 // softmax and the weighted sum in fp32 (fp64 for fp64 models); only the output is rounded to the model's dtype.
 //
 // prefill_attention: new prompts, packed end to end, attend causally to themselves, as decode_attention does but
-// over K and V read where the fused projection left them (no padding, no copies, no K/V repeated per query head).
+// over K and V read where the fused projection left them (no padding, no copies, no K/V repeated per query head);
+// in bf16 a block of a prompt's rows widens the keys and values it sees once (attend_prompts).
 //
 // rms_norm: the Llama family's RMSNorm in one pass per row, rounded where the family's module rounds: x / rms(x) in
 // fp32 (fp64 for fp64 models) rounded to x's dtype, then times the weight in that dtype.
@@ -75,11 +76,70 @@ inline Vectorized<A> rounded(const Vectorized<A>& a) {
   }
 }
 
+// `n` elements of T widened to A, a vector at a time.
+template <typename T, typename A>
+inline void widen_row(const T* p, int64_t n, A* out) {
+  constexpr int64_t width = Vectorized<A>::size();
+  for (int64_t e = 0; e < n; e += width) {
+    const int64_t m = std::min(width, n - e);
+    widen<T, A>(p + e, m).store(out + e, m);
+  }
+}
+
 constexpr int64_t kMaxHeadDim = 256, kMaxHeads = 64;
 
+// Scores s[0..span) become exp(s - their max), in place; returns 1 / their sum (softmax's scale).
+template <typename A>
+inline A exp_scores(A* s, int64_t span) {
+  using Vec = Vectorized<A>;
+  const A top = at::vec::reduce_all<A>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, s, span);
+  at::vec::map([top](Vec x) { return (x - Vec(top)).exp(); }, s, s, span);
+  return 1 / at::vec::reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, s, span);
+}
+
+// exp_scores over `vecs` whole vectors of scores, the lanes past the last key -inf (they become 0): no partial vectors.
+template <typename A>
+inline A exp_vectors(A* s, int64_t vecs) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t width = Vec::size();
+  Vec top = Vec::loadu(s);
+  for (int64_t b = 1; b < vecs; ++b) top = at::vec::maximum(top, Vec::loadu(s + b * width));
+  const Vec highest(at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, top));
+  Vec sum(0);
+  for (int64_t b = 0; b < vecs; ++b) {
+    const Vec e = (Vec::loadu(s + b * width) - highest).exp();
+    e.store(s + b * width);
+    sum = sum + e;
+  }
+  return 1 / at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, sum);
+}
+
+// out[0..d) = inv * sum over j < span of p[j] * (the value row at values + j * v_step), rounded once to T. The values
+// are T, or A where the caller widened them once. Four sums in registers per chunk of d, so the adds need not wait
+// on each other.
+template <typename T, typename A, typename V>
+inline void weigh_values(const A* p, const V* values, int64_t v_step, int64_t span, int64_t d, A inv, T* out) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t width = Vec::size();
+  for (int64_t at = 0; at < d; at += width) {
+    const V* vc = values + at;
+    const int64_t m = std::min(width, d - at);
+    Vec a0(0), a1(0), a2(0), a3(0);
+    int64_t j = 0;
+    for (; j + 4 <= span; j += 4) {
+      a0 = at::vec::fmadd(Vec(p[j]), widen<V, A>(vc + j * v_step, m), a0);
+      a1 = at::vec::fmadd(Vec(p[j + 1]), widen<V, A>(vc + (j + 1) * v_step, m), a1);
+      a2 = at::vec::fmadd(Vec(p[j + 2]), widen<V, A>(vc + (j + 2) * v_step, m), a2);
+      a3 = at::vec::fmadd(Vec(p[j + 3]), widen<V, A>(vc + (j + 3) * v_step, m), a3);
+    }
+    for (; j < span; ++j) a0 = at::vec::fmadd(Vec(p[j]), widen<V, A>(vc + j * v_step, m), a0);
+    narrow_store<T, A>(((a0 + a1) + (a2 + a3)) * Vec(inv), out + at, m);
+  }
+}
+
 // One (row, kv head): its `g` query heads attend over `span` positions of keys and values, `k_step` and `v_step`
-// elements apart (a slot's cache: head_dim; a prompt's packed rows: their tensors' rows). D is the head_dim where it is
-// known at compile time (64, 128: the chunk loops unroll into registers), else 0.
+// elements apart (a slot's cache: head_dim; a prompt's packed rows: their tensors' rows), one dot product a key. D is
+// the head_dim where it is known at compile time (64, 128: the chunk loops unroll into registers), else 0.
 template <typename T, int64_t D>
 void attend_one(const T* q, const T* keys, const T* values, int64_t k_step, int64_t v_step, T* out, int64_t span,
                 int64_t g, int64_t d_runtime, double scale, std::vector<at::opmath_type<T>>& scores) {
@@ -101,29 +161,9 @@ void attend_one(const T* q, const T* keys, const T* values, int64_t k_step, int6
       s[r * span + j] = at::vec::vec_reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, dot) * sc;
     }
   }
-  A inv[kMaxHeads];
   for (int64_t r = 0; r < g; ++r) {
     A* sr = s + r * span;
-    const A top = at::vec::reduce_all<A>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, sr, span);
-    at::vec::map([top](Vec x) { return (x - Vec(top)).exp(); }, sr, sr, span);
-    inv[r] = 1 / at::vec::reduce_all<A>([](Vec& x, Vec& y) { return x + y; }, sr, span);
-  }
-  for (int64_t r = 0; r < g; ++r) {
-    const A* p = s + r * span;
-    for (int64_t c = 0; c < chunks; ++c) {  // four sums in registers, so the adds need not wait on each other
-      const T* vc = values + c * width;
-      const int64_t m = count(c);
-      Vec a0(0), a1(0), a2(0), a3(0);
-      int64_t j = 0;
-      for (; j + 4 <= span; j += 4) {
-        a0 = at::vec::fmadd(Vec(p[j]), widen<T, A>(vc + j * v_step, m), a0);
-        a1 = at::vec::fmadd(Vec(p[j + 1]), widen<T, A>(vc + (j + 1) * v_step, m), a1);
-        a2 = at::vec::fmadd(Vec(p[j + 2]), widen<T, A>(vc + (j + 2) * v_step, m), a2);
-        a3 = at::vec::fmadd(Vec(p[j + 3]), widen<T, A>(vc + (j + 3) * v_step, m), a3);
-      }
-      for (; j < span; ++j) a0 = at::vec::fmadd(Vec(p[j]), widen<T, A>(vc + j * v_step, m), a0);
-      narrow_store<T, A>(((a0 + a1) + (a2 + a3)) * Vec(inv[r]), out + r * d + c * width, m);
-    }
+    weigh_values<T, A, T>(sr, values, v_step, span, d, exp_scores(sr, span), out + r * d);
   }
 }
 
@@ -223,12 +263,52 @@ void rope_rows(const T* x, int64_t x_row, const T* cos, const T* sin, T* out, in
   });
 }
 
-// Prompts packed end to end (prompt p on rows starts[p]..starts[p+1]-1) attend causally to themselves: a (row, kv
-// head) task reads its prompt's K and V where the fused projection left them. Rows past the last prompt (padding)
-// are zeros.
+// Prompts packed end to end (prompt p on rows starts[p]..starts[p+1]-1) attend causally to themselves. A task is a
+// block of up to kPromptBlock rows of one prompt and one kv head. In bf16 (and fp16) it widens the keys and values its
+// rows see once, the keys laid out transposed ([d][keys], `kt`), so a query row's scores for a vector's width of keys
+// are d broadcast multiply-adds with no sum across a vector's lanes per key; one dot product a key, every row widened
+// every key and value it read again. SmolLM2's heads, bf16, 2-core AMX Xeon: 32 prompts of 51 tokens 0.79x the time,
+// 12 of 128 0.91x (loadtests/bench_attention.py). Rows past the last prompt (padding) are zeros.
+constexpr int64_t kPromptBlock = 64;
+// Past this many keys a block's rows take one dot product a key (attend_one) instead: the transposed keys and widened
+// values no longer stay in L1, and laying them out again for every later block of a long prompt cost more than it
+// saved (4 prompts of 400 tokens: 1.26x the time, bf16, AMX Xeon). So do fp32 and fp64 models, which have nothing to
+// widen: laid out, fp32 measured level to 1.09x the time (loadtests/bench_attention.py).
+constexpr int64_t kMaxLaidOut = 128;
+
+// Scores of R query heads (`query` [R][d], widened) for `key_vecs` vectors' width of keys laid out by attend_prompts
+// (`kt` [d][ld]), times `sc`, into `s` [R][ld]. The heads share each load of the keys, and each keeps two sums (even
+// and odd dimensions): 2R multiply-add chains that do not wait on each other.
+template <int R, typename A>
+void prompt_scores(const A* query, const A* kt, int64_t ld, int64_t key_vecs, int64_t d, A sc, A* s) {
+  using Vec = Vectorized<A>;
+  constexpr int64_t width = Vec::size();
+  for (int64_t b = 0; b < key_vecs; ++b) {
+    const A* kb = kt + b * width;
+    Vec even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = Vec(0);
+    int64_t c = 0;
+    for (; c + 2 <= d; c += 2) {
+      const Vec k0 = Vec::loadu(kb + c * ld), k1 = Vec::loadu(kb + (c + 1) * ld);
+      for (int r = 0; r < R; ++r) {
+        even[r] = at::vec::fmadd(Vec(query[r * d + c]), k0, even[r]);
+        odd[r] = at::vec::fmadd(Vec(query[r * d + c + 1]), k1, odd[r]);
+      }
+    }
+    if (c < d) {
+      const Vec k0 = Vec::loadu(kb + c * ld);
+      for (int r = 0; r < R; ++r) even[r] = at::vec::fmadd(Vec(query[r * d + c]), k0, even[r]);
+    }
+    for (int r = 0; r < R; ++r) ((even[r] + odd[r]) * Vec(sc)).store(s + r * ld + b * width);
+  }
+}
+
 template <typename T>
 void attend_prompts(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int64_t* starts,
                     int64_t prompts, double scale, at::Tensor& out) {
+  using A = at::opmath_type<T>;
+  using Vec = Vectorized<A>;
+  constexpr int64_t width = Vec::size();
   const int64_t rows = starts[prompts], n_kv = q.size(1), g = q.size(2), d = q.size(3);
   const int64_t k_row = k.stride(0), v_row = v.stride(0);
   const T* qp = q.data_ptr<T>();
@@ -236,14 +316,54 @@ void attend_prompts(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   std::fill(op + rows * n_kv * g * d, op + out.numel(), T(0));
+  std::vector<int64_t> blocks;  // (prompt, first row of the block within it)
+  for (int64_t p = 0; p < prompts; ++p)
+    for (int64_t r = 0; r < starts[p + 1] - starts[p]; r += kPromptBlock) blocks.insert(blocks.end(), {p, r});
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size()) / 2;
+  const A sc = static_cast<A>(scale);
   auto one = d == 64 ? attend_one<T, 64> : d == 128 ? attend_one<T, 128> : attend_one<T, 0>;
-  at::parallel_for(0, rows * n_kv, 1, [=](int64_t begin, int64_t end) {
-    std::vector<at::opmath_type<T>> scores;
+  at::parallel_for(0, n_blocks * n_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> kt, vw, scores, query(g * d);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / n_kv, h = task % n_kv;
-      const int64_t first = *(std::upper_bound(starts, starts + prompts + 1, i) - 1);  // the row's prompt starts here
-      one(qp + task * g * d, kp + first * k_row + h * d, vp + first * v_row + h * d, k_row, v_row,
-          op + task * g * d, i - first + 1, g, d, scale, scores);
+      const int64_t p = blocks[2 * (task / n_kv)], r0 = blocks[2 * (task / n_kv) + 1], h = task % n_kv;
+      const int64_t first = starts[p], r1 = std::min(starts[p + 1] - first, r0 + kPromptBlock);
+      if (std::is_same_v<T, A> || r1 > kMaxLaidOut) {
+        for (int64_t i = first + r0; i < first + r1; ++i) {
+          const int64_t at = (i * n_kv + h) * g * d;
+          one(qp + at, kp + first * k_row + h * d, vp + first * v_row + h * d, k_row, v_row, op + at, i - first + 1, g,
+              d, scale, scores);
+        }
+        continue;
+      }
+      const int64_t ld = (r1 + width - 1) / width * width;  // keys 0..r1-1, padded to whole vectors with zeros
+      kt.assign(d * ld, A(0));
+      vw.resize(r1 * d);  // the values, widened once: each row of them is read by every later row of the block
+      scores.resize(g * ld);
+      for (int64_t j = 0; j < r1; ++j) {
+        A* key = vw.data() + j * d;  // widened in vw first (then overwritten by the values): vectors, not scalars
+        widen_row<T, A>(kp + (first + j) * k_row + h * d, d, key);
+        for (int64_t c = 0; c < d; ++c) kt[c * ld + j] = key[c];
+        widen_row<T, A>(vp + (first + j) * v_row + h * d, d, key);
+      }
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t span = i + 1, key_vecs = (span + width - 1) / width, at = ((first + i) * n_kv + h) * g * d;
+        widen_row<T, A>(qp + at, g * d, query.data());
+        for (int64_t r = 0; r < g; r += 4) {  // up to four query heads at a time share the keys' loads
+          const A* qr = query.data() + r * d;
+          A* sr = scores.data() + r * ld;
+          switch (std::min<int64_t>(4, g - r)) {
+            case 4: prompt_scores<4, A>(qr, kt.data(), ld, key_vecs, d, sc, sr); break;
+            case 3: prompt_scores<3, A>(qr, kt.data(), ld, key_vecs, d, sc, sr); break;
+            case 2: prompt_scores<2, A>(qr, kt.data(), ld, key_vecs, d, sc, sr); break;
+            default: prompt_scores<1, A>(qr, kt.data(), ld, key_vecs, d, sc, sr);
+          }
+        }
+        for (int64_t r = 0; r < g; ++r) {
+          A* sr = scores.data() + r * ld;
+          std::fill(sr + span, sr + key_vecs * width, -std::numeric_limits<A>::infinity());  // keys it cannot see
+          weigh_values<T, A, A>(sr, vw.data(), d, span, d, exp_vectors(sr, key_vecs), op + at + r * d);
+        }
+      }
     }
   });
 }
