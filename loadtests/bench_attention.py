@@ -46,6 +46,13 @@ def measure(dtype_name: str, calls: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
     width = (N_KV * GROUP + 2 * N_KV) * HEAD_DIM  # the fused q/k/v projection's row
 
+    def projected(rows: int):
+        """q (contiguous) and k, v (views of the fused projection's rows), as the runner hands them over."""
+        qkv = torch.randn(rows, width, generator=generator).to(dtype)
+        q = qkv[:, : N_KV * GROUP * HEAD_DIM].reshape(rows, N_KV, GROUP, HEAD_DIM).contiguous()
+        k = qkv[:, N_KV * GROUP * HEAD_DIM : (N_KV * GROUP + N_KV) * HEAD_DIM].view(rows, N_KV, HEAD_DIM)
+        return q, k, qkv[:, (N_KV * GROUP + N_KV) * HEAD_DIM :].view(rows, N_KV, HEAD_DIM)
+
     def timed(call) -> float:
         for _ in range(5):
             call()
@@ -58,20 +65,13 @@ def measure(dtype_name: str, calls: int) -> dict[str, float]:
 
     out = {}
     for name, lengths in PREFILL:
-        rows = sum(lengths)
-        qkv = torch.randn(rows, width, generator=generator).to(dtype)
-        q = qkv[:, : N_KV * GROUP * HEAD_DIM].reshape(rows, N_KV, GROUP, HEAD_DIM).contiguous()
-        k = qkv[:, N_KV * GROUP * HEAD_DIM : (N_KV * GROUP + N_KV) * HEAD_DIM].view(rows, N_KV, HEAD_DIM)
-        v = qkv[:, (N_KV * GROUP + N_KV) * HEAD_DIM :].view(rows, N_KV, HEAD_DIM)
+        q, k, v = projected(sum(lengths))
         starts = torch.tensor([0, *itertools.accumulate(lengths)])
         out[name] = timed(lambda q=q, k=k, v=v, s=starts: kernels.prefill_attention(q, k, v, s, HEAD_DIM**-0.5))
     for name, rows, cached in DECODE:
         keys = torch.randn(rows, N_KV, cached + 1, HEAD_DIM, generator=generator).to(dtype)
         values = torch.randn(keys.shape, generator=generator).to(dtype)
-        qkv = torch.randn(rows, width, generator=generator).to(dtype)
-        q = qkv[:, : N_KV * GROUP * HEAD_DIM].reshape(rows, N_KV, GROUP, HEAD_DIM).contiguous()
-        k = qkv[:, N_KV * GROUP * HEAD_DIM : (N_KV * GROUP + N_KV) * HEAD_DIM].view(rows, N_KV, HEAD_DIM)
-        v = qkv[:, (N_KV * GROUP + N_KV) * HEAD_DIM :].view(rows, N_KV, HEAD_DIM)
+        q, k, v = projected(rows)
         positions = torch.full((rows,), cached)
         out[name] = timed(
             lambda q=q, k=k, v=v, kk=keys, vv=values, p=positions: kernels.decode_attention(

@@ -492,6 +492,13 @@ _BACKLOG = EmbedRequest(
 _QUERY = EmbedRequest(items=[EmbedItem(text="a query", input_type="query")], deadline_s=0.05)
 
 
+def _minilm_worker() -> EmbeddingWorker:
+    """An in-process minilm-l6 worker with its engine running (the caller stops it)."""
+    worker = EmbeddingWorker(load_model(load_spec("minilm-l6")), EngineLimits())
+    worker.engine.start()
+    return worker
+
+
 async def _refusal(worker: EmbeddingWorker, request: EmbedRequest) -> NotAdmitted:
     with pytest.raises(NotAdmitted) as refused:
         await worker.embed(request)
@@ -501,8 +508,7 @@ async def _refusal(worker: EmbeddingWorker, request: EmbedRequest) -> NotAdmitte
 def test_a_call_refused_at_overload_is_not_tokenized():
     """At 4x most calls are refused; the worker refuses them from the queue alone, before paying for their prompts
     (which share the cores with the engine)."""
-    worker = EmbeddingWorker(load_model(load_spec("minilm-l6")), EngineLimits())
-    worker.engine.start()
+    worker = _minilm_worker()
     tokenized = []
     prepare = worker.method.prompts.prepare
 
@@ -536,8 +542,7 @@ def test_a_call_that_waited_for_its_turn_is_asked_again_and_refused_untokenized(
     """Calls are tokenized one at a time, in arrival order: a call that arrives while a large one is being tokenized
     passes the first check (the engine's queue is still empty), waits for its turn, and is checked again then; its
     deadline has gone meanwhile, so it is refused without being tokenized."""
-    worker = EmbeddingWorker(load_model(load_spec("minilm-l6")), EngineLimits())
-    worker.engine.start()
+    worker = _minilm_worker()
     prepare = worker.method.prompts.prepare
     tokenized: list[str | None] = []
     started = threading.Event()
@@ -571,8 +576,7 @@ def test_a_call_that_waited_for_its_turn_is_asked_again_and_refused_untokenized(
 def test_concurrent_calls_from_one_event_loop_after_another_are_served():
     """In-process users (eval scripts, tests) drive a worker from one `asyncio.run` after another: calls that wait
     for their turn at the ingress thread in a second loop are served, not failed by the first loop's lock."""
-    worker = EmbeddingWorker(load_model(load_spec("minilm-l6")), EngineLimits())
-    worker.engine.start()
+    worker = _minilm_worker()
     texts = [f"passage {i} about tides" for i in range(3)]
 
     async def together() -> list[EmbedResponse]:
