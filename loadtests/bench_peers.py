@@ -3,6 +3,7 @@
     bash scripts/setup-peers.sh              # once: the peers' virtual environments (~/.cache/genembed/peers)
     python loadtests/bench_peers.py          # ~15 min; loadtests/results/peers-cpu.{json,png}
     python loadtests/bench_peers.py --quick --out /tmp/peers-quick   # fewer inputs: a smoke test, not a report
+    python loadtests/bench_peers.py --peers vllm --vllm-works pooled --skip-judge --rounds 3   # a target decided
 
 Work, each a bounded closed loop (every input once, or the time cap) over 127.0.0.1:
 - pooled: SmolLM2-135M-Instruct mean-pooled and normalised, in `--dtype` on both sides (bf16 unless told; fp32 on a
@@ -19,7 +20,11 @@ Work, each a bounded closed loop (every input once, or the time cap) over 127.0.
 
 Servers run one at a time, each serving one work's model, genembed and the peer alternating per work (G and vLLM
 on pooled, then on generation, G and Infinity on minilm, at their defaults; then all again at their best), each at
-its default and at its best documented CPU settings. genembed's best is for a
+its default and at its best documented CPU settings; `--rounds` repeats that whole order. Each server measures its
+work `--passes` times (new texts each pass, the same texts for every server of a round) and reports the median
+pass. A round's ratio compares servers measured minutes apart; the target line is the median of the rounds' ratios,
+because this VM's speed drifts by up to a third within an hour (one 3-4 s measurement per server spread the pooled
+ratio 0.86-1.25 within an hour on the AMX Xeon). genembed's best is for a
 worker with cores of its own (`GENEMBED_WORKER_OMP=off`: OpenMP threads spin, docs/benchmarks.md). vLLM's
 default computes on one of two cores (it reserves the other); its best binds both (`VLLM_CPU_OMP_THREADS_BIND`,
 `VLLM_CPU_NUM_OF_RESERVED_CPU=0`) with its libiomp preloaded. Infinity's default is its torch engine; its best
@@ -91,7 +96,7 @@ class Work:
     """One kind of work, the same inputs for every server; warm-up inputs differ from the measured ones."""
 
     name: str  # pooled | generation | minilm
-    texts: list[str]  # measured, each once
+    texts: list[list[str]]  # measured, each once: one list per pass of each round (rounds x passes)
     warmup: list[str]
     per_request: int
     concurrency: int
@@ -107,15 +112,18 @@ def word_texts(rng: np.random.Generator, n: int, words: int, tag: str) -> list[s
     return [f"{tag}{i} " + " ".join(rng.choice(WORDS, words)) for i in range(n)]
 
 
-def make_work(quick: bool) -> dict[str, Work]:
+def make_work(quick: bool, sets: int) -> dict[str, Work]:
+    """Each work's `sets` measured text lists (distinct: a cache never answers a later pass) and its warm-up."""
     rng = np.random.default_rng(23)
     n_pooled, n_gen, n_minilm = (64, 16, 256) if quick else (256, 48, 2048)
+
+    def measured(n: int, words: int, tag: str) -> list[list[str]]:
+        return [word_texts(rng, n, words, f"{tag}{i}.") for i in range(sets)]
+
     return {
-        "pooled": Work("pooled", word_texts(rng, n_pooled, 48, "p"), word_texts(rng, 16, 48, "pw"), 8, 8, 60, "emb/s"),
-        "generation": Work(
-            "generation", word_texts(rng, n_gen, 10, "g"), word_texts(rng, 16, 10, "gw"), 1, 16, 90, "tok/s"
-        ),
-        "minilm": Work("minilm", word_texts(rng, n_minilm, 48, "m"), word_texts(rng, 64, 48, "mw"), 8, 8, 40, "emb/s"),
+        "pooled": Work("pooled", measured(n_pooled, 48, "p"), word_texts(rng, 16, 48, "pw"), 8, 8, 60, "emb/s"),
+        "generation": Work("generation", measured(n_gen, 10, "g"), word_texts(rng, 16, 10, "gw"), 1, 16, 90, "tok/s"),
+        "minilm": Work("minilm", measured(n_minilm, 48, "m"), word_texts(rng, 64, 48, "mw"), 8, 8, 40, "emb/s"),
     }
 
 
@@ -289,11 +297,13 @@ class Measured:
     work: str
     server: str
     setting: str
+    round: int
     notes: str
     ready_s: float
     inputs: int
     seconds: float
-    rate: float
+    rate: float  # the median pass's
+    pass_rates: list[float]
     unit: str
     errors: int
     server_cores: float  # CPU time of the server's process tree / wall time
@@ -343,7 +353,18 @@ async def closed_loop(url: str, call: Call, chunks: list[list[str]], concurrency
         return answers, errors, time.perf_counter() - began
 
 
-def measure(server: Server, url: str, root: psutil.Process, ready_s: float, work: Work, steps_url: str | None):
+def measure(
+    server: Server,
+    url: str,
+    root: psutil.Process,
+    ready_s: float,
+    work: Work,
+    steps_url: str | None,
+    at: int,
+    passes: int,
+):
+    """Round `at`'s `passes` text lists one after the other (a pass each), warmed up first; the row's rate is the
+    median pass's, its CPU figures over all passes."""
     call = calls(server.kind, work.name, THOUGHT_TOKENS)
     warm_call = calls(server.kind, work.name, 8)
     asyncio.run(closed_loop(url, warm_call, work.chunks(work.warmup), work.concurrency, work.seconds))
@@ -352,20 +373,29 @@ def measure(server: Server, url: str, root: psutil.Process, ready_s: float, work
     load_start = os.getloadavg()[0]
     me = psutil.Process()
     cpu0, mine0, busy0 = cpu_seconds(procs), cpu_seconds([me]), busy_seconds()
-    steps0 = decode_steps(steps_url) if steps_url else 0.0
-    answers, errors, wall = asyncio.run(closed_loop(url, call, work.chunks(work.texts), work.concurrency, work.seconds))
+    answers, errors, pass_rates, wall, done, steps = [], [], [], 0.0, 0, 0.0
+    for index in range(at * passes, (at + 1) * passes):
+        steps0 = decode_steps(steps_url) if steps_url else 0.0
+        got, failed, seconds = asyncio.run(
+            closed_loop(url, call, work.chunks(work.texts[index]), work.concurrency, work.seconds)
+        )
+        inputs = sum(len(texts) for texts, _ in got)
+        if work.name != "generation":
+            count = inputs
+        elif steps_url:
+            fed = decode_steps(steps_url) - steps0
+            steps += fed
+            count = fed - 2 * inputs  # the EOS and <emb> feeds of each thought are not generated tokens
+        else:
+            count = sum(a.tokens for _, a in got)
+        answers += got
+        errors += failed
+        pass_rates.append(round(count / seconds, 2))
+        wall += seconds
+        done += count
     server_cpu, mine, busy = cpu_seconds(procs) - cpu0, cpu_seconds([me]) - mine0, busy_seconds() - busy0
     inputs = sum(len(texts) for texts, _ in answers)
-    per_query = None
-    if work.name == "generation":
-        if steps_url:
-            steps = decode_steps(steps_url) - steps0
-            per_query = steps / max(inputs, 1)
-            done = steps - 2 * inputs  # the EOS and <emb> feeds of each thought are not generated tokens
-        else:
-            done = sum(a.tokens for _, a in answers)
-    else:
-        done = inputs
+    per_query = steps / max(inputs, 1) if steps_url else None
     for message in errors[:3]:
         print(f"  error from {server.label}: {message}", file=sys.stderr)
     return Measured(
@@ -373,10 +403,12 @@ def measure(server: Server, url: str, root: psutil.Process, ready_s: float, work
         server=server.kind,
         setting=server.setting,
         notes=server.notes,
+        round=at,
         ready_s=round(ready_s, 1),
         inputs=inputs,
         seconds=round(wall, 2),
-        rate=round(done / wall, 2),
+        rate=round(float(np.median(pass_rates)), 2),
+        pass_rates=pass_rates,
         unit=work.unit,
         errors=len(errors),
         server_cores=round(server_cpu / wall, 2),
@@ -472,44 +504,65 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
 
 
+def median_rates(rows: list[Measured], work: str) -> dict[tuple[str, str], float]:
+    """(server, setting) -> its median rate over the rounds, for rows that measured anything."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.work == work and r.rate > 0:
+            rates.setdefault((r.server, r.setting), []).append(r.rate)
+    return {key: round(float(np.median(values)), 2) for key, values in rates.items()}
+
+
 def summary(rows: list[Measured]) -> dict[str, object]:
-    """genembed's rate at each setting against each peer setting, and the issue's targets."""
+    """genembed's rate at each setting against each peer setting (medians over the rounds), and the issue's
+    targets: each round's ratio from servers measured minutes apart, and their median."""
     out: dict[str, object] = {}
     for work in ("pooled", "generation", "minilm"):
-        mine = {r.setting: r.rate for r in rows if r.work == work and r.server == "genembed" and r.rate > 0}
+        rates = median_rates(rows, work)
+        mine = {setting: rate for (server, setting), rate in rates.items() if server == "genembed"}
         if not mine:
             continue
         entry: dict[str, object] = {f"genembed {setting}": rate for setting, rate in mine.items()}
-        for r in rows:
-            if r.work == work and r.server != "genembed" and r.rate > 0:
-                ratios = {f"genembed_{s}_ratio": round(rate / r.rate, 3) for s, rate in mine.items()}
-                entry[f"{r.server} {r.setting}"] = {"rate": r.rate, **ratios}
+        for (server, setting), rate in rates.items():
+            if server != "genembed":
+                ratios = {f"genembed_{s}_ratio": round(m / rate, 3) for s, m in mine.items()}
+                entry[f"{server} {setting}"] = {"rate": rate, **ratios}
         out[work] = entry
     # The issue's targets name vLLM's best settings; on a shared machine its default can be the faster one, so
     # each side counts with the faster of its two settings.
     out["targets"] = {}
     for work, goal in (("generation", 1.0), ("pooled", 1.1)):
-        peer = [r.rate for r in rows if r.work == work and r.server == "vllm" and r.rate > 0]
-        if peer and work in out:
-            mine = max(v for k, v in out[work].items() if k.startswith("genembed"))
-            ratio = round(mine / max(peer), 3)
-            out["targets"][work] = {"genembed_faster_vs_vllm_faster": ratio, "target": goal, "met": ratio >= goal}
+        ratios = []
+        for at in sorted({r.round for r in rows}):
+            mine = [r.rate for r in rows if (r.work, r.round, r.server) == (work, at, "genembed") and r.rate > 0]
+            peer = [r.rate for r in rows if (r.work, r.round, r.server) == (work, at, "vllm") and r.rate > 0]
+            if mine and peer:
+                ratios.append(round(max(mine) / max(peer), 3))
+        if ratios:
+            ratio = round(float(np.median(ratios)), 3)
+            out["targets"][work] = {
+                "genembed_faster_vs_vllm_faster": ratio,
+                "per_round": ratios,
+                "target": goal,
+                "met": ratio >= goal,
+            }
     return out
 
 
 def print_table(rows: list[Measured], agreements: dict[str, dict]) -> None:
     print(
-        f"\n{'work':<11} {'server':<17} {'rate':>9} {'unit':<6} {'inputs':>6} {'s':>6} {'err':>4} "
-        f"{'srv cores':>9} {'per core':>8} {'other cores':>11} {'load':>11} {'cos min/mean vs genembed':>24}"
+        f"\n{'work':<11} {'rd':>2} {'server':<17} {'rate':>9} {'unit':<6} {'passes':<20} {'inputs':>6} {'s':>6} "
+        f"{'err':>4} {'srv cores':>9} {'per core':>8} {'other cores':>11} {'load':>11} {'cos min/mean vs genembed':>24}"
     )
     for r in rows:
-        cos = agreements.get(f"{r.work}: {r.server} {r.setting}")
+        cos = agreements.get(agreement_key(r))
         cos_text = f"{cos['min']:.5f} / {cos['mean']:.5f}" if cos else "-"
         load = f"{r.load_avg[0]:.1f}-{r.load_avg[1]:.1f}"
+        passes = " ".join(f"{rate:.0f}" for rate in r.pass_rates)
         print(
-            f"{r.work:<11} {r.server + ' ' + r.setting:<17} {r.rate:9.1f} {r.unit:<6} {r.inputs:6d} "
-            f"{r.seconds:6.1f} {r.errors:4d} {r.server_cores:9.2f} {r.rate_per_core:8.1f} {r.other_cores:11.2f} "
-            f"{load:>11} {cos_text:>24}"
+            f"{r.work:<11} {r.round:2d} {r.server + ' ' + r.setting:<17} {r.rate:9.1f} {r.unit:<6} {passes:<20} "
+            f"{r.inputs:6d} {r.seconds:6.1f} {r.errors:4d} {r.server_cores:9.2f} {r.rate_per_core:8.1f} "
+            f"{r.other_cores:11.2f} {load:>11} {cos_text:>24}"
         )
 
 
@@ -525,7 +578,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(works), figsize=(max(5 * len(works), 9), 4.8), squeeze=False)
     for ax, work in zip(axes[0], works, strict=True):
         mine = [r for r in rows if r["work"] == work]
-        names = [f"{r['server']}\n{r['setting']}\nothers {r['other_cores']:.1f} cores" for r in mine]
+        names = [f"{r['server']}\n{r['setting']} r{r['round']}\nothers {r['other_cores']:.1f} cores" for r in mine]
         bars = ax.bar(names, [r["rate"] for r in mine], color=[colors[r["server"]] for r in mine])
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set(title=work, ylabel=mine[0]["unit"])
@@ -543,17 +596,28 @@ def plot(report: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def plan(spec_dir: Path, smollm2: Path, peers: set[str], dtype: str, vllm_works: tuple[str, ...]) -> list[Server]:
-    """Per work, genembed then its peer, at their defaults; then all of them again at their best settings. Each server
-    holds one work's model, as a peer's does: one `genembed serve` for all of them ran two workers on the cores its
-    peer had for one (pooled on the AMX Xeon: 75.0 emb/s beside the o1 worker, 85.7 alone in the next run)."""
-    order: list[Server] = []
-    for setting in ("default", "best"):
-        for work in vllm_works if "vllm" in peers else ():
-            order += [genembed_server(spec_dir, setting, (work,)), vllm_server(smollm2, setting, work, dtype)]
-        if "infinity" in peers:
-            order += [genembed_server(spec_dir, setting, ("minilm",)), infinity_server(setting)]
+def plan(
+    spec_dir: Path, smollm2: Path, peers: set[str], dtype: str, vllm_works: tuple[str, ...], rounds: int
+) -> list[tuple[int, Server]]:
+    """Per round: per work, genembed then its peer, at their defaults; then all of them again at their best settings.
+    Each server holds one work's model, as a peer's does: one `genembed serve` for all of them ran two workers on
+    the cores its peer had for one (pooled on the AMX Xeon: 75.0 emb/s beside the o1 worker, 85.7 alone in the next
+    run)."""
+    order: list[tuple[int, Server]] = []
+    for at in range(rounds):
+        for setting in ("default", "best"):
+            for work in vllm_works if "vllm" in peers else ():
+                order += [
+                    (at, genembed_server(spec_dir, setting, (work,))),
+                    (at, vllm_server(smollm2, setting, work, dtype)),
+                ]
+            if "infinity" in peers:
+                order += [(at, genembed_server(spec_dir, setting, ("minilm",))), (at, infinity_server(setting))]
     return order
+
+
+def agreement_key(row: Measured) -> str:
+    return f"{row.work} round {row.round}: {row.server} {row.setting}"
 
 
 def main() -> None:
@@ -568,6 +632,8 @@ def main() -> None:
         default=["pooled", "generation"],
         help="which work genembed and vLLM are measured on (one alone: a shorter run)",
     )
+    parser.add_argument("--rounds", type=int, default=1, help="how many times the whole order of servers runs")
+    parser.add_argument("--passes", type=int, default=3, help="measurements per server, each on new texts")
     parser.add_argument("--skip-judge", action="store_true", help="leave out the /v1/refine-query judge check")
     parser.add_argument("--ready-timeout", type=float, default=420, help="seconds for one server to start")
     parser.add_argument(
@@ -584,7 +650,9 @@ def main() -> None:
     if missing:
         sys.exit(f"no environment for {', '.join(missing)} in {PEERS}: run scripts/setup-peers.sh first")
 
-    works = make_work(args.quick)
+    if args.rounds < 1 or args.passes < 1:
+        parser.error("--rounds and --passes are at least 1")
+    works = make_work(args.quick, args.rounds * args.passes)
     smollm2 = resolve_backbone(load_spec("smollm2-o1")).directory  # the safetensors copy of the bundled GGUF
     run_start = time.time()
     commit, uncommitted = (
@@ -599,8 +667,8 @@ def main() -> None:
     for name, text in specs(args.dtype).items():
         (spec_dir / f"{name}.toml").write_text(text)
     print(f"logs in {logs}; peers {sorted(peers)}; load {load_start}")
-    for server in plan(spec_dir, smollm2, peers, args.dtype, tuple(args.vllm_works)):
-        print(f"{time.strftime('%H:%M:%S')} starting {server.label} for {', '.join(server.works)}", flush=True)
+    for at, server in plan(spec_dir, smollm2, peers, args.dtype, tuple(args.vllm_works), args.rounds):
+        print(f"{time.strftime('%H:%M:%S')} round {at}: {server.label} for {', '.join(server.works)}", flush=True)
         try:
             with started(server, logs, args.ready_timeout) as (url, root, ready_s):
                 print(f"  ready after {ready_s:.0f} s", flush=True)
@@ -608,11 +676,14 @@ def main() -> None:
                     steps_url = None
                     if server.kind == "genembed" and name == "generation":
                         steps_url = worker_url(root, str(spec_dir / f"{O1_ID}.toml"))
-                    row = measure(server, url, root, ready_s, works[name], steps_url)
+                    row = measure(server, url, root, ready_s, works[name], steps_url, at, args.passes)
                     rows.append(row)
-                    print(f"  {name}: {row.rate:.1f} {row.unit} ({row.inputs} inputs, {row.errors} errors)")
+                    print(
+                        f"  {name}: {row.rate:.1f} {row.unit}, passes {row.pass_rates} ({row.inputs} inputs, "
+                        f"{row.errors} errors)"
+                    )
                 last = server.kind == "vllm" and server.setting == "best" and server.works == ("generation",)
-                if last and not args.skip_judge:
+                if last and judge is None and not args.skip_judge:
                     judge = judge_check(url, logs, args.ready_timeout)
                     print(f"  judge check: {judge}")
         except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
@@ -621,11 +692,17 @@ def main() -> None:
             if log_files:
                 print(log_files[-1].read_text()[-3000:], file=sys.stderr)
 
-    first = {w: next((r for r in rows if r.work == w and r.server == "genembed"), None) for w in works}
+    # each round's servers embed the same texts: every row against its round's first genembed row
+    first: dict[tuple[str, int], Measured] = {}
+    for r in rows:
+        if r.server == "genembed":
+            first.setdefault((r.work, r.round), r)
     agreements = {
-        f"{r.work}: {r.server} {r.setting}": cos
+        agreement_key(r): cos
         for r in rows
-        if (ref := first[r.work]) is not None and r is not ref and (cos := agreement(ref.vectors, r.vectors))
+        if (ref := first.get((r.work, r.round))) is not None
+        and r is not ref
+        and (cos := agreement(ref.vectors, r.vectors))
     }
     print_table(rows, agreements)
     report = {
@@ -639,12 +716,14 @@ def main() -> None:
         "load_avg": {"start": load_start[0], "end": round(os.getloadavg()[0], 2)},
         "quick": args.quick,
         "dtype": args.dtype,
+        "rounds": args.rounds,
+        "passes": args.passes,
         "work": {
-            w.name: {"inputs": len(w.texts), "per_request": w.per_request, "in_flight": w.concurrency}
+            w.name: {"inputs_per_pass": len(w.texts[0]), "per_request": w.per_request, "in_flight": w.concurrency}
             for w in works.values()
         },
         "rows": [{k: v for k, v in asdict(r).items() if k != "vectors"} for r in rows],
-        "cosine_vs_genembed_default": agreements,
+        "cosine_vs_genembed_first_in_round": agreements,
         "summary": summary(rows),
         "judge_check": judge,
     }
