@@ -575,7 +575,8 @@ def plot(report: dict, path: Path) -> None:
     rows = [r for r in report["rows"]]
     works = [w for w in ("pooled", "generation", "minilm") if any(r["work"] == w for r in rows)]
     colors = {"genembed": "tab:blue", "vllm": "tab:orange", "infinity": "tab:green"}
-    fig, axes = plt.subplots(1, len(works), figsize=(max(5 * len(works), 9), 4.8), squeeze=False)
+    bars = max(sum(r["work"] == w for r in rows) for w in works)  # rounds multiply them: ~1.1 inch a bar
+    fig, axes = plt.subplots(1, len(works), figsize=(max(5, 1.1 * bars) * len(works), 4.8), squeeze=False)
     for ax, work in zip(axes[0], works, strict=True):
         mine = [r for r in rows if r["work"] == work]
         names = [f"{r['server']}\n{r['setting']} r{r['round']}\nothers {r['other_cores']:.1f} cores" for r in mine]
