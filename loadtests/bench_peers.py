@@ -1,7 +1,7 @@
 """Peers: genembed against vLLM (its CPU build) and Infinity on this machine, same weights, same inputs (by hand).
 
     bash scripts/setup-peers.sh              # once: the peers' virtual environments (~/.cache/genembed/peers)
-    python loadtests/bench_peers.py          # ~15 min; loadtests/results/peers-cpu.{json,png}
+    python loadtests/bench_peers.py          # ~15-20 min (most of it vLLM's start-ups); loadtests/results/peers-cpu.*
     python loadtests/bench_peers.py --quick --out /tmp/peers-quick   # fewer inputs: a smoke test, not a report
     python loadtests/bench_peers.py --peers vllm --vllm-works pooled --skip-judge --rounds 3   # a target decided
 
@@ -575,8 +575,8 @@ def plot(report: dict, path: Path) -> None:
     rows = [r for r in report["rows"]]
     works = [w for w in ("pooled", "generation", "minilm") if any(r["work"] == w for r in rows)]
     colors = {"genembed": "tab:blue", "vllm": "tab:orange", "infinity": "tab:green"}
-    bars = max(sum(r["work"] == w for r in rows) for w in works)  # rounds multiply them: ~1.1 inch a bar
-    fig, axes = plt.subplots(1, len(works), figsize=(max(5, 1.1 * bars) * len(works), 4.8), squeeze=False)
+    most = max(sum(r["work"] == w for r in rows) for w in works)  # rounds multiply the bars: ~1.1 inch each
+    fig, axes = plt.subplots(1, len(works), figsize=(max(5, 1.1 * most) * len(works), 4.8), squeeze=False)
     for ax, work in zip(axes[0], works, strict=True):
         mine = [r for r in rows if r["work"] == work]
         names = [f"{r['server']}\n{r['setting']} r{r['round']}\nothers {r['other_cores']:.1f} cores" for r in mine]
