@@ -266,9 +266,9 @@ void rope_rows(const T* x, int64_t x_row, const T* cos, const T* sin, T* out, in
 // Prompts packed end to end (prompt p on rows starts[p]..starts[p+1]-1) attend causally to themselves. A task is a
 // block of up to kPromptBlock rows of one prompt and one kv head. In bf16 (and fp16) it widens the keys and values its
 // rows see once, the keys laid out transposed ([d][keys], `kt`), so a query row's scores for a vector's width of keys
-// are d broadcast multiply-adds with no sum across a vector's lanes per key; one dot product a key, every row widened
-// every key and value it read again. SmolLM2's heads, bf16, 2-core AMX Xeon: 32 prompts of 51 tokens 0.79x the time,
-// 12 of 128 0.91x (loadtests/bench_attention.py). Rows past the last prompt (padding) are zeros.
+// are d broadcast multiply-adds with no sum across a vector's lanes per key (before: one dot product a key, every row
+// widening every key and value it read again). SmolLM2's heads, bf16, 2-core AMX Xeon: 32 prompts of 51 tokens
+// 0.79x the time, 12 of 128 0.91x (loadtests/bench_attention.py). Rows past the last prompt (padding) are zeros.
 constexpr int64_t kPromptBlock = 64;
 // Past this many keys a block's rows take one dot product a key (attend_one) instead: the transposed keys and widened
 // values no longer stay in L1, and laying them out again for every later block of a long prompt cost more than it
