@@ -75,11 +75,22 @@ def create_app(settings: WorkerSettings, on_fatal: Callable[[BaseException], Non
                 settings.turns(),
                 settings.ingress_nice,
             )
+            started = time.perf_counter()
             worker = await asyncio.to_thread(in_a_thread_of_its_own, *load_args)
             state["worker"] = worker
+            loaded = time.perf_counter()
             await worker.warmup()
             state["ready"] = True
-            log.info("worker ready: %s revision %s", spec.id, worker.loaded.revision)
+            load_s, warmup_s = loaded - started, time.perf_counter() - loaded
+            metrics.startup_seconds.labels("load").set(load_s)
+            metrics.startup_seconds.labels("warmup").set(warmup_s)
+            log.info(
+                "worker ready: %s revision %s (load %.1f s, warm-up %.1f s)",
+                spec.id,
+                worker.loaded.revision,
+                load_s,
+                warmup_s,
+            )
         except Exception as exc:
             log.exception("model %s failed to load", spec.id)
             state["error"] = f"model {spec.id!r} failed to load: {exc}"

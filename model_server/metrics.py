@@ -94,6 +94,12 @@ class WorkerMetrics:
         self.in_flight = Gauge(
             "genembed_worker_in_flight_requests", "Requests accepted and not yet answered (probes aside)", registry=reg
         )
+        self.startup_seconds = Gauge(
+            "genembed_worker_startup_seconds",
+            "Seconds each start-up phase took: load (weights, adapter merge, runner) and warmup (calibration calls)",
+            ["phase"],
+            registry=reg,
+        )
         self.info = Gauge(
             "genembed_worker_model_info", "The served model", ["model", "method", "revision", "dtype"], registry=reg
         )

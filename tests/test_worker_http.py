@@ -121,6 +121,12 @@ def test_metrics_exposed(gircse_worker):
         assert name in text
     steps = [line for line in text.splitlines() if line.startswith("genembed_worker_refinement_steps_total")]
     assert float(steps[0].split()[-1]) >= 3
+    startup = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("genembed_worker_startup_seconds{")
+    }
+    assert set(startup) == {"load", "warmup"} and all(seconds > 0 for seconds in startup.values())
 
 
 def test_unloadable_model_exits_with_the_reason(tmp_path):
