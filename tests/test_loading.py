@@ -19,6 +19,7 @@ from model_server.loading import (
     ModelLoadError,
     cpu_has_native_bf16,
     load_model,
+    merge_adapter,
     resolve_adapter,
     resolve_backbone,
     resolve_dtype,
@@ -124,6 +125,22 @@ def test_peft_adapter_loads_through_a_spec_and_changes_output(tmp_path):
         adapted.stop()
     with pytest.raises(ModelLoadError, match="not a peft adapter"):
         load_model(load_spec("smollm2-gircse-base", adapter=str(tmp_path)))
+
+
+def test_the_merge_adds_the_scaled_lora_product_and_keeps_the_thread_count(tiny_dir, tmp_path):
+    """merge_adapter merges at one torch thread (faster into file-mapped weights) and gives the process its threads
+    back: the engine that runs next computes with them."""
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = q.base_layer.weight + 3.0 * q.lora_B["default"].weight @ q.lora_A["default"].weight
+    torch.set_num_threads(2)
+    merged = merge_adapter(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter")
+    assert torch.get_num_threads() == 2
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, expected)
 
 
 SHIPPED_ADAPTER = Path(model_server.__file__).parent / "adapters" / "smollm2-gircse-icr"
