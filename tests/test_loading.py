@@ -137,9 +137,13 @@ def test_the_merge_adds_the_scaled_lora_product_and_keeps_the_thread_count(tiny_
     peft_model.save_pretrained(tmp_path / "adapter")
     q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     expected = q.base_layer.weight + 3.0 * q.lora_B["default"].weight @ q.lora_A["default"].weight
-    torch.set_num_threads(2)
-    merged = merge_adapter(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter")
-    assert torch.get_num_threads() == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not 1, which the merge itself sets: a count left behind would pass unseen
+    try:
+        merged = merge_adapter(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "adapter")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, expected)
 
 
