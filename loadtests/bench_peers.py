@@ -373,19 +373,19 @@ def measure(
     load_start = os.getloadavg()[0]
     me = psutil.Process()
     cpu0, mine0, busy0 = cpu_seconds(procs), cpu_seconds([me]), busy_seconds()
-    answers, errors, pass_rates, wall, done, steps = [], [], [], 0.0, 0, 0.0
+    answers, errors, pass_rates, wall, done, steps, inputs = [], [], [], 0.0, 0, 0.0, 0
     for index in range(at * passes, (at + 1) * passes):
         steps0 = decode_steps(steps_url) if steps_url else 0.0
         got, failed, seconds = asyncio.run(
             closed_loop(url, call, work.chunks(work.texts[index]), work.concurrency, work.seconds)
         )
-        inputs = sum(len(texts) for texts, _ in got)
+        answered = sum(len(texts) for texts, _ in got)
         if work.name != "generation":
-            count = inputs
+            count = answered
         elif steps_url:
             fed = decode_steps(steps_url) - steps0
             steps += fed
-            count = fed - 2 * inputs  # the EOS and <emb> feeds of each thought are not generated tokens
+            count = fed - 2 * answered  # the EOS and <emb> feeds of each thought are not generated tokens
         else:
             count = sum(a.tokens for _, a in got)
         answers += got
@@ -393,8 +393,8 @@ def measure(
         pass_rates.append(round(count / seconds, 2))
         wall += seconds
         done += count
+        inputs += answered
     server_cpu, mine, busy = cpu_seconds(procs) - cpu0, cpu_seconds([me]) - mine0, busy_seconds() - busy0
-    inputs = sum(len(texts) for texts, _ in answers)
     per_query = steps / max(inputs, 1) if steps_url else None
     for message in errors[:3]:
         print(f"  error from {server.label}: {message}", file=sys.stderr)
