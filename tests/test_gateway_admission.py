@@ -95,6 +95,7 @@ def _accepted_means_answered(responses: list[httpx.Response]) -> Counter:
 
 
 @pytest.mark.slow
+@pytest.mark.solo  # admitted at the speed measured, answered at the speed it gets
 async def test_a_heavy_burst_on_an_idle_server_is_answered_or_refused_never_late(gircse_worker, tmp_path):
     env = {"GENEMBED_CACHE_MAX_MB": "0"}
     with gateway_process(tmp_path, {GIRCSE: gircse_worker}, env) as (url, _):
@@ -104,6 +105,7 @@ async def test_a_heavy_burst_on_an_idle_server_is_answered_or_refused_never_late
 
 
 @pytest.mark.slow
+@pytest.mark.solo  # admitted at the speed measured, answered at the speed it gets
 async def test_two_gateways_sharing_a_worker_never_both_admit_past_its_estimate(gircse_worker, tmp_path):
     """Each gateway alone would send all it gets; the worker sees both and takes only what it can finish in time."""
     env = {"GENEMBED_CACHE_MAX_MB": "0"}

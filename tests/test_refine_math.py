@@ -123,6 +123,7 @@ def test_minmax_normalisation_and_preset():
     assert Optimization().lr == 1e-4 and Optimization().teacher_temperature == 1.0
 
 
+@pytest.mark.solo  # a time budget
 def test_fast_enough():
     """The issue's budget is 10 ms per query (100 steps, 20 documents, d=576); CI machines vary, so allow 3×."""
     query, docs, scores = problem(4)

@@ -143,6 +143,7 @@ def _shares(path: str, passes_s: tuple[float, ...], seconds: float, lead_s: floa
 
 
 @pytest.mark.parametrize("by_time", [True, False])
+@pytest.mark.solo  # shares of wall time
 def test_turns_are_shared_by_time_not_by_passes(tmp_path, by_time: bool) -> None:
     """A worker with 0.2 s passes beside one with 0.02 s passes: turns by time give each about half of the time;
     with the lead unlimited (one pass each, as before) the short passes get about a tenth, so the check can fail."""
@@ -154,6 +155,7 @@ def test_turns_are_shared_by_time_not_by_passes(tmp_path, by_time: bool) -> None
         assert short < 0.2
 
 
+@pytest.mark.solo  # shares of wall time
 def test_a_worker_back_from_idle_is_owed_no_more_than_the_catch_up(tmp_path) -> None:
     """A worker that held the turn alone for 2 s, then a second one arrives: the newcomer goes first for about
     `CATCH_UP_S`, then they share; it is not owed the 2 s it did not ask for."""

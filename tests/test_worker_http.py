@@ -9,6 +9,7 @@ import time
 import httpx
 import msgpack
 import numpy as np
+import pytest
 
 from common import protocol
 from common.protocol import EmbedItem, EmbedRequest, EmbedResponse, ModelInfo
@@ -231,6 +232,7 @@ def test_a_step_range_is_granted_and_reported(gircse_worker):
     assert "0..20" in bad.results[1].error.message
 
 
+@pytest.mark.solo  # admitted at the speed measured, answered at the speed it gets
 def test_a_heavy_burst_gets_200s_and_429s_and_no_late_answers(gircse_worker):
     """Many concurrent calls of 16 inputs against one worker: it accepts what it expects to finish within the
     deadline and refuses the rest at once with a Retry-After; nothing accepted is answered late or with a 504.
