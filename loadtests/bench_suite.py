@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -90,7 +89,9 @@ def run_variant(name: str, extra: list[str], paths: list[str]) -> dict:
         path = record.name
     recorder = ["-p", "loadtests.bench_suite"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *recorder, *extra, *paths]
-    load_before = os.getloadavg()
+    from loadtests.bench_gateway import load_average
+
+    load_before = load_average()
     started = time.time()
     done = subprocess.run(cmd, cwd=REPO, env={**os.environ, _RECORD: path}, capture_output=True, text=True)
     wall = time.time() - started
@@ -108,21 +109,18 @@ def run_variant(name: str, extra: list[str], paths: list[str]) -> dict:
         "mean_cores_busy": round(sum((r["end"] - r["start"]) * r["cores"] for r in rows) / tests_s, 2),
         "seconds_with_tests_running": {k: round(v, 1) for k, v in _running_at_once(rows).items()},
         "idle_by_file": _idle_by_file(rows) if not extra else [],
-        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_before": load_before,
     }
 
 
 def machine() -> dict:
-    info = {"cpus": os.cpu_count(), "python": platform.python_version()}
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    for key in ("model name", "cpu family", "model"):
-        if found := re.search(rf"^{key}\s*:\s*(.*)$", cpuinfo, re.M):
-            info[key] = found.group(1)
-    flags = set(re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.M).group(1).split())
-    info["simd"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    """bench_gateway's description of the machine, with the vector extensions and the commit measured."""
+    from loadtests.bench_gateway import machine as described  # here, not at the top: the recorder stays light
+
+    flags = set(re.search(r"^flags\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    info["commit"] = commit.stdout.strip()
-    return info
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return {**described(), "simd": simd, "commit": commit.stdout.strip()}
 
 
 def main() -> None:
@@ -131,6 +129,7 @@ def main() -> None:
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("paths", nargs="*", help="test files or ids (default: the whole suite)")
     args = parser.parse_args()
+    sys.path.insert(0, str(REPO))  # run as a script: the sibling benchmarks import as loadtests.*
     report = {"machine": machine(), "paths": args.paths, "variants": []}
     for name in args.variants:
         print(f"running the suite: {name} ...", flush=True)
